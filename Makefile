@@ -1,0 +1,27 @@
+# The two commands the README promises: `make quickstart` and `make test`.
+# Both create .venv (in the repo) when missing and install the pinned tree into it.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: quickstart test venv clean-quickstart
+
+venv: $(STAMP)
+
+# torch first and on its own: `torch==2.13.0` resolves to the CPU wheel on CPU machines
+# (and the CUDA build on GPU ones); everything else comes from the full lock.
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -r requirements.lock
+	touch $(STAMP)
+
+quickstart: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/quickstart.py
+
+test: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean-quickstart:
+	rm -rf quickstart

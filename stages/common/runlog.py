@@ -1,0 +1,82 @@
+"""Run bookkeeping shared by every stage: logging, metrics JSON, progress bars, clean failure.
+
+A stage's ``main()`` is wrapped by :func:`stage_main`: expected failures (bad params, a
+missing input, a reject rate above threshold) raise :class:`StageError` and end with one
+clear message and exit code 2, never a traceback halfway through writing outputs.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+from tqdm import tqdm
+
+from stages.common.io import write_json
+from stages.common.params import ParamsError
+
+T = TypeVar("T")
+
+
+class StageError(Exception):
+    """An expected, user-facing failure: the message says what and where (param, path)."""
+
+
+def setup_logging(log_path: str | Path | None, name: str) -> logging.Logger:
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.INFO)
+    logger.handlers.clear()
+    logger.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(fmt)
+    logger.addHandler(console)
+    if log_path is not None:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_path, mode="w", encoding="utf-8")
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
+    return logger
+
+
+def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
+    """A progress bar on stderr; quiet when stderr is not a terminal (CI logs stay short)."""
+    return iter(tqdm(items, desc=desc, total=total, unit="it", leave=False,
+                     disable=not sys.stderr.isatty(), mininterval=0.5))
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return round(time.perf_counter() - self.start, 3)
+
+
+def write_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
+    """Metrics JSON (declared as DVC metrics, ``cache: false``): counts, tokens, cost, seconds."""
+    write_json(metrics, path)
+
+
+def check_reject_rate(rejected: int, total: int, threshold: float, what: str) -> None:
+    """Fail the stage when more than ``threshold`` of ``total`` inputs were rejected."""
+    if total and rejected / total > threshold:
+        raise StageError(f"{what}: {rejected} of {total} records rejected "
+                         f"({rejected / total:.1%}) > max_reject_rate {threshold:.1%}; "
+                         "see the rejects file for reasons")
+
+
+def stage_main(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn expected failures into a one-line error and exit code 2."""
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (StageError, ParamsError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+    return wrapper

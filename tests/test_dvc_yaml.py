@@ -1,0 +1,153 @@
+"""dvc.yaml declares everything each stage uses: the classic stale-output bug, caught here.
+
+For every resolved stage (foreach expanded by DVC itself):
+- every project module the stage's module imports, transitively (including imports inside
+  functions), is a dep — so editing a helper re-runs the stages that use it;
+- every params key the stage reads (its module's ``PARAMS`` templates, the only way
+  ``stages.common.params.read_declared`` hands out params) is covered by its ``params:``;
+- every path the command writes (``--out``, ``--json-dir``, ``--rejects``, ``--log``) is an out
+  and ``--metrics`` is a metric: nothing is written outside declared outs.
+"""
+from __future__ import annotations
+
+import ast
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from dvc.repo import Repo
+
+ROOT = Path(__file__).resolve().parents[1]
+OUTPUT_FLAGS = ("--out", "--json-dir", "--rejects", "--log")
+
+
+def module_path(root: Path, module: str) -> Path | None:
+    base = root.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def project_imports(root: Path, module: str) -> set[Path]:
+    """Files of the ``stages`` package that ``module`` needs at run time, transitively,
+    including the package ``__init__`` files Python executes on the way."""
+    seen: set[Path] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):  # stages/__init__.py, stages/common/__init__.py …
+            path = module_path(root, ".".join(parts[:i]))
+            if path is None or path in seen:
+                continue
+            seen.add(path)
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Import):
+                    todo += [a.name for a in node.names if a.name.split(".")[0] == "stages"]
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
+                        and node.module.split(".")[0] == "stages":
+                    todo.append(node.module)
+                    # `from stages.sources import hub` imports a submodule
+                    todo += [f"{node.module}.{a.name}" for a in node.names
+                             if module_path(root, f"{node.module}.{a.name}")]
+    return seen
+
+
+def declared_params_of(root: Path, module: str) -> tuple[str, ...]:
+    tree = ast.parse(module_path(root, module).read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id == "PARAMS" for t in node.targets):
+            return tuple(ast.literal_eval(node.value))
+    raise AssertionError(f"{module} has no module-level PARAMS constant")
+
+
+def covered(key: str, declared: set[str]) -> bool:
+    return any(key == d or key.startswith(d + ".") for d in declared)
+
+
+def check_declarations(root: Path) -> list[str]:
+    """Problems in ``root``'s dvc.yaml; empty when every stage declares what it uses."""
+    problems = []
+    with Repo(str(root)) as repo:
+        stages = list(repo.index.stages)
+    for stage in stages:
+        name = stage.addressing
+        argv = shlex.split(stage.cmd)
+        if argv[:2] != ["python", "-m"] or not argv[2].startswith("stages."):
+            problems.append(f"{name}: cmd must be `python -m stages.<module> ...`")
+            continue
+        module, key = argv[2], name.split("@", 1)[1] if "@" in name else None
+        if module_path(root, module) is None:
+            problems.append(f"{name}: module {module} does not exist")
+            continue
+        deps = {d.def_path for d in stage.deps if type(d).__name__ == "Dependency"}
+        params = {p for d in stage.deps if type(d).__name__ == "ParamsDependency"
+                  for p in (d.params or [])}
+        for path in sorted(project_imports(root, module)):
+            rel = path.relative_to(root).as_posix()
+            if rel not in deps:
+                problems.append(f"{name}: imports {rel} but it is not in deps")
+        for template in declared_params_of(root, module):
+            wanted = template.format(key=key)
+            if not covered(wanted, params):
+                problems.append(f"{name}: reads params {wanted} but it is not in params")
+        outs = {o.def_path for o in stage.outs if not o.metric}
+        metrics = {o.def_path for o in stage.outs if o.metric}
+        for flag, value in zip(argv, argv[1:]):
+            if flag in OUTPUT_FLAGS and value not in outs:
+                problems.append(f"{name}: writes {value} ({flag}) but it is not an out")
+            if flag == "--metrics" and value not in metrics:
+                problems.append(f"{name}: writes {value} (--metrics) but it is not a metric")
+    return problems
+
+
+def test_every_stage_declares_its_modules_params_and_outputs():
+    assert check_declarations(ROOT) == []
+
+
+def test_every_stage_module_exists_and_has_params():
+    with Repo(str(ROOT)) as repo:
+        modules = {shlex.split(s.cmd)[2] for s in repo.index.stages}
+    assert {"stages.collect", "stages.extract"} <= modules
+    for module in modules:
+        assert declared_params_of(ROOT, module)
+
+
+@pytest.fixture()
+def copy_of_project(tmp_path: Path) -> Path:
+    dst = tmp_path / "proj"
+    shutil.copytree(ROOT, dst, ignore=shutil.ignore_patterns(
+        ".venv", "quickstart", ".git", "data", "__pycache__", ".dvc"))
+    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
+    subprocess.run(["dvc", "init", "-q"], cwd=dst, check=True)
+    return dst
+
+
+def test_check_catches_a_missing_module_dep(copy_of_project: Path):
+    dvc_yaml = copy_of_project / "dvc.yaml"
+    text = dvc_yaml.read_text(encoding="utf-8")
+    dvc_yaml.write_text(text.replace("        - stages/common/text.py\n", "", 1), encoding="utf-8")
+    problems = check_declarations(copy_of_project)
+    assert any("imports stages/common/text.py but it is not in deps" in p for p in problems)
+
+
+def test_check_catches_an_undeclared_param(copy_of_project: Path):
+    collect = copy_of_project / "stages" / "collect.py"
+    text = collect.read_text(encoding="utf-8")
+    collect.write_text(text.replace('PARAMS = ("collect.{key}",)',
+                                    'PARAMS = ("collect.{key}", "tokenizer.name")'), encoding="utf-8")
+    problems = check_declarations(copy_of_project)
+    assert any("reads params tokenizer.name" in p for p in problems)
+
+
+def test_check_catches_an_undeclared_output(copy_of_project: Path):
+    dvc_yaml = copy_of_project / "dvc.yaml"
+    text = dvc_yaml.read_text(encoding="utf-8")
+    dvc_yaml.write_text(text.replace("        - data/rejects/collect/${key}.parquet\n", "", 1),
+                        encoding="utf-8")
+    problems = check_declarations(copy_of_project)
+    assert any("(--rejects) but it is not an out" in p for p in problems)

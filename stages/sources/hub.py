@@ -7,6 +7,7 @@ environment (``HF_TOKEN``) through ``huggingface_hub``; nothing is written anywh
 """
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from stages.common.params import HubSpec, is_local_repo
@@ -26,6 +27,8 @@ def _resolved_revision(repo: str, revision: str) -> str | None:
 def load_hub(spec: HubSpec, param: str) -> Rows:
     import datasets
 
+    if not sys.stderr.isatty():  # keep logs readable in CI and dvc repro output
+        datasets.disable_progress_bars()
     local = is_local_repo(spec.repo)
     kwargs: dict[str, Any] = {} if local else {"revision": spec.revision}
     try:

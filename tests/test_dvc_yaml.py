@@ -14,12 +14,14 @@ import ast
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from dvc.repo import Repo
 
 ROOT = Path(__file__).resolve().parents[1]
+DVC = str(Path(sys.executable).parent / "dvc")
 OUTPUT_FLAGS = ("--out", "--json-dir", "--rejects", "--log")
 
 
@@ -123,7 +125,7 @@ def copy_of_project(tmp_path: Path) -> Path:
     shutil.copytree(ROOT, dst, ignore=shutil.ignore_patterns(
         ".venv", "quickstart", ".git", "data", "__pycache__", ".dvc"))
     subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
-    subprocess.run(["dvc", "init", "-q"], cwd=dst, check=True)
+    subprocess.run([DVC, "init", "-q"], cwd=dst, check=True)
     return dst
 
 

@@ -3,7 +3,6 @@ recomputes nothing, dvc status is clean, and the repository's tracked files are 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +20,8 @@ def git_status() -> str:
 
 
 def run_quickstart(workspace: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     return subprocess.run([sys.executable, "scripts/quickstart.py", "--workspace", str(workspace)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
 def test_quickstart_runs_everything_then_is_a_noop(tmp_path):

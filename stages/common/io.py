@@ -52,6 +52,17 @@ def write_records(records: list[dict[str, Any]], schema: pa.Schema, path: str | 
     write_parquet(pa.Table.from_pylist(records, schema=schema), path)
 
 
+def open_parquet_writer(path: str | os.PathLike, schema: pa.Schema) -> pq.ParquetWriter:
+    """A streaming writer with the same fixed options as :func:`write_parquet`.
+
+    For outputs too large to hold in memory: write record batches as they come, into the
+    temp path of :func:`atomic_path`, and ``close()`` before the context exits. Row-group
+    boundaries follow the ``write_table`` calls, so flush at fixed record counts to keep
+    the bytes deterministic.
+    """
+    return pq.ParquetWriter(path, schema, **_PARQUET_OPTIONS)
+
+
 def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     return pq.read_table(path).to_pylist()
 

@@ -58,14 +58,17 @@ Decisions, and why:
 * **Tables** (``tables: true``): ``page.find_tables(use_layout=False)``, i.e. PyMuPDF's
   ruling-line detector. PyMuPDF 2.0 with pymupdf-layout installed otherwise runs an ONNX
   layout model per page first: ~3.4× slower (0.4 s/page single process, ~1 s/page in a
-  2-process pool where its thread pools oversubscribe the cores) and a neural model's output
-  is a weaker determinism guarantee across machines than a geometric rule. Borderless
-  tables are therefore read as body text. The line detector builds edges only from the
-  page's vector drawings, so pages without any drawing skip it (same result, much
-  faster). Text lines whose centre lies inside a table's bbox are left out of the body
-  text (the table is kept once, in ``tables``); a page whose only content is tables gets
-  the tables as ``cell | cell`` lines for its ``text`` (flag ``table_only``) so that it is
-  still a valid record. With ``tables: false`` ``find_tables`` is never called.
+  2-process pool where its thread pools oversubscribe the cores) and a neural model's
+  output is a weaker determinism guarantee across machines than a geometric rule.
+  Borderless tables are therefore read as body text. The line detector builds edges only
+  from the page's vector drawings, so pages whose drawings cannot form a cell (none, or
+  rules in one direction only: :func:`may_hold_table`) skip it: same result, ~100× faster
+  there. Cell text is read from MuPDF's words (:func:`cell_texts`), not
+  ``Table.extract()``, which splits "1,284" into "1284\\n,". Text lines whose centre lies
+  inside a table's bbox are left out of the body text (the table is kept once, in
+  ``tables``); a page whose only content is tables gets the tables as ``cell | cell`` lines
+  for its ``text`` (flag ``table_only``) so that it is still a valid record. With
+  ``tables: false`` ``find_tables`` is never called.
 * **Truncated and repaired files**: an intact cross-reference table proves every object is
   reachable, so a file that merely lacks its final ``%%EOF`` marker but opens without
   repair and whose pages all load is emitted with flag ``missing_eof``. A file without
@@ -144,6 +147,7 @@ BAND_GAP_LINES = 2.0             # an empty strip this many line heights tall en
 SAME_LINE_TOLERANCE = 2.0        # points: lines whose tops differ by less share a row
 HEADER_POSITION_TOLERANCE = 0.01  # share of page height a repeated header may move by
 WRITE_BATCH = 1000               # page records per Parquet row group
+RULE_THICKNESS = 3.0             # points: PyMuPDF's snap tolerance; thinner paths are rules
 _DIGITS = re.compile(r"\d+")
 _TOP_LEFT = itemgetter(1, 0)      # Line -> (y0, x0)
 _LEFT = itemgetter(0)             # Line -> x0
@@ -421,17 +425,40 @@ def cell_texts(cells: Sequence[Sequence[Box | None]], words: Sequence[Word]) -> 
     return rows
 
 
+def may_hold_table(paths: Iterable[dict[str, Any]]) -> bool:
+    """Whether vector graphics (``page.get_cdrawings()``) could give the ruling-line detector
+    a cell. It builds edges from drawings only, and a cell needs rules in both directions:
+    a page whose drawings are all horizontal rules (header/footer separators, underlines)
+    or all vertical ones cannot hold a table, and skipping find_tables there changes no
+    result (statute print-outs: every page has two such rules). Any path that is not a
+    thin straight rule (a box, a grid drawn as one path, a curve, a shaded area) counts as
+    both directions."""
+    horizontal = vertical = False
+    for path in paths:
+        x0, y0, x1, y1 = path["rect"]
+        if y1 - y0 <= RULE_THICKNESS < x1 - x0:
+            horizontal = True
+        elif x1 - x0 <= RULE_THICKNESS < y1 - y0:
+            vertical = True
+        else:
+            return True
+        if horizontal and vertical:
+            return True
+    return False
+
+
 def find_page_tables(page: pymupdf.Page, words: Sequence[Word]) -> list[tuple[Box, list[list[str]]]]:
     """``(bbox, rows of cell strings)`` for each ruled table on the page, top to bottom as
     PyMuPDF finds them; tables whose cells are all empty are dropped.
 
-    The grid comes from ``find_tables(use_layout=False)`` (see the module docstring), the
+    Pages that fail :func:`may_hold_table` return ``[]`` without calling find_tables. The
+    grid comes from ``find_tables(use_layout=False)`` (see the module docstring), the
     cell text from :func:`cell_texts` over the page's ``words`` rather than
     ``Table.extract()``: in PyMuPDF 2.0 extract() puts punctuation with small glyph boxes on
     a line of its own ("1,284" → "1284\\n,", "12.5%" → "125%\\n."), corrupting figures.
     """
-    if not page.get_cdrawings():
-        return []  # the ruling-line detector builds its edges from drawings only
+    if not may_hold_table(page.get_cdrawings()):
+        return []
     found = []
     for table in page.find_tables(use_layout=False).tables:
         rows = cell_texts([row.cells for row in table.rows], words)
@@ -554,6 +581,7 @@ def _extract_into(result: FileResult, path: str, params: ExtractParams, collecti
             except RuntimeError as exc:  # MuPDF errors: broken page tree or content stream
                 raise _Rejected(broken, f"page {index + 1} cannot be read: {exc}{no_eof}") from None
 
+    had_text = [bool(layout.lines) for layout in layouts]
     layouts, removed = remove_headers_footers(layouts, params.header_footer)
     texts, page_flags = [], []
     for layout, tables in zip(layouts, page_tables):
@@ -575,13 +603,14 @@ def _extract_into(result: FileResult, path: str, params: ExtractParams, collecti
 
     doc_id = result.doc_id
     reasons: Counter[str] = Counter()
-    for number, (text, tables, these_flags, removed_lines) in enumerate(
-            zip(texts, page_tables, page_flags, removed), start=1):
+    for number, (text, tables, these_flags, removed_lines, any_text) in enumerate(
+            zip(texts, page_tables, page_flags, removed, had_text), start=1):
         item = f"{result.rel_path}#{number}"
         if not text:
             reasons["empty_page"] += 1
             result.rejects.append(reject(STAGE, collection, item, "empty_page",
-                                         "no text after header/footer removal"))
+                                         "only running header/footer lines" if any_text
+                                         else "no text on the page"))
             continue
         ratio = page_garbled_ratio(text)
         if ratio > params.max_garbled_ratio:

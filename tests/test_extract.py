@@ -299,6 +299,31 @@ def test_find_tables_runs_only_when_tables_is_on(tmp_path, monkeypatch):
     assert calls == [{"use_layout": False}] and on.tables == 1
 
 
+@pytest.mark.parametrize("rects,expected", [
+    ([], False),
+    ([(30, 44.5, 565, 44.5), (30, 797, 565, 797)], False),   # header/footer rules
+    ([(100, 50, 100, 700), (300, 50, 300.5, 700)], False),   # vertical rules only
+    ([(30, 44.5, 565, 44.5), (100, 50, 100, 700)], True),    # both directions
+    ([(50, 300, 390, 366)], True),                           # a box or a grid in one path
+])
+def test_may_hold_table(rects, expected):
+    assert extract.may_hold_table([{"rect": r} for r in rects]) is expected
+
+
+def test_pages_with_rules_in_one_direction_skip_find_tables_with_the_same_result(tmp_path, monkeypatch):
+    def ruled_text(p: pymupdf.Page) -> None:
+        for y in (90, 200, 310):
+            p.draw_line((50, y), (545, y))
+        put(p, 50, 150, "가로줄만 있는 쪽 구분   매출액   1,284억")
+    pdf = make_pdf(tmp_path / "rules.pdf", [ruled_text])
+    with pymupdf.open(pdf) as doc:  # what find_tables would have said
+        assert doc[0].find_tables(use_layout=False).tables == []
+    calls = []
+    monkeypatch.setattr(pymupdf.Page, "find_tables", lambda self, **kw: calls.append(kw))
+    record = extract_pdf(str(pdf), "rules.pdf", params(tables=True), "c").pages[0]
+    assert calls == [] and record["tables"] == [] and "1,284억" in record["text"]
+
+
 def test_garbled_page_is_rejected_and_the_rest_emitted(tmp_path):
     pdf = make_pdf(tmp_path / "g.pdf", [
         lambda p: body(p, paragraph(1)),
@@ -317,7 +342,8 @@ def test_empty_page_is_rejected(tmp_path):
                                         lambda p: body(p, paragraph(3))])
     result = extract_pdf(str(pdf), "e.pdf", params(), "c")
     assert [r["page"] for r in result.pages] == [1, 3]
-    assert [(r["item"], r["reason"]) for r in result.rejects] == [("e.pdf#2", "empty_page")]
+    assert [(r["item"], r["reason"], r["detail"]) for r in result.rejects] == [
+        ("e.pdf#2", "empty_page", "no text on the page")]
 
 
 def test_a_pdf_whose_pages_are_all_rejected_is_a_file_reject(tmp_path):
@@ -558,9 +584,8 @@ def test_real_statutes_lose_their_running_header_and_keep_their_text():
     if not REAL_PDFS.is_dir():
         pytest.skip(f"real PDFs absent: {REAL_PDFS}")
     for name, pages in REAL_PAGE_COUNTS.items():
-        # find_tables costs ~0.15 s/page: on for the shortest statute only (it has no tables)
-        tables = name == "it_outsourcing_regulation.pdf"
-        result = extract_pdf(str(REAL_PDFS / name), name, params(tables=tables), "statutes")
+        # tables on: the pages' only drawings are two horizontal rules, so no find_tables
+        result = extract_pdf(str(REAL_PDFS / name), name, params(tables=True), "statutes")
         assert result.file_reject is None, result.rejects
         assert result.page_count == pages and len(result.pages) == pages, name
         for record in result.pages:

@@ -26,7 +26,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = Path("data/samples/quickstart.params.yaml")
-COPIED = ("dvc.yaml", "stages", "data/samples")
+COPIED = ("dvc.yaml", "stages", "data/samples", "configs")  # configs: accelerate configs (train deps)
+RECORDED_LLM = Path("data/samples/llm_cache")  # scripts/record_llm.py writes these
+LLM_CACHE = Path("data/llm_cache")
 # dvc and the `python` of dvc.yaml's commands are the ones of this interpreter's environment
 BIN = Path(sys.executable).parent
 DVC = str(BIN / "dvc")
@@ -53,7 +55,8 @@ def quickstart_params(root: Path) -> dict[str, Any]:
 
 def _unknown_paths(base: Any, override: Any, prefix: str = "") -> list[str]:
     """Override paths that params.yaml does not have (overrides change values, never add keys)."""
-    if not isinstance(override, dict):
+    # a null in params.yaml is an empty slot an override may fill whole (base_model.build)
+    if not isinstance(override, dict) or base is None:
         return []
     unknown = []
     for key, value in override.items():
@@ -114,35 +117,87 @@ def prepare_workspace(root: Path, workspace: Path) -> None:
                    f"{OVERRIDES}; do not edit\n"
                    + yaml.safe_dump(quickstart_params(root), allow_unicode=True, sort_keys=False))
     write_if_changed(workspace / "params.yaml", params_text)
+    seed_llm_caches(workspace)
+
+
+def seed_llm_caches(workspace: Path) -> int:
+    """Mirror the recorded LLM responses (``data/samples/llm_cache/<stage>[/<key>]/``, made by
+    ``scripts/record_llm.py``) into the stages' response caches ``data/llm_cache/…``.
+
+    Those caches are ``persist: true`` DVC outs, so DVC keeps them when a stage runs, and
+    the LLM stages answer offline from them. Only files whose bytes differ are copied: a
+    second quickstart finds the outs unchanged and recomputes nothing. Returns files changed.
+    """
+    recorded = workspace / RECORDED_LLM
+    changed = 0
+    if recorded.is_dir():
+        # a cache root holds shard directories named by two hex digits (llm_cache.py layout)
+        roots = sorted({shard.parent for shard in recorded.rglob("*") if shard.is_dir()
+                        and len(shard.name) == 2 and all(c in "0123456789abcdef" for c in shard.name)
+                        and any(shard.glob("*.json"))})
+        for cache_root in roots:
+            changed += sync_tree(cache_root, workspace / LLM_CACHE / cache_root.relative_to(recorded))
+    return changed
 
 
 def offline_env(workspace: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               HF_HOME=str(workspace / ".hf"), PYTHONHASHSEED="0")
+               HF_HOME=str(workspace / ".hf"), PYTHONHASHSEED="0",
+               # LLM stages answer from the recorded responses only (quickstart params say
+               # llm.offline: true as well); a miss fails the stage, no network attempt.
+               LLM_OFFLINE="1")
     return env
 
 
+# The headline number of each stage's metrics, in order of preference, and its unit.
+_HEADLINE = (("examples", "examples"), ("pairs", "pairs"), ("records", "records"),
+             ("pages", "pages"), ("steps", "steps"), ("items", "eval items"))
+
+
+def _headline(metrics: dict[str, Any]) -> str:
+    for key, unit in _HEADLINE:
+        if isinstance(metrics.get(key), (int, float)):
+            return f"{metrics[key]} {unit}"
+    return ""
+
+
+def _detail(stage: str, metrics: dict[str, Any]) -> str:
+    if stage == "train":
+        return f"final loss {metrics.get('final_loss', float('nan')):.3f}, {metrics.get('tokens_seen')} tokens"
+    if stage == "eval" and isinstance(metrics.get("accuracy"), dict):
+        acc = metrics["accuracy"]
+        micro = acc.get("micro", acc.get("overall"))
+        return f"accuracy {micro:.3f}" if isinstance(micro, (int, float)) else ""
+    if stage == "mix":
+        return f"{metrics.get('tokens')} tokens"
+    llm = metrics.get("llm")
+    if isinstance(llm, dict):
+        return f"LLM: {llm.get('calls', 0)} calls, {llm.get('cached', llm.get('cache_hits', 0))} from cache"
+    return ""
+
+
 def summary(workspace: Path) -> str:
-    lines = ["", "Quickstart summary (workspace: quickstart/)", ""]
-    lines.append(f"{'stage':34} {'records':>8} {'rejected':>8}  output")
+    lines = ["", f"Quickstart summary (workspace: {workspace})", ""]
+    lines.append(f"{'stage':30} {'output':>16} {'rejected':>8}  detail")
     for metrics_file in sorted((workspace / "metrics").rglob("*.json")):
-        stage = metrics_file.parent.name
-        key = metrics_file.stem
+        rel = metrics_file.relative_to(workspace / "metrics").with_suffix("")
+        stage = rel.parts[0]
+        stage_name = "evaluate" if stage == "eval" else stage  # metrics/eval/<key>.json
+        name = stage_name if len(rel.parts) == 1 else f"{stage_name}@{rel.parts[1]}"
         metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
-        records = metrics.get("records", metrics.get("pages", ""))
-        rejected = metrics.get("rejected", metrics.get("pages_rejected", 0))
+        rejected = metrics.get("rejected", 0)
         if stage == "extract":
             rejected = metrics.get("files_rejected", 0) + metrics.get("pages_rejected", 0)
-        dupes = metrics.get("duplicates_removed")
-        extra = f" (+{dupes} duplicates)" if dupes else ""
-        lines.append(f"{stage + '@' + key:34} {records!s:>8} {rejected!s:>8}  "
-                     f"data/collected/{key}.parquet{extra}")
+        if isinstance(rejected, dict):
+            rejected = sum(v for v in rejected.values() if isinstance(v, int))
+        lines.append(f"{name:30} {_headline(metrics):>16} {rejected!s:>8}  {_detail(stage, metrics)}")
     lines += ["",
-              "Rejects with reasons: quickstart/data/rejects/<stage>/<key>.parquet",
-              "Metrics: cd quickstart && dvc metrics show",
-              "Next: make test · cd quickstart && dvc status · edit params.yaml and rerun "
+              "Outputs: data/collected, data/generated, data/mixtures, models/<version>, reports/index.html",
+              "Rejects with reasons: data/rejects/<stage>/<key>.parquet",
+              "Metrics: cd <workspace> && dvc metrics show",
+              "Next: make test · cd <workspace> && dvc status · edit params.yaml and rerun "
               "(only the stages whose params or inputs changed recompute)"]
     return "\n".join(lines)
 

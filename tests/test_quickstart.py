@@ -46,6 +46,20 @@ def test_quickstart_runs_everything_then_is_a_noop(tmp_path):
         assert any((workspace / "data/collected" / f"{collection}_json").glob("*.json"))
     assert metrics["extract/krx_reports"]["files_rejected"] >= 1  # the planted broken PDF
 
+    # the whole pipeline ran: generation per domain, eight mixtures, eight models, nine evaluations
+    versions = ("v1", "v2", "v3", "v4", "v5_1", "v5_2", "v5_3", "v6")
+    for domain in ("financial_market", "accounting", "rules"):
+        assert metrics[f"solve/{domain}"]["pairs"] > 0, domain
+        assert metrics[f"solve/{domain}"]["llm"]["calls"] == 0  # answered from recorded responses
+    assert metrics["summarize"]["records"] > 0
+    for version in versions:
+        assert metrics[f"mix/{version}"]["examples"] > 0, version
+        assert metrics[f"train/{version}"]["steps"] > 0, version
+        assert (workspace / "models" / version / "lineage.json").is_file()
+    for key in ("base",) + versions:
+        assert metrics[f"eval/{key}"]["items"] > 0, key
+    assert (workspace / "reports" / "index.html").is_file()
+
     lock = (workspace / "dvc.lock").read_text(encoding="utf-8")
     second = run_quickstart(workspace)
     assert second.returncode == 0, second.stderr[-3000:]

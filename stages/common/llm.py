@@ -36,6 +36,9 @@ Contract
 - At most ``concurrency`` requests are in flight; optional client-side ``rpm`` / ``tpm``
   token buckets pace requests (TPM charges an estimate up front and corrects it with the
   usage the server reports).
+- Every request carries ``X-Item-Id`` / ``X-Sample-Index`` / ``X-Reask-Index`` headers
+  (:func:`item_headers`): not part of the cache key; the replay server of
+  ``scripts/record_llm.py`` answers authored responses by them.
 - The api key comes from ``OPENAI_API_KEY`` only (never params, which are committed); the
   SDK sends it as the ``Authorization`` header and this module never logs, caches or
   writes it (error details are redacted before they are logged or returned).
@@ -59,7 +62,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal, Mapping, Optional, Sequence
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httpx2
 import openai
@@ -67,23 +70,23 @@ import openai
 # one implementation of OpenAI's strict-mode rules, kept in step with the pinned SDK.
 from openai.lib._pydantic import to_strict_json_schema
 from openai.types.chat import ChatCompletion
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, ValidationError
 
 from stages.common.llm_cache import (ENTRY_FORMAT, CacheEntry, CacheMissError, CachedResponse,
                                      RequestSummary, ResponseCache, cache_key)
-from stages.common.params import Strict
+# The params models live with every other params model; re-exported here for callers.
+from stages.common.params import API_KEY_ENV, LLMParams, Prices
 from stages.common.runlog import StageError, progress
 from stages.common.text import content_id
 
 __all__ = [
     "Accounting", "CacheMissError", "FatalLLMError", "LLMClient", "LLMParams", "LLMRequest",
     "Prices", "RateLimiter", "REJECT_REASONS", "Result", "Usage", "derive_seed",
-    "estimate_tokens", "evaluate_response", "is_offline", "response_format_for",
+    "estimate_tokens", "evaluate_response", "is_offline", "item_headers", "response_format_for",
     "retry_after_seconds", "run_batch",
 ]
 
 OFFLINE_ENV = "LLM_OFFLINE"
-API_KEY_ENV = "OPENAI_API_KEY"
 REJECT_REASONS = ("invalid_json", "schema_violation", "refusal", "truncated",
                   "transport_error", "bad_request")
 # Internal marker of an offline miss; never reaches a caller (it becomes CacheMissError).
@@ -95,55 +98,6 @@ _FENCE = re.compile(r"^```[a-zA-Z]*\s*\n?(.*?)\n?```$", re.S)
 _KEY_LIKE = re.compile(r"sk-[A-Za-z0-9_\-*]{6,}")
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------- params
-class Prices(Strict):
-    input_per_1m: float = Field(ge=0, description="USD per 1M prompt tokens")
-    output_per_1m: float = Field(ge=0, description="USD per 1M completion tokens")
-
-
-class LLMParams(Strict):
-    """The LLM section a stage embeds in its params (``params.<stage>.<key>.llm``).
-
-    Only model, messages, schema and the sampling fields change an answer (and the cache
-    key); everything else is throughput, robustness or bookkeeping.
-    """
-    model: str = Field(min_length=1, description="model name as the endpoint knows it")
-    base_url: Optional[str] = Field(
-        None, description="OpenAI-compatible endpoint (vLLM, Ollama, Azure…); default: "
-                          "OPENAI_BASE_URL, else api.openai.com")
-    temperature: float = Field(ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_tokens: int = Field(ge=1, description="completion token limit per answer")
-    token_limit_field: Literal["max_tokens", "max_completion_tokens"] = Field(
-        "max_tokens", description="request field carrying max_tokens (o-series models need "
-                                  "max_completion_tokens; most self-hosted servers max_tokens)")
-    seed: Optional[int] = Field(None, ge=0, description="base seed; re-asks and samples derive theirs")
-    concurrency: int = Field(100, ge=1, le=1000, description="requests in flight at most")
-    rpm: Optional[int] = Field(None, gt=0, description="client-side requests-per-minute cap")
-    tpm: Optional[int] = Field(None, gt=0, description="client-side tokens-per-minute cap")
-    max_attempts: int = Field(8, ge=1, description="HTTP attempts per answer (transport retries)")
-    max_invalid_attempts: int = Field(
-        3, ge=1, description="answers per item before an invalid/refused/truncated one is a reject")
-    timeout_s: float = Field(120.0, gt=0, description="per HTTP attempt")
-    backoff_base_s: float = Field(1.0, gt=0)
-    backoff_max_s: float = Field(60.0, gt=0)
-    prices: Prices
-    offline: bool = Field(False, description="answer from the cache only (LLM_OFFLINE=1 also forces it)")
-    cache_dir: str = Field(min_length=1, description="response cache directory (a DVC-tracked out)")
-
-    @field_validator("base_url")
-    @classmethod
-    def _http_url(cls, value: Optional[str]) -> Optional[str]:
-        if value is not None:
-            parts = urlsplit(value)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ValueError(f"base_url must be an http(s) URL, got {value!r}")
-            if parts.username or parts.password:
-                raise ValueError("base_url must not embed credentials (params are committed); "
-                                 f"use {API_KEY_ENV}")
-        return value
 
 
 def is_offline(params: LLMParams) -> bool:
@@ -343,6 +297,20 @@ def retry_after_seconds(headers: Mapping[str, str] | None) -> Optional[float]:
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
     return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+ITEM_HEADER = "X-Item-Id"
+SAMPLE_HEADER = "X-Sample-Index"
+REASK_HEADER = "X-Reask-Index"
+
+
+def item_headers(item_id: str, sample_index: int, reask_index: int) -> dict[str, str]:
+    """Request headers naming the item and draw (item id percent-encoded: headers are ASCII).
+
+    Sent with every request, never part of the cache key; a replay server
+    (``scripts/replay_server.py``) answers by them."""
+    return {ITEM_HEADER: quote(item_id, safe=""), SAMPLE_HEADER: str(int(sample_index)),
+            REASK_HEADER: str(int(reask_index))}
 
 
 def _strip_fence(text: str) -> str:
@@ -599,7 +567,8 @@ class LLMClient:
                 if entry is not None:
                     return _Fetched(entry.response, from_cache=True)
                 seed = derive_seed(self.params.seed, request.sample_index, reask)
-                fetched = await self._call(messages, fmt, seed, item_id)
+                fetched = await self._call(messages, fmt, seed, item_id,
+                                           request.sample_index, reask)
                 if fetched.response is not None:
                     p = self.params
                     entry = CacheEntry(format=ENTRY_FORMAT, response=fetched.response, request=RequestSummary(
@@ -621,8 +590,13 @@ class LLMClient:
 
     # -- one answer over HTTP: the single retry layer
     async def _call(self, messages: list[dict[str, Any]], fmt: dict[str, Any],
-                    seed: Optional[int], item_id: str) -> _Fetched:
+                    seed: Optional[int], item_id: str, sample_index: int = 0,
+                    reask: int = 0) -> _Fetched:
         p = self.params
+        # Which item and draw this is, for a replay server answering from an authored
+        # answers file (scripts/record_llm.py) and for server-side logs. Headers are not
+        # part of the cache key: they never change the answer of a real model.
+        options = {"headers": item_headers(item_id, sample_index, reask)}
         body: dict[str, Any] = {"model": p.model, "messages": messages, "response_format": fmt,
                                 "temperature": p.temperature, "top_p": p.top_p,
                                 p.token_limit_field: p.max_tokens}
@@ -643,7 +617,7 @@ class LLMClient:
                     # and chat.completions.create() would spend ~40% of the client's CPU
                     # re-walking it (schema included) against its TypedDicts.
                     completion = await self._api().post("/chat/completions", body=body,
-                                                        cast_to=ChatCompletion)
+                                                        cast_to=ChatCompletion, options=options)
                 except openai.APIError as exc:
                     if self._tpm:
                         self._tpm.credit(estimate)  # a failed request is not charged tokens

@@ -7,7 +7,8 @@ Every stage validates what it reads and what it writes against these. Kinds:
 - ``translation``  parallel text with language codes (ko-en, ko-zh).
 - ``document``     text units from PDFs or JSON documents: one row per page (``page`` ≥ 1)
                    or one per whole document (``page`` = 0).
-- ``example``      a training example in trl's conversational prompt–completion format.
+- ``example``      a training example in trl's conversational prompt–completion format, with
+                   ``split`` train/dev (the mixture's held-out part).
 - ``reject``       a record a stage refused, with the reason (``data/rejects/…``).
 
 ``meta`` is a JSON string (provenance, raw LLM output, token usage): free-form by design,
@@ -50,6 +51,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     ]),
     "example": pa.schema([
         ("id", pa.string()), ("version", pa.string()), ("source", pa.string()),
+        ("split", pa.string()),
         ("prompt", pa.list_(_MESSAGE)), ("completion", pa.list_(_MESSAGE)),
     ]),
     "reject": pa.schema([
@@ -145,8 +147,13 @@ def _validate_messages(messages: Any, field: str) -> list[str]:
     return problems
 
 
+EXAMPLE_SPLITS = ("train", "dev")
+
+
 def _validate_example(r: dict[str, Any]) -> list[str]:
     problems = _nonempty(r, "id", "version", "source")
+    if r.get("split") not in EXAMPLE_SPLITS:
+        problems.append(f"split {r.get('split')!r} not in {EXAMPLE_SPLITS}")
     problems += _validate_messages(r.get("prompt"), "prompt")
     problems += _validate_messages(r.get("completion"), "completion")
     if isinstance(r.get("completion"), list) and any(

@@ -1,0 +1,560 @@
+"""evaluate@<key>: multiple-choice accuracy of one model on the held-out finance sets.
+
+Contract:
+- model: ``evaluate.models.<key>.model`` — ``models/base`` (the ``--base`` dir) is the
+  baseline: the weights ``models/base/base.json`` names, no adapter; ``models/<version>`` is
+  that version's PEFT adapter applied over the same base weights. The tokenizer (and so the
+  chat template) is the one saved in the evaluated directory: the one training used.
+- sets (``evaluate.settings``): ``collected`` parquet files of mcq records, of which only
+  ``split`` (KMMLU: test, never in any mixture) is read, and ``local`` MCQ files under
+  ``local_dir`` read exactly like a ``collect`` local mcq source (column mapping, answer
+  format), 4-7 choices.
+- scoring ``loglik`` (default): the step-1 prompt of training (``stages.common.prompts``)
+  as the user turn, through ``tokenizer.apply_chat_template(..., add_generation_prompt=True)``;
+  the prediction is the letter among A..(n-th) with the highest next-token log-prob.
+  ``generate``: greedy two-step generation — the solution after the step-1 prompt, then the
+  answer after the step-2 prompt, parsed by :func:`parse_letter` (strict; unparsable = wrong).
+- shuffled score: every item again with its options permuted (a permutation seeded by
+  ``shuffle_seed`` and the item id, never the identity); the predicted letter is mapped back
+  to the original option before it is compared with the key.
+- outputs: ``--out`` one prediction row per item (parquet), ``--metrics``
+  ``metrics/eval/<key>.json``: micro and macro accuracy (macro = mean over categories, a
+  category being ``<set>/<category>`` or the set name), per set, per category, per number of
+  choices (4 and 7 also at the top level), shuffled accuracy, items/s.
+- rejects (``--rejects``): unreadable or invalid rows of the sets, prompts over
+  ``max_prompt_tokens``; the stage fails (exit 2) above ``max_reject_rate``, on a missing
+  model/adapter, or when no item is left.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pyarrow as pa
+
+from stages.common.io import read_records, write_records
+from stages.common.params import EvalLocalSet, EvaluateSettings, read_declared
+from stages.common.prompts import LETTERS, step1_prompt, step2_prompt
+from stages.common.runlog import (StageError, Timer, check_reject_rate, progress, setup_logging,
+                                  stage_main, write_metrics)
+from stages.common.schema import MAX_CHOICES, MIN_CHOICES, SCHEMAS, reject, validate
+from stages.common.text import content_id
+
+PARAMS = ("evaluate.models.{key}", "evaluate.settings")
+STAGE = "evaluate"
+BASE_JSON = "base.json"
+ADAPTER_CONFIG = "adapter_config.json"
+
+PREDICTION_SCHEMA = pa.schema([
+    ("id", pa.string()), ("set", pa.string()), ("category", pa.string()),
+    ("n_choices", pa.int32()), ("answer", pa.int32()), ("predicted", pa.int32()),
+    ("correct", pa.bool_()), ("permutation", pa.list_(pa.int32())),
+    ("shuffled_predicted", pa.int32()), ("shuffled_correct", pa.bool_()), ("detail", pa.string()),
+])
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One multiple-choice question; ``answer`` is a 0-based index into ``choices``."""
+    set: str
+    id: str
+    question: str
+    choices: tuple[str, ...]
+    answer: int
+    category: str = ""
+
+    @property
+    def category_key(self) -> str:
+        return f"{self.set}/{self.category}" if self.category else self.set
+
+
+# ------------------------------------------------------------------------ letters
+_LABEL = re.compile(r"^\s*(?:#+\s*)?(?:정답|답|answer)\s*(?:[:：]|은|는|is)?\s*", re.IGNORECASE)
+_ONE_LETTER = re.compile(r"^\(?([A-G])\)?[.)]?$")
+
+
+def parse_letter(text: str, n_choices: int) -> int | None:
+    """The answer letter of a generated step-2 response, strictly; ``None`` when unparsable.
+
+    Rule: take the first non-empty line; drop one leading label (``정답:``, ``### 정답:``,
+    ``정답은``, ``답:``, ``Answer:``); what is left must be exactly one upper-case letter
+    A..(n-th), optionally in parentheses and/or followed by ``.`` or ``)``. So ``"C"``,
+    ``"C."``, ``"(C)"``, ``"정답: C"`` are C; ``"AB"``, ``"A, B"``, ``"C. 설명"``, ``"c"`` and a
+    letter beyond the item's choices are unparsable (counted wrong).
+    """
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return None
+    rest = _LABEL.sub("", lines[0], count=1).strip()
+    match = _ONE_LETTER.match(rest)
+    if not match:
+        return None
+    index = LETTERS.index(match.group(1))
+    return index if index < n_choices else None
+
+
+def permutation(item_id: str, n_choices: int, seed: int) -> list[int]:
+    """A deterministic permutation of ``range(n_choices)`` for one item (never the identity):
+    ``shuffled[i] = choices[perm[i]]``. Seeded by the string ``"<seed>:<id>"`` (sha512 inside
+    ``random.Random``), so it does not depend on PYTHONHASHSEED or on the other items."""
+    rng = random.Random(f"{seed}:{item_id}")
+    perm = list(range(n_choices))
+    rng.shuffle(perm)
+    if perm == sorted(perm):  # identity: not a test of option order, rotate by one
+        perm = perm[1:] + perm[:1]
+    return perm
+
+
+def shuffle_item(item: EvalItem, seed: int) -> tuple[EvalItem, list[int]]:
+    """The item with permuted options (answer index moved with its option) + the permutation."""
+    perm = permutation(item.id, len(item.choices), seed)
+    choices = tuple(item.choices[p] for p in perm)
+    return EvalItem(item.set, item.id, item.question, choices, perm.index(item.answer),
+                    item.category), perm
+
+
+def unshuffle(predicted: int | None, perm: Sequence[int]) -> int | None:
+    """A prediction over the shuffled options -> the index of that option in the original."""
+    return None if predicted is None else perm[predicted]
+
+
+# ------------------------------------------------------------------------ eval sets
+_CHOICE_LABEL = re.compile(r"^\s*(?:\(?([A-Ga-g])[.)]|([1-7])[.)]?)\s+")
+
+
+def strip_labels(choices: Sequence[str]) -> list[str]:
+    """Drop letter/number labels written into the choices ("A. …", "B) …", "1 …") — only when
+    every choice carries the label of its own position, so real text is never cut."""
+    stripped = []
+    for position, choice in enumerate(choices):
+        match = _CHOICE_LABEL.match(choice)
+        if not match:
+            return list(choices)
+        label = match.group(1) or match.group(2)
+        expected = LETTERS[position] if match.group(1) else str(position + 1)
+        if label.upper() != expected:
+            return list(choices)
+        stripped.append(choice[match.end():].strip())
+    return stripped if all(stripped) else list(choices)
+
+
+def items_from_records(name: str, records: list[dict[str, Any]], split: str | None
+                       ) -> tuple[list[EvalItem], list[dict[str, str]]]:
+    """mcq records (collect's schema) -> items of set ``name`` (only ``split`` when given);
+    invalid records become rejects."""
+    items, rejects = [], []
+    for index, record in enumerate(records):
+        if split is not None and record.get("split") != split:
+            continue
+        problems = validate("mcq", record)
+        if problems:
+            rejects.append(reject(STAGE, name, str(record.get("id") or f"row {index}"),
+                                  "invalid_record", "; ".join(problems), record))
+            continue
+        items.append(EvalItem(name, record["id"], record["question"], tuple(record["choices"]),
+                              record["answer"], record.get("category") or ""))
+    return items, rejects
+
+
+def load_local_set(name: str, spec: EvalLocalSet) -> tuple[list[EvalItem], list[dict[str, str]]]:
+    """A local MCQ file, read and mapped by collect's own loader and row mapping."""
+    from stages.collect import build_records
+    from stages.sources.local import read_local
+
+    source = spec.as_source()
+    param = f"evaluate.settings.local.{name}"
+    rows = read_local(source.input, source.local, param)
+    if rows.columns is not None:
+        for fld, mapping in source.columns.items():
+            for column in ([mapping] if isinstance(mapping, str) else mapping):
+                if column not in rows.columns:
+                    raise StageError(f"{param}.columns.{fld}: column {column!r} not in "
+                                     f"{source.input} (columns: {rows.columns})")
+    records, rejects, _ = build_records(rows, source, name, source.input)
+    rejects = [dict(r, stage=STAGE) for r in rejects]
+    if spec.strip_choice_labels:
+        for record in records:
+            record["choices"] = strip_labels(record["choices"])
+            record["id"] = content_id("mcq", record["question"], record["choices"], record["answer"])
+    for record in records:
+        record["split"] = "test"
+    items, invalid = items_from_records(name, records, None)
+    return items, rejects + invalid
+
+
+def load_sets(settings: EvaluateSettings) -> tuple[list[EvalItem], list[dict[str, str]]]:
+    """Every eval set named in params -> (items sorted by set then id, rejects)."""
+    items: list[EvalItem] = []
+    rejects: list[dict[str, str]] = []
+    for name, spec in sorted(settings.collected.items()):
+        if not Path(spec.input).is_file():
+            raise StageError(f"evaluate.settings.collected.{name}.input: {spec.input} does not exist")
+        got, bad = items_from_records(name, read_records(spec.input), spec.split)
+        if not got:
+            raise StageError(f"evaluate.settings.collected.{name}: no {spec.split!r} records in {spec.input}")
+        items += cap(got, settings.max_items_per_set)
+        rejects += bad
+    for name, local_spec in sorted(settings.local.items()):
+        got, bad = load_local_set(name, local_spec)
+        items += cap(got, settings.max_items_per_set)
+        rejects += bad
+    return items, rejects
+
+
+def cap(items: list[EvalItem], limit: int | None) -> list[EvalItem]:
+    ordered = sorted(items, key=lambda item: item.id)
+    return ordered if limit is None else ordered[:limit]
+
+
+# ------------------------------------------------------------------------ prompts
+def chat_text(tokenizer: Any, user_content: str) -> str:
+    """The user turn through the tokenizer's chat template, ready for the assistant's answer
+    (the same template and default system prompt as training)."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": user_content}],
+                                         tokenize=False, add_generation_prompt=True)
+
+
+def letter_token_ids(tokenizer: Any) -> list[int]:
+    """Token ids of "A".."G" as the first token of an answer; each must be one token."""
+    ids = []
+    for letter in LETTERS:
+        encoded = tokenizer.encode(letter, add_special_tokens=False)
+        if len(encoded) != 1:
+            raise StageError(f"evaluate: the tokenizer splits letter {letter!r} into {encoded}; "
+                             "log-likelihood scoring needs one token per letter (use scoring: generate)")
+        ids.append(encoded[0])
+    return ids
+
+
+# ------------------------------------------------------------------------ model passes
+def _batches(order: list[int], size: int) -> list[list[int]]:
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+def _length_order(lengths: list[int]) -> list[int]:
+    """Longest first (similar lengths share a batch: less padding); ties by position."""
+    return sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+
+
+def _left_padded(rows: list[list[int]], pad_id: int, device: Any) -> tuple[Any, Any, Any]:
+    import torch
+
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row):] = 1
+    # left padding: positions count real tokens only, so a row's logits do not depend on how
+    # much padding its batch needed (the model would otherwise start each row at position pad)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids.to(device), mask.to(device), position_ids.to(device)
+
+
+def letter_logprobs(model: Any, tokenizer: Any, texts: list[str], batch_size: int,
+                    desc: str = "loglik") -> list[list[float]]:
+    """For each prompt text: next-token log-probs (over the whole vocabulary) of "A".."G"."""
+    import torch
+
+    letter_ids = letter_token_ids(tokenizer)
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    device = next(model.parameters()).device
+    out: list[list[float]] = [[] for _ in texts]
+    order = _length_order([len(e) for e in encoded])
+    with torch.inference_mode():
+        for batch in progress(_batches(order, batch_size), desc=desc):
+            ids, mask, positions = _left_padded([encoded[i] for i in batch],
+                                                tokenizer.pad_token_id, device)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                           use_cache=False, logits_to_keep=1).logits[:, -1, :]
+            logp = torch.log_softmax(logits.float(), dim=-1)[:, letter_ids].cpu().tolist()
+            for row, index in enumerate(batch):
+                out[index] = logp[row]
+    return out
+
+
+def generate_texts(model: Any, tokenizer: Any, texts: list[str], max_new_tokens: int,
+                   batch_size: int, desc: str = "generate") -> list[str]:
+    """Greedy continuations of each prompt text (special tokens dropped), batched, left-padded."""
+    import torch
+
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    device = next(model.parameters()).device
+    out = [""] * len(texts)
+    order = _length_order([len(e) for e in encoded])
+    with torch.inference_mode():
+        for batch in progress(_batches(order, batch_size), desc=desc):
+            ids, mask, _ = _left_padded([encoded[i] for i in batch], tokenizer.pad_token_id, device)
+            generated = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                                       max_new_tokens=max_new_tokens,
+                                       pad_token_id=tokenizer.pad_token_id)
+            new_tokens = generated[:, ids.shape[1]:]
+            for row, index in enumerate(batch):
+                out[index] = tokenizer.decode(new_tokens[row], skip_special_tokens=True)
+    return out
+
+
+# ------------------------------------------------------------------------ scoring
+@dataclass
+class Scored:
+    """Predictions for a list of items (``None`` = no parsable answer) + per-item detail."""
+    predicted: list[int | None]
+    detail: list[dict[str, Any]] = field(default_factory=list)
+
+
+def score_loglik(model: Any, tokenizer: Any, items: list[EvalItem], batch_size: int) -> Scored:
+    texts = [chat_text(tokenizer, step1_prompt(i.question, i.choices)) for i in items]
+    logps = letter_logprobs(model, tokenizer, texts, batch_size)
+    predicted, detail = [], []
+    for item, row in zip(items, logps):
+        valid = row[:len(item.choices)]
+        predicted.append(max(range(len(valid)), key=lambda k: (valid[k], -k)))
+        detail.append({"letter_logprobs": [round(v, 4) for v in valid],
+                       "letter_mass": round(sum(math.exp(v) for v in valid), 6)})
+    return Scored(predicted, detail)
+
+
+def score_generate(model: Any, tokenizer: Any, items: list[EvalItem], batch_size: int,
+                   solution_tokens: int, letter_tokens: int) -> Scored:
+    step1 = [chat_text(tokenizer, step1_prompt(i.question, i.choices)) for i in items]
+    solutions = generate_texts(model, tokenizer, step1, solution_tokens, batch_size, "step 1")
+    step2 = [chat_text(tokenizer, step2_prompt(i.question, i.choices, s))
+             for i, s in zip(items, solutions)]
+    answers = generate_texts(model, tokenizer, step2, letter_tokens, batch_size, "step 2")
+    predicted = [parse_letter(a, len(i.choices)) for i, a in zip(items, answers)]
+    detail = [{"solution": s, "answer_text": a} for s, a in zip(solutions, answers)]
+    return Scored(predicted, detail)
+
+
+Scorer = Callable[[list[EvalItem]], Scored]
+
+
+def evaluate_items(items: list[EvalItem], scorer: Scorer, shuffled: bool, seed: int
+                   ) -> list[dict[str, Any]]:
+    """Score items (and their shuffled copies) -> one prediction row per item."""
+    plain = scorer(items)
+    perms: list[list[int]] = []
+    shuffled_pred: list[int | None] = [None] * len(items)
+    shuffled_detail: list[dict[str, Any]] = [{} for _ in items]
+    if shuffled:
+        copies = [shuffle_item(item, seed) for item in items]
+        perms = [perm for _, perm in copies]
+        result = scorer([copy for copy, _ in copies])
+        shuffled_pred = [unshuffle(p, perm) for p, perm in zip(result.predicted, perms)]
+        shuffled_detail = result.detail or shuffled_detail
+    rows = []
+    for index, item in enumerate(items):
+        predicted = plain.predicted[index]
+        detail = dict(plain.detail[index]) if plain.detail else {}
+        if shuffled:
+            detail["shuffled"] = shuffled_detail[index]
+        rows.append({
+            "id": item.id, "set": item.set, "category": item.category,
+            "n_choices": len(item.choices), "answer": item.answer,
+            "predicted": -1 if predicted is None else predicted,
+            "correct": predicted == item.answer,
+            "permutation": perms[index] if shuffled else [],
+            "shuffled_predicted": -1 if not shuffled or shuffled_pred[index] is None
+            else shuffled_pred[index],
+            "shuffled_correct": bool(shuffled and shuffled_pred[index] == item.answer),
+            "detail": json.dumps(detail, ensure_ascii=False, sort_keys=True),
+        })
+    return rows
+
+
+def _acc(rows: list[dict[str, Any]], column: str) -> float:
+    return round(sum(r[column] for r in rows) / len(rows), 6) if rows else 0.0
+
+
+def _group(rows: list[dict[str, Any]], shuffled: bool) -> dict[str, Any]:
+    out = {"items": len(rows), "accuracy": _acc(rows, "correct")}
+    if shuffled:
+        out["shuffled_accuracy"] = _acc(rows, "shuffled_correct")
+    return out
+
+
+def summarize(rows: list[dict[str, Any]], shuffled: bool) -> dict[str, Any]:
+    """Prediction rows -> the accuracy part of the metrics (deterministic, sorted keys).
+
+    micro = over all items; macro = unweighted mean over categories (``<set>/<category>``,
+    or the set name when the item has no category); the same for the shuffled score."""
+    by_set, by_category, by_choices = defaultdict(list), defaultdict(list), defaultdict(list)
+    for row in rows:
+        by_set[row["set"]].append(row)
+        key = f"{row['set']}/{row['category']}" if row["category"] else row["set"]
+        by_category[key].append(row)
+        by_choices[str(row["n_choices"])].append(row)
+    categories = {k: _group(v, shuffled) for k, v in sorted(by_category.items())}
+    accuracy = {"micro": _acc(rows, "correct"),
+                "macro": round(sum(c["accuracy"] for c in categories.values()) / len(categories), 6)
+                if categories else 0.0}
+    if shuffled:
+        accuracy["shuffled_micro"] = _acc(rows, "shuffled_correct")
+        accuracy["shuffled_macro"] = round(
+            sum(c["shuffled_accuracy"] for c in categories.values()) / len(categories), 6) \
+            if categories else 0.0
+    for n in ("4", "7"):
+        if by_choices.get(n):
+            accuracy[f"choices_{n}"] = _acc(by_choices[n], "correct")
+    return {"items": len(rows), "accuracy": accuracy,
+            "unparsed": sum(1 for r in rows if r["predicted"] < 0),
+            "by_set": {k: _group(v, shuffled) for k, v in sorted(by_set.items())},
+            "by_category": categories,
+            "by_choices": {k: _group(v, shuffled) for k, v in sorted(by_choices.items(), key=lambda kv: int(kv[0]))}}
+
+
+# ------------------------------------------------------------------------ model loading
+def _is_local(model: str) -> bool:
+    return model.startswith(("/", "./", "../", "models/", "data/")) or os.path.isdir(model)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise StageError("evaluate.settings.device: cuda requested but no CUDA device is available")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> Any:
+    import torch
+    if dtype == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def check_model_dirs(base_dir: str, model_dir: str) -> tuple[dict[str, Any], bool]:
+    """(base.json, is the baseline) — StageError for a missing base.json or adapter, before
+    anything heavy is loaded."""
+    base_json = Path(base_dir) / BASE_JSON
+    if not base_json.is_file():
+        raise StageError(f"evaluate: {base_json} does not exist (run base_model first)")
+    base = json.loads(base_json.read_text(encoding="utf-8"))
+    is_base = os.path.normpath(model_dir) == os.path.normpath(base_dir)
+    if not is_base and not (Path(model_dir) / ADAPTER_CONFIG).is_file():
+        raise StageError(f"evaluate.models: {model_dir} has no {ADAPTER_CONFIG} (not a trained "
+                         "adapter; run train first)")
+    return base, is_base
+
+
+def load_model(base_dir: str, model_dir: str, device: str, dtype: str) -> tuple[Any, Any, dict[str, Any]]:
+    """(model in eval mode on ``device``, tokenizer, info). ``model_dir == base_dir``: the base
+    weights named by ``base.json``; else the PEFT adapter in ``model_dir`` over them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base, is_base = check_model_dirs(base_dir, model_dir)
+    base_json = Path(base_dir) / BASE_JSON
+    device = resolve_device(device)
+    weights = base["model"]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            weights, revision=None if _is_local(weights) else base.get("revision"),
+            dtype=resolve_dtype(dtype, device))
+    except (OSError, ValueError) as exc:
+        raise StageError(f"evaluate: cannot load base weights {weights!r} from {base_json}: "
+                         f"{str(exc).splitlines()[0]}") from None
+    if not is_base:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, model_dir)
+    model.to(device)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        raise StageError(f"evaluate: the tokenizer in {model_dir} has no pad token")
+    info = {"model": model_dir, "adapter": not is_base, "base_weights": weights,
+            "base_revision": base.get("revision"), "device": device,
+            "dtype": str(resolve_dtype(dtype, device)).replace("torch.", "")}
+    return model, tokenizer, info
+
+
+def make_scorer(model: Any, tokenizer: Any, settings: EvaluateSettings) -> Scorer:
+    if settings.scoring == "loglik":
+        return lambda items: score_loglik(model, tokenizer, items, settings.batch_size)
+    gen = settings.generation
+    return lambda items: score_generate(model, tokenizer, items, settings.batch_size,
+                                        gen.solution_max_new_tokens, gen.letter_max_new_tokens)
+
+
+def drop_long_prompts(items: list[EvalItem], tokenizer: Any, max_tokens: int
+                      ) -> tuple[list[EvalItem], list[dict[str, str]]]:
+    """Items whose step-1 prompt exceeds ``max_tokens`` are rejected, never truncated (a cut
+    prompt would lose the options the answer refers to)."""
+    kept, rejects = [], []
+    for item in items:
+        n = len(tokenizer(chat_text(tokenizer, step1_prompt(item.question, item.choices)),
+                          add_special_tokens=False)["input_ids"])
+        if n > max_tokens:
+            rejects.append(reject(STAGE, item.set, item.id, "prompt_too_long",
+                                  f"{n} tokens > max_prompt_tokens {max_tokens}"))
+        else:
+            kept.append(item)
+    return kept, rejects
+
+
+@stage_main
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("key")
+    parser.add_argument("--base", required=True, help="the base model dir (base.json, tokenizer)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--rejects", required=True)
+    parser.add_argument("--metrics", required=True)
+    parser.add_argument("--log", required=True)
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    key = args.key
+    timer = Timer()
+    declared = read_declared(PARAMS, key, path=args.params)
+    model_dir: str = declared["evaluate.models.{key}"].model
+    settings: EvaluateSettings = declared["evaluate.settings"]
+    log = setup_logging(args.log, f"evaluate@{key}")
+
+    check_model_dirs(args.base, model_dir)
+    items, rejects = load_sets(settings)
+    model, tokenizer, info = load_model(args.base, model_dir, settings.device, settings.dtype)
+    items, too_long = drop_long_prompts(items, tokenizer, settings.max_prompt_tokens)
+    rejects += too_long
+    for r in rejects:
+        log.info("reject %s/%s: %s %s", r["source"], r["item"], r["reason"], r["detail"])
+    write_records(rejects, SCHEMAS["reject"], args.rejects)
+    check_reject_rate(len(rejects), len(items) + len(rejects), settings.max_reject_rate,
+                      f"evaluate@{key}")
+    if not items:
+        raise StageError(f"evaluate@{key}: no items to evaluate")
+    for item in items:  # the sets' contract, checked before the model runs
+        if not MIN_CHOICES <= len(item.choices) <= MAX_CHOICES:
+            raise StageError(f"evaluate@{key}: item {item.id} has {len(item.choices)} choices")
+
+    log.info("evaluating %s (%s, adapter=%s) on %d items, scoring=%s, batch %d, %s",
+             model_dir, info["base_weights"], info["adapter"], len(items), settings.scoring,
+             settings.batch_size, info["device"])
+    scoring_timer = Timer()
+    rows = evaluate_items(items, make_scorer(model, tokenizer, settings), settings.shuffled,
+                          settings.shuffle_seed)
+    scoring_seconds = scoring_timer.seconds
+    write_records(rows, PREDICTION_SCHEMA, args.out)
+    passes = 2 if settings.shuffled else 1
+    metrics = {**info, "key": key, "scoring": settings.scoring, **summarize(rows, settings.shuffled),
+               "rejected": len(rejects),
+               "rejects_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
+               "seconds": timer.seconds, "scoring_seconds": scoring_seconds,
+               "items_per_second": round(len(items) * passes / scoring_seconds, 3)
+               if scoring_seconds else None}
+    write_metrics(args.metrics, metrics)
+    log.info("accuracy micro %.3f macro %.3f (shuffled %s) on %d items -> %s (%.1fs)",
+             metrics["accuracy"]["micro"], metrics["accuracy"]["macro"],
+             metrics["accuracy"].get("shuffled_micro"), len(items), args.metrics, timer.seconds)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,612 @@
+"""mix@<version>: the recipe ``params.mix.<version>`` -> one training mixture + its manifest.
+
+    python -m stages.mix <version> --tokenizer models/base --out data/mixtures/<v>.parquet \\
+        --manifest data/mixtures/<v>.json --rejects data/rejects/mix/<v>.parquet \\
+        --metrics metrics/mix/<v>.json --log logs/mix/<v>.log [--params params.yaml]
+
+Contract:
+- inputs: the files of the recipe's sources (names -> files: ``stages.common.params.
+  mix_source_input``), the tokenizer directory, and every evaluation set of
+  ``evaluate.settings`` (KMMLU test splits, local MCQ files) for decontamination;
+- ``--out``: ``example`` records (``id, version, source, split, prompt, completion``) in trl's
+  conversational prompt–completion form, in recipe order (source by source, input order within
+  a source; upsampled copies follow their original and have ids ``<id>~<version>.<n>``). The trainer
+  shuffles; the file is not shuffled so that it can be streamed;
+- ``--manifest``: the resolved recipe, sha256 of every input, eval set and of the mixture file,
+  the tokenizer (path, model, hashes), per-source counts and tokens, the length distribution —
+  what a model's lineage points at. No timestamps: same inputs, same bytes;
+- ``--rejects``: records that became no example, each with a reason: malformed records and
+  format errors (``invalid_record``, ``bad_table``, …), ``eval_contamination`` (detail names the
+  eval item ``<set>/<id>`` and the overlap), ``exact_duplicate`` / ``near_duplicate`` (detail
+  names the example kept), ``overlength`` (``overlength: drop``) and ``prompt_too_long``;
+- fails (exit 2) on unknown record fields in include/exclude, a format that does not fit the
+  source's record kind, too few examples for a count without upsampling, an empty mixture, or
+  a malformed-record rate above ``max_reject_rate``.
+
+Order of work, streamed in Parquet batches (memory is O(examples) small integers, not texts):
+1. per source, per batch: validate, filter (include/exclude), format, decontaminate, count
+   tokens (the chat template applied exactly as trl will), truncate or drop over-long
+   examples, then MinHash; the formatted examples go to a spill file beside the output;
+2. exact then near-duplicate removal across all sources (the earlier example is kept: recipe
+   order, then input order; examples of one group never remove each other);
+3. per source: the selection (count or fraction of what is left, seeded; copies only with
+   ``upsample``), then the dev split by whole groups (examples from another mixture keep
+   their split, so a continued version never trains on its parent's dev set);
+4. the spill is streamed again into the output, then the manifest and metrics are written.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import tempfile
+from array import array
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from stages.common.io import atomic_path, open_parquet_writer, write_json
+from stages.common.params import (MIX_FORMATS, EvalCollectedSet, EvalLocalSet, MixParams,
+                                  read_declared)
+from stages.common.runlog import StageError, Timer, progress, setup_logging, stage_main, write_metrics
+from stages.common.schema import SCHEMAS, reject, validate
+from stages.common.text import content_id, file_sha256
+from stages.mixing.formats import (FORMATTERS, Budget, FormatError, check_filter_fields,
+                                   count_tokens, load_templates, passes_filters)
+from stages.mixing.hashing import (EvalIndex, EvalItem, exact_duplicates, exact_key, mix_keys,
+                                   minhash_signatures, near_duplicates, text_key)
+
+PARAMS = ("mix.{key}", "evaluate.settings.collected", "evaluate.settings.local")
+STAGE = "mix"
+PERCENTILES = (50, 90, 95, 99)
+# Rejects that say nothing bad about the input: they do not count towards max_reject_rate.
+REMOVALS = {"eval_contamination", "exact_duplicate", "near_duplicate", "overlength",
+            "prompt_too_long"}
+_SPILL_SCHEMA = pa.schema([
+    ("id", pa.string()), ("source", pa.string()), ("parent_split", pa.string()),
+    ("prompt", SCHEMAS["example"].field("prompt").type),
+    ("completion", SCHEMAS["example"].field("completion").type),
+])
+
+Batches = Iterator[list[dict[str, Any]]]
+
+
+# ------------------------------------------------------------------------------ inputs
+def input_kind(path: str) -> str:
+    """Record kind of an input file (its Parquet columns), or ``json`` for a JSON directory."""
+    if os.path.isdir(path):
+        return "json"
+    names = pq.read_schema(path).names
+    for kind, schema in SCHEMAS.items():
+        if kind != "reject" and names == schema.names:
+            return kind
+    raise StageError(f"{path}: columns {names} match no record kind of stages/common/schema.py")
+
+
+def read_batches(path: str, batch_size: int) -> Batches:
+    """Records of a Parquet file (or the JSON documents of a directory, sorted by name), in
+    batches of ``batch_size``: inputs are never loaded whole."""
+    if os.path.isdir(path):
+        names = sorted(n for n in os.listdir(path) if n.endswith(".json"))
+        for lo in range(0, len(names), batch_size):
+            batch = []
+            for name in names[lo:lo + batch_size]:
+                with open(os.path.join(path, name), encoding="utf-8") as handle:
+                    batch.append(json.load(handle))
+            yield batch
+        return
+    for record_batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
+        yield record_batch.to_pylist()
+
+
+def path_sha256(path: str) -> str:
+    """sha256 of a file; of a directory: over its files' relative paths and sha256s."""
+    if not os.path.isdir(path):
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            digest.update(f"{os.path.relpath(full, path)}\0{file_sha256(full)}\n".encode())
+    return digest.hexdigest()
+
+
+def eval_items_from_records(name: str, records: Iterable[dict[str, Any]]) -> list[EvalItem]:
+    return [EvalItem(f"{name}/{r['id']}", (r["question"], *r.get("choices", ())))
+            for r in records]
+
+
+def load_eval_items(collected: dict[str, EvalCollectedSet],
+                    local: dict[str, EvalLocalSet]) -> tuple[list[EvalItem], dict[str, dict]]:
+    """Every evaluation item of ``evaluate.settings``, read the way evaluation reads them
+    (collected: the held-out split of the mcq parquet; local: the collect loader)."""
+    items: list[EvalItem] = []
+    info: dict[str, dict] = {}
+    for name, spec in collected.items():
+        if not os.path.isfile(spec.input):
+            raise StageError(f"evaluate.settings.collected.{name}.input: {spec.input} does not exist")
+        records = [r for r in pq.read_table(spec.input).to_pylist() if r.get("split") == spec.split]
+        items += eval_items_from_records(name, records)
+        info[name] = {"path": spec.input, "split": spec.split, "items": len(records),
+                      "sha256": file_sha256(spec.input)}
+    if local:
+        from stages.collect import build_records
+        from stages.sources.local import read_local
+        for name, spec in local.items():
+            if not os.path.isfile(spec.input):
+                raise StageError(f"evaluate.settings.local.{name}.input: {spec.input} does not exist")
+            source = spec.as_source()
+            rows = read_local(source.input, source.local, f"evaluate.settings.local.{name}")
+            records, _, _ = build_records(rows, source, name, source.input)
+            items += eval_items_from_records(name, records)
+            info[name] = {"path": spec.input, "items": len(records),
+                          "sha256": file_sha256(spec.input)}
+    return items, info
+
+
+def tokenizer_info(tokenizer: Any, path: str) -> dict[str, Any]:
+    """Name and hashes of the tokenizer: what the token counts are counted in."""
+    files = {}
+    if os.path.isdir(path):
+        for name in sorted(os.listdir(path)):
+            if name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
+                files[name] = file_sha256(os.path.join(path, name))
+    info: dict[str, Any] = {
+        "path": path, "class": type(tokenizer).__name__, "vocab_size": len(tokenizer),
+        "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token,
+        "chat_template_sha256": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest(),
+        "files_sha256": files,
+    }
+    base_json = os.path.join(path, "base.json")
+    if os.path.isfile(base_json):
+        with open(base_json, encoding="utf-8") as handle:
+            base = json.load(handle)
+        info["model"] = base.get("model")
+        info["revision"] = base.get("resolved_revision") or base.get("revision")
+    return info
+
+
+# ------------------------------------------------------------------------------ pure pieces
+def example_text(prompt: list[dict], completion: list[dict]) -> str:
+    """The text dedup and decontamination look at: every message, prompt and completion."""
+    return "\n".join(m["content"] for m in [*prompt, *completion])
+
+
+def example_id(prompt: list[dict], completion: list[dict]) -> str:
+    return content_id("example", [[m["role"], m["content"]] for m in [*prompt, *completion]])
+
+
+def truncate_completion(tokenizer: Any, prompt: list[dict], completion: list[dict],
+                        max_length: int) -> tuple[list[dict] | None, int]:
+    """Cut the last completion message's text so that the templated example fits
+    ``max_length`` (the end-of-turn token stays, so the model still learns to stop).
+    Returns ``(completion, tokens)``, or ``(None, prompt tokens)`` when the prompt alone does
+    not leave room for one completion token."""
+    content = completion[-1]["content"]
+    overhead = count_tokens(tokenizer, [prompt + completion[:-1] + [{"role": "assistant", "content": ""}]])[0]
+    budget = max_length - overhead
+    offsets = tokenizer(content, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    for _ in range(8):  # merges across the cut may add a token or two: shrink and retry
+        if budget < 1:
+            return None, overhead
+        cut = offsets[min(budget, len(offsets)) - 1][1]
+        new = completion[:-1] + [{"role": "assistant", "content": content[:cut].rstrip() or content[:cut]}]
+        tokens = count_tokens(tokenizer, [prompt + new])[0]
+        if tokens <= max_length:
+            return new, tokens
+        budget -= tokens - max_length
+    return None, overhead
+
+
+def selection(n_available: int, order_keys: np.ndarray, count: int | None,
+              fraction: float | None, upsample: bool, where: str) -> np.ndarray:
+    """Copies of each available example (0 = not selected) so that the total is exactly the
+    count (or ``round(fraction × available)``): every example ``n // available`` times, plus
+    one more for the first ``n % available`` in seeded order."""
+    wanted = count if count is not None else int(round(fraction * n_available))
+    if wanted > n_available and not upsample:
+        raise StageError(f"{where}: {wanted} examples wanted but only {n_available} available "
+                         "after filtering, decontamination and dedup (upsample: false)")
+    copies = np.zeros(n_available, dtype=np.int64)
+    if n_available == 0:
+        return copies
+    copies += wanted // n_available
+    rank = np.empty(n_available, dtype=np.int64)
+    rank[np.lexsort((np.arange(n_available), order_keys))] = np.arange(n_available)
+    copies[rank < wanted % n_available] += 1
+    return copies
+
+
+def dev_groups(groups: np.ndarray, dev_size: float, seed: int) -> np.ndarray:
+    """Boolean per example: in a dev group. ``round(dev_size × distinct groups)`` groups,
+    the ones with the smallest seeded keys."""
+    distinct = np.unique(groups)
+    n_dev = int(round(dev_size * len(distinct)))
+    if n_dev == 0:
+        return np.zeros(len(groups), dtype=bool)
+    keys = mix_keys(distinct, seed)
+    chosen = distinct[np.lexsort((distinct, keys))[:n_dev]]
+    return np.isin(groups, chosen)
+
+
+def length_stats(tokens: np.ndarray) -> dict[str, Any]:
+    if not len(tokens):
+        return {"examples": 0}
+    stats = {"examples": int(len(tokens)), "min": int(tokens.min()), "max": int(tokens.max()),
+             "mean": round(float(tokens.mean()), 2)}
+    for p in PERCENTILES:
+        stats[f"p{p}"] = int(np.percentile(tokens, p, method="nearest"))
+    return stats
+
+
+# ------------------------------------------------------------------------------ the build
+class _Columns:
+    """Per-example integers kept in memory between the passes (compact arrays)."""
+
+    def __init__(self) -> None:
+        self.ids = array("Q")
+        self.groups = array("Q")
+        self.exact = array("Q")
+        self.source = array("l")
+        self.tokens = array("l")
+        self.signatures: list[np.ndarray] = []
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class _RejectWriter:
+    def __init__(self, path: str | os.PathLike, batch_size: int) -> None:
+        self.writer = open_parquet_writer(path, SCHEMAS["reject"])
+        self.buffer: list[dict[str, str]] = []
+        self.batch_size = batch_size
+        self.reasons: Counter = Counter()
+        self.by_source: dict[str, Counter] = {}
+
+    def add(self, source: str, item: str, reason: str, detail: str = "", raw: Any = None) -> None:
+        self.buffer.append(reject(STAGE, source, item, reason, detail, raw))
+        self.reasons[reason] += 1
+        self.by_source.setdefault(source, Counter())[reason] += 1
+        if len(self.buffer) >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buffer:
+            self.writer.write_table(pa.Table.from_pylist(self.buffer, schema=SCHEMAS["reject"]))
+            self.buffer = []
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+
+
+def build_mixture(version: str, recipe: MixParams, tokenizer: Any, eval_index: EvalIndex,
+                  open_source: Callable[[str], tuple[str, Batches]], out_path: str | os.PathLike,
+                  rejects_path: str | os.PathLike, log: Any = None) -> dict[str, Any]:
+    """Build the mixture into ``out_path`` and the rejects into ``rejects_path`` (both plain
+    paths: the caller makes them atomic). ``open_source(name)`` gives ``(kind, batches)``.
+    Returns the statistics the manifest and metrics are made of."""
+    templates = load_templates()
+    budget = Budget(tokenizer, recipe.max_length)
+    rejects = _RejectWriter(rejects_path, recipe.batch_size)
+    cols = _Columns()
+    names = list(recipe.sources)
+    stats: dict[str, Counter] = {name: Counter() for name in names}
+    parent_split: dict[int, str] = {}
+    threshold_note = recipe.decontamination.threshold
+
+    with tempfile.TemporaryDirectory(prefix=".mix-spill-", dir=Path(out_path).parent) as spill_dir:
+        spill_path = Path(spill_dir) / "spill.parquet"
+        spill = pq.ParquetWriter(spill_path, _SPILL_SCHEMA)
+
+        def process(source_index: int, name: str, pending: list[dict[str, Any]]) -> None:
+            texts = [example_text(e["prompt"], e["completion"]) for e in pending]
+            matches = eval_index.match(texts)
+            kept = []
+            for e, m in zip(pending, matches):
+                if m is not None:
+                    stats[name]["eval_contamination"] += 1
+                    rejects.add(name, example_id(e["prompt"], e["completion"]), "eval_contamination",
+                                f"eval_id={m[0]} overlap={m[1]:.2f} (threshold {threshold_note})",
+                                {"prompt": e["prompt"], "completion": e["completion"]})
+                else:
+                    kept.append(e)
+            lengths = count_tokens(tokenizer, [e["prompt"] + e["completion"] for e in kept])
+            final, final_lengths = [], []
+            for e, n in zip(kept, lengths):
+                if n > recipe.max_length:
+                    eid = example_id(e["prompt"], e["completion"])
+                    if recipe.overlength == "drop":
+                        stats[name]["overlength_dropped"] += 1
+                        rejects.add(name, eid, "overlength", f"{n} tokens > max_length {recipe.max_length}",
+                                    {"prompt": e["prompt"], "completion": e["completion"]})
+                        continue
+                    completion, n_new = truncate_completion(tokenizer, e["prompt"], e["completion"],
+                                                            recipe.max_length)
+                    if completion is None:
+                        stats[name]["overlength_dropped"] += 1
+                        rejects.add(name, eid, "prompt_too_long",
+                                    f"prompt uses {n_new} of max_length {recipe.max_length} tokens",
+                                    {"prompt": e["prompt"], "completion": e["completion"]})
+                        continue
+                    stats[name]["overlength_truncated"] += 1
+                    e = {**e, "completion": completion}
+                    n = n_new
+                final.append(e)
+                final_lengths.append(n)
+            if not final:
+                return
+            texts = [example_text(e["prompt"], e["completion"]) for e in final]
+            signatures = minhash_signatures(texts, recipe.dedup.shingle_chars, recipe.dedup.num_perm)
+            rows = []
+            for e, text, n in zip(final, texts, final_lengths):
+                eid = e.get("id") or example_id(e["prompt"], e["completion"])
+                if "split" in e:
+                    parent_split[len(cols)] = e["split"]
+                cols.ids.append(int(eid.split("~", 1)[0], 16))
+                cols.groups.append(text_key(f"{name}\x1f{e['group']}"))
+                cols.exact.append(exact_key(text))
+                cols.source.append(source_index)
+                cols.tokens.append(n)
+                rows.append({"id": eid, "source": e.get("source", name),
+                             "parent_split": e.get("split", ""), "prompt": e["prompt"],
+                             "completion": e["completion"]})
+            cols.signatures.append(signatures)
+            spill.write_table(pa.Table.from_pylist(rows, schema=_SPILL_SCHEMA))
+            stats[name]["formatted_kept"] += len(rows)
+
+        # ---- pass 1: format, decontaminate, count, MinHash
+        for source_index, name in enumerate(names):
+            spec = recipe.sources[name]
+            kind, batches = open_source(name)
+            if MIX_FORMATS[spec.format] != kind:
+                raise StageError(f"mix.{version}.sources.{name}.format: {spec.format} formats "
+                                 f"{MIX_FORMATS[spec.format]} records, but {name} holds {kind}")
+            fields = SCHEMAS[kind].names if kind in SCHEMAS else ["doc_id", "title", "path", "source"]
+            unknown = check_filter_fields(fields, spec.include, spec.exclude)
+            if unknown:
+                raise StageError(f"mix.{version}.sources.{name}: include/exclude name fields "
+                                 f"{unknown} that {kind} records do not have ({list(fields)})")
+            formatter = FORMATTERS[spec.format]
+            pending: list[dict[str, Any]] = []
+            for batch in progress(batches, desc=f"mix@{version} {name}"):
+                for record in batch:
+                    stats[name]["records_read"] += 1
+                    item = str(record.get("id") or record.get("doc_id") or stats[name]["records_read"])
+                    if kind in SCHEMAS:
+                        problems = validate(kind, record)
+                        if problems:
+                            stats[name]["invalid_record"] += 1
+                            rejects.add(name, item, "invalid_record", "; ".join(problems), record)
+                            continue
+                    if not passes_filters(record, spec.include, spec.exclude):
+                        stats[name]["filtered_out"] += 1
+                        continue
+                    try:
+                        made = formatter(record, templates, budget)
+                    except FormatError as exc:
+                        stats[name][exc.reason] += 1
+                        rejects.add(name, item, exc.reason, exc.detail, record)
+                        continue
+                    stats[name]["examples_formatted"] += len(made)
+                    pending.extend(made)
+                    if len(pending) >= recipe.batch_size:
+                        process(source_index, name, pending)
+                        pending = []
+            if pending:
+                process(source_index, name, pending)
+        spill.close()
+
+        n = len(cols)
+        groups = np.frombuffer(cols.groups, dtype=np.uint64) if n else np.zeros(0, np.uint64)
+        sources = np.frombuffer(cols.source, dtype=np.int64) if n else np.zeros(0, np.int64)
+        tokens = np.frombuffer(cols.tokens, dtype=np.int64) if n else np.zeros(0, np.int64)
+        ids = np.frombuffer(cols.ids, dtype=np.uint64) if n else np.zeros(0, np.uint64)
+
+        # ---- pass 2: exact, then near-duplicate removal across the sources
+        exact = exact_duplicates(np.frombuffer(cols.exact, dtype=np.uint64), groups) if n else {}
+        alive = np.ones(n, dtype=bool)
+        alive[list(exact)] = False
+        signatures = np.concatenate(cols.signatures) if cols.signatures else np.zeros((0, 1), np.uint16)
+        cols.signatures = []
+        near = near_duplicates(signatures, groups, alive, recipe.dedup.bands,
+                               recipe.dedup.near_threshold) if n else {}
+        del signatures
+        alive[list(near)] = False
+
+        # ---- pass 3: selection per source, then the dev split
+        copies = np.zeros(n, dtype=np.int64)
+        is_dev = np.zeros(n, dtype=bool)
+        for source_index, name in enumerate(names):
+            spec = recipe.sources[name]
+            members = np.flatnonzero((sources == source_index) & alive)
+            stats[name]["available"] = len(members)
+            copies[members] = selection(len(members), mix_keys(groups[members], recipe.seed),
+                                        spec.count, spec.fraction, spec.upsample,
+                                        f"mix.{version}.sources.{name}")
+            chosen = members[copies[members] > 0]
+            if spec.format == "example":
+                is_dev[chosen] = [parent_split.get(int(i)) == "dev" for i in chosen]
+            else:
+                is_dev[chosen] = dev_groups(groups[chosen], recipe.dev_size, recipe.seed + 1)
+
+        # ---- pass 4: stream the spill into the output, dedup rejects with their text
+        writer = open_parquet_writer(out_path, SCHEMAS["example"])
+        buffer: list[dict[str, Any]] = []
+        emitted_sources: Counter = Counter()
+        index = 0
+        for record_batch in pq.ParquetFile(spill_path).iter_batches(batch_size=recipe.batch_size):
+            for row in record_batch.to_pylist():
+                name = names[sources[index]]
+                if index in exact or index in near:
+                    reason = "exact_duplicate" if index in exact else "near_duplicate"
+                    kept = exact[index] if index in exact else near[index][0]
+                    detail = f"same as {int(ids[kept]):016x}" if index in exact else \
+                        f"similar to {int(ids[kept]):016x} (estimated Jaccard {near[index][1]:.2f})"
+                    stats[name][reason] += 1
+                    rejects.add(name, row["id"], reason, detail,
+                                {"prompt": row["prompt"], "completion": row["completion"]})
+                split = "dev" if is_dev[index] else "train"
+                for copy in range(int(copies[index])):
+                    buffer.append({"id": row["id"] if copy == 0 else f"{row['id']}~{version}.{copy}",
+                                   "version": version, "source": row["source"], "split": split,
+                                   "prompt": row["prompt"], "completion": row["completion"]})
+                    emitted_sources[row["source"]] += 1
+                    if len(buffer) >= recipe.batch_size:
+                        writer.write_table(pa.Table.from_pylist(buffer, schema=SCHEMAS["example"]))
+                        buffer = []
+                index += 1
+        if buffer:
+            writer.write_table(pa.Table.from_pylist(buffer, schema=SCHEMAS["example"]))
+        writer.close()
+    rejects.close()
+
+    banned = sorted(set(emitted_sources) & set(recipe.exclude_sources))
+    if banned:  # the params validator already refuses such recipes; this guards the data
+        raise StageError(f"mix.{version}: excluded sources {banned} reached the mixture")
+
+    per_source: dict[str, Any] = {}
+    for source_index, name in enumerate(names):
+        member = sources == source_index
+        c = copies[member]
+        t = tokens[member]
+        d = is_dev[member]
+        s = stats[name]
+        per_source[name] = {
+            "records_read": s["records_read"], "filtered_out": s["filtered_out"],
+            "examples_formatted": s["examples_formatted"],
+            "eval_contamination": s["eval_contamination"],
+            "overlength_truncated": s["overlength_truncated"],
+            "overlength_dropped": s["overlength_dropped"],
+            "exact_duplicates": s["exact_duplicate"], "near_duplicates": s["near_duplicate"],
+            "format_rejects": dict(sorted((k, v) for k, v in rejects.by_source.get(name, {}).items()
+                                          if k not in REMOVALS)),
+            "available": s["available"], "examples": int(c.sum()),
+            "distinct_examples": int((c > 0).sum()), "upsampled_copies": int((c - (c > 0)).sum()),
+            "train": int(c[~d].sum()), "dev": int(c[d].sum()),
+            "tokens": int((c * t).sum()), "tokens_train": int((c * t)[~d].sum()),
+            "tokens_dev": int((c * t)[d].sum()),
+        }
+    weighted = np.repeat(tokens, copies)
+    malformed = sum(n for r, n in rejects.reasons.items() if r not in REMOVALS)
+    records_read = sum(s["records_read"] for s in stats.values())
+    totals = {
+        "examples": int(copies.sum()), "train": int(copies[~is_dev].sum()),
+        "dev": int(copies[is_dev].sum()), "tokens": int((copies * tokens).sum()),
+        "tokens_train": int((copies * tokens)[~is_dev].sum()),
+        "tokens_dev": int((copies * tokens)[is_dev].sum()),
+        "records_read": records_read, "malformed_rejects": malformed,
+        "over_max_length": int(sum(s["overlength_truncated"] + s["overlength_dropped"]
+                                   for s in stats.values())),
+        "overlength_policy": recipe.overlength, "max_length": recipe.max_length,
+    }
+    if log is not None:
+        log.info("mix@%s: %d examples (%d train, %d dev), %d tokens; rejects %s", version,
+                 totals["examples"], totals["train"], totals["dev"], totals["tokens"],
+                 dict(sorted(rejects.reasons.items())))
+    return {"sources": per_source, "totals": totals, "length": length_stats(weighted),
+            "rejects_by_reason": dict(sorted(rejects.reasons.items()))}
+
+
+# ------------------------------------------------------------------------------ main
+def manifest(version: str, recipe: MixParams, out: str, result: dict[str, Any],
+             inputs: dict[str, dict], eval_sets: dict[str, dict], tokenizer: dict[str, Any],
+             decontamination_items: int) -> dict[str, Any]:
+    return {
+        "version": version,
+        "recipe": recipe.model_dump(mode="json"),
+        "mixture": {"path": out, "sha256": file_sha256(out), **result["totals"]},
+        "inputs": inputs,
+        "eval_sets": eval_sets,
+        "decontamination": {"eval_items": decontamination_items,
+                            **recipe.decontamination.model_dump(mode="json")},
+        "tokenizer": tokenizer,
+        "sources": result["sources"],
+        "length": result["length"],
+        "rejects_by_reason": result["rejects_by_reason"],
+    }
+
+
+def metrics_of(result: dict[str, Any], seconds: float) -> dict[str, Any]:
+    totals = result["totals"]
+    return {
+        "examples": totals["examples"], "train": totals["train"], "dev": totals["dev"],
+        "tokens": totals["tokens"], "tokens_train": totals["tokens_train"],
+        "tokens_dev": totals["tokens_dev"], "over_max_length": totals["over_max_length"],
+        "length_p50": result["length"].get("p50", 0), "length_p99": result["length"].get("p99", 0),
+        "length_max": result["length"].get("max", 0),
+        "rejected": result["rejects_by_reason"],
+        "sources": {name: {"examples": s["examples"], "tokens": s["tokens"]}
+                    for name, s in result["sources"].items()},
+        "seconds": seconds,
+    }
+
+
+@stage_main
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("version")
+    parser.add_argument("--tokenizer", required=True, help="directory for AutoTokenizer")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--manifest", required=True)
+    parser.add_argument("--rejects", required=True)
+    parser.add_argument("--metrics", required=True)
+    parser.add_argument("--log", required=True)
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    version = args.version
+    timer = Timer()
+    declared = read_declared(PARAMS, version, path=args.params)
+    recipe: MixParams = declared["mix.{key}"]
+    log = setup_logging(args.log, f"mix@{version}")
+
+    inputs = {}
+    for name, path in recipe.source_inputs().items():
+        if not os.path.exists(path):
+            raise StageError(f"mix.{version}.sources.{name}: input {path} does not exist "
+                             "(run the stage that writes it)")
+        inputs[name] = {"path": path, "sha256": path_sha256(path)}
+    if not os.path.isdir(args.tokenizer):
+        raise StageError(f"--tokenizer {args.tokenizer} is not a directory (run base_model)")
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    if not tokenizer.chat_template:
+        raise StageError(f"--tokenizer {args.tokenizer}: no chat template")
+    items, eval_sets = load_eval_items(declared["evaluate.settings.collected"] or {},
+                                       declared["evaluate.settings.local"] or {})
+    index = EvalIndex(items, recipe.decontamination.ngram_chars, recipe.decontamination.threshold)
+    log.info("decontaminating against %d eval items of %s", len(index), sorted(eval_sets))
+
+    def open_source(name: str) -> tuple[str, Batches]:
+        path = inputs[name]["path"]
+        return input_kind(path), read_batches(path, recipe.batch_size)
+
+    with atomic_path(args.out) as tmp_out, atomic_path(args.rejects) as tmp_rejects:
+        result = build_mixture(version, recipe, tokenizer, index, open_source, tmp_out,
+                               tmp_rejects, log)
+        totals = result["totals"]
+        if totals["records_read"] and \
+                totals["malformed_rejects"] / totals["records_read"] > recipe.max_reject_rate:
+            # The rejects file is still written (the user needs the reasons); not the mixture.
+            os.replace(tmp_rejects, args.rejects)
+            os.chmod(args.rejects, 0o644)
+            raise StageError(f"mix@{version}: {totals['malformed_rejects']} of "
+                             f"{totals['records_read']} records malformed > max_reject_rate "
+                             f"{recipe.max_reject_rate:.1%}; see {args.rejects}")
+        if totals["examples"] == 0:
+            raise StageError(f"mix@{version}: the mixture is empty")
+    write_json(manifest(version, recipe, args.out, result, inputs, eval_sets,
+                        tokenizer_info(tokenizer, args.tokenizer), len(index)), args.manifest)
+    write_metrics(args.metrics, metrics_of(result, timer.seconds))
+    log.info("-> %s (%d examples, %d tokens) and %s (%.1fs)", args.out, totals["examples"],
+             totals["tokens"], args.manifest, timer.seconds)
+
+
+if __name__ == "__main__":
+    main()

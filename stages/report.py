@@ -1,0 +1,403 @@
+"""report: one page comparing every version -> reports/index.html + PNG figures.
+
+Contract:
+- inputs (paths from the dvc.yaml cmd; the versions and the baseline from ``params.report``):
+  ``<eval-dir>/<key>.json`` (evaluate metrics, baseline included), ``<mixtures-dir>/<v>.json``
+  (mix manifests: per-source examples/tokens, mixture and input sha256s),
+  ``<models-dir>/<v>/lineage.json`` (train: parent, mixture hash, base model, loss, time),
+  ``<train-dir>/<v>.json`` (train metrics) and ``<live-dir>/<v>/plots/metrics/loss.tsv``
+  (dvclive training loss by step; a missing file is drawn from lineage's final loss alone).
+- output ``--out`` (a directory, replaced whole): ``index.html`` (self-contained: inline CSS,
+  no script, figures by relative path), ``composition.png`` (tokens per source, stacked, per
+  version), ``loss.png`` (training loss curves), ``accuracy.png`` (accuracy of each version
+  against the baseline), and tables: accuracy (micro, macro, shuffled, 4/7-choice, per set,
+  delta to the baseline), training, lineage (version -> parent -> mixture hash -> source
+  hashes).
+- deterministic: no timestamps, sorted keys, PNGs without a Software/date stamp, so the same
+  inputs give the same bytes (with the pinned matplotlib).
+- fails (exit 2) when an input file of a listed version is missing or is not JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from stages.common.io import atomic_dir, write_text
+from stages.common.params import ReportParams, read_declared
+from stages.common.runlog import StageError, Timer, setup_logging, stage_main, write_metrics
+
+PARAMS = ("report",)
+STAGE = "report"
+FIGURES = ("composition.png", "loss.png", "accuracy.png")
+LOSS_TSV = Path("plots") / "metrics" / "loss.tsv"
+
+
+# ------------------------------------------------------------------------ inputs
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise StageError(f"report: {path} does not exist (run the stage that writes it)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise StageError(f"report: {path} is not valid JSON ({exc})") from None
+
+
+def read_loss_tsv(path: Path) -> list[tuple[float, float]]:
+    """dvclive's ``step<TAB>loss`` table -> [(step, loss)], sorted by step; [] when absent."""
+    if not path.is_file():
+        return []
+    with path.open(encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    points = []
+    for row in rows:
+        try:
+            points.append((float(row["step"]), float(row["loss"])))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return sorted(points)
+
+
+def load_inputs(params: ReportParams, eval_dir: str, train_dir: str, mixtures_dir: str,
+                models_dir: str, live_dir: str) -> dict[str, Any]:
+    """Everything the page shows, read from the pipeline's outputs."""
+    data: dict[str, Any] = {"baseline": params.baseline, "versions": list(params.versions),
+                            "eval": {}, "manifests": {}, "lineage": {}, "train": {}, "loss": {}}
+    for key in [params.baseline, *params.versions]:
+        data["eval"][key] = _read_json(Path(eval_dir) / f"{key}.json")
+    for version in params.versions:
+        data["manifests"][version] = _read_json(Path(mixtures_dir) / f"{version}.json")
+        data["lineage"][version] = _read_json(Path(models_dir) / version / "lineage.json")
+        data["train"][version] = _read_json(Path(train_dir) / f"{version}.json")
+        data["loss"][version] = read_loss_tsv(Path(live_dir) / version / LOSS_TSV)
+    return data
+
+
+# ------------------------------------------------------------------------ tables (pure)
+def composition(manifests: dict[str, dict[str, Any]], versions: list[str]
+                ) -> tuple[list[str], dict[str, dict[str, int]]]:
+    """(sources in a stable order, {version: {source: tokens}}) from the manifests'
+    ``sources``; sources ordered by first appearance over the versions, then by name."""
+    order: list[str] = []
+    table: dict[str, dict[str, int]] = {}
+    for version in versions:
+        sources = manifests.get(version, {}).get("sources", {})
+        table[version] = {name: int(s.get("tokens", 0)) for name, s in sorted(sources.items())}
+        order += [name for name in sorted(sources) if name not in order]
+    return order, table
+
+
+def accuracy_rows(evals: dict[str, dict[str, Any]], baseline: str, versions: list[str]
+                  ) -> list[dict[str, Any]]:
+    """One row per key (baseline first): accuracies and the micro delta to the baseline."""
+    base_micro = evals.get(baseline, {}).get("accuracy", {}).get("micro")
+    rows = []
+    for key in [baseline, *versions]:
+        metrics = evals.get(key, {})
+        acc = metrics.get("accuracy", {})
+        micro = acc.get("micro")
+        rows.append({
+            "key": key, "items": metrics.get("items"), "micro": micro, "macro": acc.get("macro"),
+            "shuffled_micro": acc.get("shuffled_micro"), "choices_4": acc.get("choices_4"),
+            "choices_7": acc.get("choices_7"), "unparsed": metrics.get("unparsed"),
+            "scoring": metrics.get("scoring"),
+            "delta": None if micro is None or base_micro is None or key == baseline
+            else round(micro - base_micro, 6),
+            "by_set": {name: s.get("accuracy") for name, s in sorted(metrics.get("by_set", {}).items())},
+        })
+    return rows
+
+
+def lineage_rows(lineages: dict[str, dict[str, Any]], manifests: dict[str, dict[str, Any]],
+                 versions: list[str]) -> list[dict[str, Any]]:
+    """version -> parent -> base -> mixture (sha256) -> source inputs (sha256)."""
+    rows = []
+    for version in versions:
+        lineage, manifest = lineages.get(version, {}), manifests.get(version, {})
+        parent = lineage.get("parent") or {}
+        mixture = lineage.get("mixture") or {}
+        base = lineage.get("base_model") or {}
+        inputs = manifest.get("inputs", {})
+        rows.append({
+            "version": version, "parent": parent.get("version"),
+            "base": base.get("model"), "base_revision": base.get("revision"),
+            "mixture": mixture.get("path") or manifest.get("mixture", {}).get("path"),
+            "mixture_sha256": mixture.get("sha256") or manifest.get("mixture", {}).get("sha256"),
+            "manifest_sha256": mixture.get("manifest_sha256"),
+            "adapter_sha256": lineage.get("adapter_sha256"),
+            "sources": [(name, spec.get("path"), spec.get("sha256"))
+                        for name, spec in sorted(inputs.items())],
+        })
+    return rows
+
+
+def training_rows(lineages: dict[str, dict[str, Any]], train: dict[str, dict[str, Any]],
+                  manifests: dict[str, dict[str, Any]], versions: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for version in versions:
+        lineage, metrics = lineages.get(version, {}), train.get(version, {})
+        mixture = manifests.get(version, {}).get("mixture", {})
+        rows.append({
+            "version": version,
+            "examples": mixture.get("examples"), "tokens": mixture.get("tokens"),
+            "final_loss": metrics.get("final_loss", lineage.get("final_loss")),
+            "eval_loss": metrics.get("eval_loss", lineage.get("eval_loss")),
+            "steps": metrics.get("steps", lineage.get("steps")),
+            "train_seconds": metrics.get("train_seconds", lineage.get("train_seconds")),
+            "tokenizer": metrics.get("tokenizer", lineage.get("tokenizer")),
+        })
+    return rows
+
+
+# ------------------------------------------------------------------------ figures
+def _figure_setup() -> Any:
+    import matplotlib
+    matplotlib.use("Agg")  # no display; also the deterministic raster backend
+    import matplotlib.pyplot as plt
+    plt.rcParams.update({"font.family": "DejaVu Sans", "font.size": 9, "svg.hashsalt": "report"})
+    return plt
+
+
+def _save(fig: Any, path: Path, dpi: int) -> None:
+    # no Software/creation stamp: same inputs -> same PNG bytes
+    fig.savefig(path, dpi=dpi, metadata={"Software": None}, bbox_inches="tight")
+
+
+def plot_composition(sources: list[str], table: dict[str, dict[str, int]], versions: list[str],
+                     path: Path, dpi: int) -> None:
+    plt = _figure_setup()
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(versions) + 1.6))
+    cmap = plt.get_cmap("tab20")
+    left = [0.0] * len(versions)
+    y = list(range(len(versions)))[::-1]
+    for index, source in enumerate(sources):
+        widths = [table[v].get(source, 0) for v in versions]
+        ax.barh(y, widths, left=left, color=cmap(index % 20), label=source, edgecolor="white",
+                linewidth=0.5)
+        left = [a + b for a, b in zip(left, widths)]
+    ax.set_yticks(y, versions)
+    ax.set_xlabel("training tokens (mixture manifest, all splits)")
+    ax.set_title("Data composition per version (tokens by source)")
+    if sources:
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False)
+    _save(fig, path, dpi)
+    plt.close(fig)
+
+
+def plot_loss(loss: dict[str, list[tuple[float, float]]],
+              final: dict[str, tuple[float, float | None]], versions: list[str], path: Path,
+              dpi: int) -> None:
+    """One curve per version; a version without a logged curve shows its final loss at its
+    last step (``final[v] = (step, loss)``)."""
+    plt = _figure_setup()
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    cmap = plt.get_cmap("tab10")
+    for index, version in enumerate(versions):
+        points = loss.get(version) or []
+        color = cmap(index % 10)
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=2.5,
+                    linewidth=1.2, color=color, label=version)
+        elif final.get(version) and final[version][1] is not None:
+            step, value = final[version]
+            ax.plot([step], [value], marker="s", color=color, label=f"{version} (final only)")
+    ax.set_xlabel("global step")
+    ax.set_ylabel("training loss (completion tokens)")
+    ax.set_title("Training loss by version")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, frameon=False)
+    _save(fig, path, dpi)
+    plt.close(fig)
+
+
+def plot_accuracy(rows: list[dict[str, Any]], baseline: str, path: Path, dpi: int) -> None:
+    plt = _figure_setup()
+    versions = [r for r in rows if r["key"] != baseline]
+    base = next((r for r in rows if r["key"] == baseline), {})
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    series = (("micro", "micro", "tab:blue"), ("macro", "macro", "tab:orange"),
+              ("shuffled_micro", "shuffled options", "tab:green"))
+    width = 0.8 / len(series)
+    for offset, (column, label, color) in enumerate(series):
+        xs = [i + (offset - 1) * width for i in range(len(versions))]
+        ax.bar(xs, [r[column] or 0 for r in versions], width=width, color=color, label=label)
+        if base.get(column) is not None:
+            ax.axhline(base[column], color=color, linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(versions)), [r["key"] for r in versions])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Accuracy per version (dashed: baseline '{baseline}', no adapter)")
+    ax.legend(fontsize=7, frameon=False, loc="upper right")
+    ax.grid(axis="y", alpha=0.3)
+    _save(fig, path, dpi)
+    plt.close(fig)
+
+
+def render_figures(data: dict[str, Any], out_dir: Path, dpi: int) -> list[str]:
+    versions, baseline = data["versions"], data["baseline"]
+    sources, table = composition(data["manifests"], versions)
+    plot_composition(sources, table, versions, out_dir / "composition.png", dpi)
+    final = {}
+    for row in training_rows(data["lineage"], data["train"], data["manifests"], versions):
+        final[row["version"]] = (float(row["steps"] or 0), row["final_loss"])
+    plot_loss(data["loss"], final, versions, out_dir / "loss.png", dpi)
+    plot_accuracy(accuracy_rows(data["eval"], baseline, versions), baseline,
+                  out_dir / "accuracy.png", dpi)
+    return list(FIGURES)
+
+
+# ------------------------------------------------------------------------ html
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _pct(value: Any) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def _signed(value: Any) -> str:
+    return "" if value is None else f"{100 * value:+.1f} pt"
+
+
+def _short(sha: Any) -> str:
+    return f"<code title='{html.escape(str(sha))}'>{html.escape(str(sha)[:12])}</code>" if sha else "–"
+
+
+def _table(headers: list[str], rows: list[list[str]], cls: str) -> str:
+    head = "".join(f"<th>{h}</th>" for h in headers)
+    body = "\n".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return (f"<div class='scroll'><table class='{cls}'><thead><tr>{head}</tr></thead><tbody>\n"
+            f"{body}\n</tbody></table></div>")
+
+
+CSS = """
+body { font-family: "DejaVu Sans", "Noto Sans CJK KR", sans-serif; margin: 24px auto;
+       max-width: 1100px; color: #222; background: #fff; }
+h1 { font-size: 22px; } h2 { font-size: 17px; margin-top: 28px; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; font-size: 12px; margin: 8px 0; }
+th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: right; vertical-align: top; }
+th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; font-weight: bold; }
+td.l, table.lineage td { text-align: left; }
+.up { color: #176317; } .down { color: #9b1c1c; } .note { color: #555; font-size: 12px; }
+img { max-width: 100%; border: 1px solid #eee; margin: 6px 0; }
+code { font-size: 11px; } div.scroll { overflow-x: auto; }
+"""
+
+
+def render_html(data: dict[str, Any], figures: list[str]) -> str:
+    """The page. Every version appears in every table; figures by relative path."""
+    versions, baseline = data["versions"], data["baseline"]
+    acc = accuracy_rows(data["eval"], baseline, versions)
+    sets = sorted({name for row in acc for name in row["by_set"]})
+    acc_rows = []
+    for row in acc:
+        delta = row["delta"]
+        cls = "" if delta is None else ("up" if delta > 0 else "down" if delta < 0 else "")
+        name = html.escape(row["key"]) + (" (baseline)" if row["key"] == baseline else "")
+        acc_rows.append([name, _fmt(row["items"]), _pct(row["micro"]),
+                         f"<span class='{cls}'>{_signed(delta)}</span>", _pct(row["macro"]),
+                         _pct(row["shuffled_micro"]), _pct(row["choices_4"]), _pct(row["choices_7"]),
+                         *[_pct(row["by_set"].get(s)) for s in sets]])
+    scoring = sorted({str(r["scoring"]) for r in acc if r["scoring"]})
+    train = training_rows(data["lineage"], data["train"], data["manifests"], versions)
+    train_rows = [[html.escape(r["version"]), _fmt(r["examples"]), _fmt(r["tokens"]),
+                   _fmt(r["final_loss"], 4), _fmt(r["eval_loss"], 4), _fmt(r["steps"]),
+                   _fmt(r["train_seconds"], 1), f"<span class='l'>{html.escape(str(r['tokenizer'] or '–'))}</span>"]
+                  for r in train]
+    lineage = lineage_rows(data["lineage"], data["manifests"], versions)
+    lineage_html = []
+    for r in lineage:
+        sources = "<br>".join(f"{html.escape(name)}: <code>{html.escape(str(path))}</code> {_short(sha)}"
+                              for name, path, sha in r["sources"]) or "–"
+        lineage_html.append([html.escape(r["version"]), html.escape(r["parent"] or "– (base)"),
+                             f"{html.escape(str(r['base']))}<br><span class='note'>"
+                             f"{html.escape(str(r['base_revision']))}</span>",
+                             f"<code>{html.escape(str(r['mixture']))}</code><br>{_short(r['mixture_sha256'])}",
+                             _short(r["manifest_sha256"]), _short(r["adapter_sha256"]), sources])
+    sources, table = composition(data["manifests"], versions)
+    comp_rows = [[html.escape(v)] + [_fmt(table[v].get(s)) if s in table[v] else "" for s in sources]
+                 + [_fmt(sum(table[v].values()))] for v in versions]
+    figure = {name: f"<img src='{name}' alt='{name[:-4]}'>" for name in figures}
+    parts = [
+        "<!DOCTYPE html>",
+        "<html lang='en'><head><meta charset='utf-8'>",
+        "<title>KRX financial LLM — versions report</title>",
+        f"<style>{CSS}</style></head><body>",
+        "<h1>KRX financial LLM — versions report</h1>",
+        f"<p class='note'>Versions: {', '.join(html.escape(v) for v in versions)}; baseline "
+        f"<b>{html.escape(baseline)}</b> = the base model without adapter. Scoring: "
+        f"{html.escape(', '.join(scoring) or '–')}. Built by <code>dvc repro report</code> from "
+        "metrics/eval, metrics/train, data/mixtures/*.json and models/*/lineage.json.</p>",
+        "<h2 id='accuracy'>Accuracy against the baseline</h2>",
+        figure.get("accuracy.png", ""),
+        _table(["version", "items", "micro", "Δ micro vs baseline", "macro", "shuffled options",
+                "4-choice", "7-choice", *[html.escape(s) for s in sets]], acc_rows, "accuracy"),
+        "<h2 id='composition'>Data composition per version</h2>",
+        figure.get("composition.png", ""),
+        _table(["version", *[html.escape(s) for s in sources], "total tokens"], comp_rows, "composition"),
+        "<h2 id='training'>Training</h2>",
+        figure.get("loss.png", ""),
+        _table(["version", "examples", "tokens", "final loss", "dev loss", "steps", "seconds",
+                "tokenizer"], train_rows, "training"),
+        "<h2 id='lineage'>Lineage</h2>",
+        "<p class='note'>version → parent → base → mixture (sha256) → manifest → adapter → "
+        "source inputs (sha256 as recorded by mix). Full hashes on hover; "
+        "<code>python -m stages.lineage models/&lt;version&gt;</code> re-checks them.</p>",
+        _table(["version", "parent", "base model", "mixture", "manifest", "adapter", "sources"],
+               lineage_html, "lineage"),
+        "</body></html>",
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def report_metrics(data: dict[str, Any], figures: list[str]) -> dict[str, Any]:
+    rows = accuracy_rows(data["eval"], data["baseline"], data["versions"])
+    versions = [r for r in rows if r["key"] != data["baseline"] and r["micro"] is not None]
+    # ties go to the version listed first (params order): the earlier, simpler recipe
+    best = max(versions, key=lambda r: (r["micro"], -versions.index(r)), default=None)
+    return {"versions": len(data["versions"]), "figures": figures,
+            "baseline_micro": rows[0]["micro"],
+            "best_version": best["key"] if best else None,
+            "best_micro": best["micro"] if best else None,
+            "versions_above_baseline": sum(1 for r in versions if (r["delta"] or 0) > 0)}
+
+
+@stage_main
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--eval-dir", required=True)
+    parser.add_argument("--train-dir", required=True)
+    parser.add_argument("--mixtures-dir", required=True)
+    parser.add_argument("--models-dir", required=True)
+    parser.add_argument("--live-dir", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--metrics", required=True)
+    parser.add_argument("--log", required=True)
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    timer = Timer()
+    params: ReportParams = read_declared(PARAMS, path=args.params)["report"]
+    log = setup_logging(args.log, STAGE)
+
+    data = load_inputs(params, args.eval_dir, args.train_dir, args.mixtures_dir,
+                       args.models_dir, args.live_dir)
+    with atomic_dir(args.out) as tmp:
+        figures = render_figures(data, Path(tmp), params.figure_dpi)
+        write_text(render_html(data, figures), Path(tmp) / "index.html")
+    metrics = {**report_metrics(data, figures), "seconds": timer.seconds}
+    write_metrics(args.metrics, metrics)
+    log.info("report for %d versions (baseline %s) -> %s/index.html (%.1fs)", len(params.versions),
+             params.baseline, args.out, timer.seconds)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,426 @@
+"""synthesize@<domain>: new multiple-choice questions -> data/generated/<domain>/synthesized.parquet.
+
+Contract:
+- inputs (``params.synthesize.<domain>.inputs``): parquet files; their mcq records are the
+  domain's existing questions (near-duplicate reference), their document records the chunks a
+  *grounded* domain (``rules``) writes from. A few-shot YAML file (``fewshot``).
+- plan: exactly ``target`` slots. Slot ``i`` gets topic ``topics[i % len(topics)]`` (topics
+  balanced to within one), an option count cycled over ``choice_counts`` (shifted every full
+  pass over the topics, so each topic meets every count), and in grounded mode the chunk
+  ``chunks[i % len(chunks)]`` (chunks sorted by id). A slot's request depends on ``i`` only, so
+  raising ``target`` adds requests for the new slots and leaves the cached ones alone.
+- rounds: every unfilled slot is asked (``sample_index`` = round); a draw is rejected (reject
+  record with the reason) when the LLM item fails, the option count is not the slot's, choices
+  are empty or repeated, the supporting quote (grounded) does not occur in the chunk after
+  whitespace removal, or the question is a near-duplicate (char n-gram Jaccard ≥ threshold) of
+  an existing or an already accepted question. Rejected slots are asked again next round, up
+  to ``max_rounds``; slots still empty then are the shortfall: logged and in the metrics
+  (``short``), never padded.
+- output: mcq records, slot order; the correct choice is moved to a position drawn from a
+  hash of the question's content (letters balanced, stable per question); ``id`` = content
+  hash; meta keeps topic, slot, draw, generator explanation and, grounded, ``chunk_id``,
+  ``doc_id``, ``page`` and the supporting quote. The key is verified later by ``solve``.
+- fails (exit 2) when the inputs are unusable (grounded without chunks, few-shot file
+  lacking an option count) or when more than ``max_reject_rate`` of the draws are rejected.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import re
+import string
+import unicodedata
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+import yaml
+from pydantic import BaseModel
+
+from stages.common.io import read_records, write_records
+from stages.common.llm import LLMClient, LLMParams, LLMRequest, Result
+from stages.common.params import SynthesizeParams, read_declared
+from stages.common.prompts import LETTERS, letter, letter_index, load_template
+from stages.common.runlog import (StageError, Timer, check_reject_rate, setup_logging,
+                                  stage_main, write_metrics)
+from stages.common.schema import SCHEMAS, reject, validate, validate_table
+from stages.common.text import content_id, normalize_text
+
+PARAMS = ("synthesize.{key}",)
+STAGE = "synthesize"
+TEMPLATES = ("synthesize_system.txt", "synthesize_user.txt", "synthesize_grounded_user.txt")
+
+Letter = Literal["A", "B", "C", "D", "E", "F", "G"]
+_CHOICE_PREFIX = re.compile(r"^\(?[A-Ga-g]\s*[.):]\s+")
+_NOT_WORD = re.compile(r"[\W_]+", re.UNICODE)
+
+
+# ------------------------------------------------------------------------ response models
+class GeneratedMCQ(BaseModel):
+    """What the generator returns for one slot."""
+    question: str
+    choices: list[str]
+    answer: Letter
+    explanation: str
+
+
+class GroundedMCQ(GeneratedMCQ):
+    """Grounded domains also quote the chunk sentence that supports the key."""
+    supporting_quote: str
+
+
+# ------------------------------------------------------------------------ planning
+@dataclass(frozen=True)
+class Slot:
+    index: int
+    topic: str
+    n_choices: int
+    chunk: Optional[dict[str, Any]] = None
+
+    @property
+    def item_id(self) -> str:
+        """The LLM item id (answers files, rejects, cache-miss lists)."""
+        return f"slot{self.index:05d}"
+
+
+def plan_slots(target: int, topics: Sequence[str], choice_counts: Sequence[int],
+               chunks: Sequence[dict[str, Any]] = ()) -> list[Slot]:
+    """Exactly ``target`` slots; slot ``i`` depends on ``i`` only (see module contract)."""
+    chunks = sorted(chunks, key=lambda c: c["id"])
+    slots = []
+    for i in range(target):
+        n = choice_counts[(i + i // len(topics)) % len(choice_counts)]
+        slots.append(Slot(i, topics[i % len(topics)], n, chunks[i % len(chunks)] if chunks else None))
+    return slots
+
+
+# ------------------------------------------------------------------------ few-shot examples
+@dataclass(frozen=True)
+class Example:
+    question: str
+    choices: tuple[str, ...]
+    answer: str
+    explanation: str
+    topic: str = ""
+    source_text: str = ""
+    supporting_quote: str = ""
+
+
+def load_fewshot(path: str | Path) -> list[Example]:
+    """``examples:`` list of {question, choices, answer (letter), explanation, topic?,
+    source_text?, supporting_quote?}; StageError naming the file when malformed."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        examples = [Example(question=e["question"], choices=tuple(e["choices"]),
+                            answer=e["answer"], explanation=e["explanation"],
+                            topic=e.get("topic", ""), source_text=e.get("source_text", ""),
+                            supporting_quote=e.get("supporting_quote", ""))
+                    for e in data["examples"]]
+    except FileNotFoundError:
+        raise StageError(f"few-shot file {path} does not exist (param fewshot)") from None
+    except (yaml.YAMLError, KeyError, TypeError) as exc:
+        raise StageError(f"few-shot file {path} is malformed: {exc!r}") from None
+    for e in examples:
+        if not 4 <= len(e.choices) <= 7 or letter_index(e.answer) >= len(e.choices):
+            raise StageError(f"few-shot file {path}: example {e.question[:30]!r} has "
+                             f"{len(e.choices)} choices / answer {e.answer}")
+    return examples
+
+
+def fewshot_for(examples: Sequence[Example], n_choices: int, count: int, offset: int) -> list[Example]:
+    """``count`` examples with exactly ``n_choices`` options, rotated by ``offset`` (slot)."""
+    matching = [e for e in examples if len(e.choices) == n_choices]
+    if not matching:
+        raise StageError(f"no few-shot example with {n_choices} choices")
+    return [matching[(offset + k) % len(matching)] for k in range(min(count, len(matching)))]
+
+
+def render_example(example: Example, grounded: bool) -> str:
+    """An example as the JSON answer the model should give (plus the chunk it came from)."""
+    answer: dict[str, Any] = {"question": example.question, "choices": list(example.choices),
+                              "answer": example.answer, "explanation": example.explanation}
+    head = ""
+    if grounded:
+        answer["supporting_quote"] = example.supporting_quote
+        head = f"[예시 근거 조문]\n{example.source_text}\n[예시 답]\n"
+    return head + json.dumps(answer, ensure_ascii=False, indent=2)
+
+
+def build_messages(slot: Slot, params: SynthesizeParams, examples: Sequence[Example],
+                   templates: dict[str, str]) -> list[dict[str, str]]:
+    shots = fewshot_for(examples, slot.n_choices, params.fewshot_per_prompt, slot.index)
+    values = {"domain_description": params.domain_description, "topic": slot.topic,
+              "n_choices": str(slot.n_choices),
+              "letters": ", ".join(LETTERS[:slot.n_choices]),
+              "fewshot": "\n\n".join(render_example(e, params.grounded) for e in shots),
+              "chunk": slot.chunk["text"] if slot.chunk else ""}
+    name = "synthesize_grounded_user.txt" if params.grounded else "synthesize_user.txt"
+    user = string.Template(templates[name]).substitute(values)
+    return [{"role": "system", "content": templates["synthesize_system.txt"].strip()},
+            {"role": "user", "content": user.strip()}]
+
+
+# ------------------------------------------------------------------------ checks
+def squeeze(text: str) -> str:
+    """NFC without any whitespace: PDF line breaks and Korean spacing never decide a match."""
+    return "".join(unicodedata.normalize("NFC", text).split())
+
+
+def quote_is_grounded(quote: str, chunk_text: str, min_chars: int) -> bool:
+    """The quote occurs in the chunk after whitespace removal and is long enough to mean it."""
+    q = squeeze(quote)
+    return len(q) >= min_chars and q in squeeze(chunk_text)
+
+
+def char_ngrams(text: str, n: int) -> frozenset[str]:
+    """Character n-grams of the text lower-cased without spaces/punctuation (Korean-aware:
+    syllables are characters, so no tokenizer is needed)."""
+    flat = _NOT_WORD.sub("", unicodedata.normalize("NFC", text).lower())
+    if len(flat) <= n:
+        return frozenset([flat]) if flat else frozenset()
+    return frozenset(flat[i:i + n] for i in range(len(flat) - n + 1))
+
+
+def mcq_text(question: str, choices: Sequence[str]) -> str:
+    """What near-duplicates are judged on: the stem plus the choices in a fixed order (a
+    stem like "다음 중 옳은 것은?" alone says nothing; choice order must not matter)."""
+    return question + "\n" + "\n".join(sorted(choices))
+
+
+class NearDuplicateIndex:
+    """Exact Jaccard over char n-gram sets, with an inverted index so a query only meets
+    the items it shares n-grams with. Deterministic: ties go to the earliest added."""
+
+    def __init__(self, n: int, threshold: float):
+        self.n, self.threshold = n, threshold
+        self._sets: list[frozenset[str]] = []
+        self._ids: list[str] = []
+        self._postings: dict[str, list[int]] = defaultdict(list)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def add(self, item_id: str, text: str) -> None:
+        grams = char_ngrams(text, self.n)
+        position = len(self._ids)
+        self._ids.append(item_id)
+        self._sets.append(grams)
+        for gram in grams:
+            self._postings[gram].append(position)
+
+    def nearest(self, text: str) -> tuple[Optional[str], float]:
+        """(id, Jaccard) of the most similar indexed item, (None, 0.0) when none shares a gram."""
+        grams = char_ngrams(text, self.n)
+        shared: Counter = Counter()
+        for gram in grams:
+            shared.update(self._postings.get(gram, ()))
+        best, best_score = None, 0.0
+        for position in sorted(shared):
+            inter = shared[position]
+            score = inter / (len(grams) + len(self._sets[position]) - inter)
+            if score > best_score:
+                best, best_score = position, score
+        return (self._ids[best] if best is not None else None), best_score
+
+    def duplicate_of(self, text: str) -> Optional[tuple[str, float]]:
+        item, score = self.nearest(text)
+        return (item, score) if item is not None and score >= self.threshold else None
+
+
+class CandidateError(Exception):
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def place_answer(question: str, choices: list[str], answer: int) -> tuple[list[str], int]:
+    """Move the correct choice to a position drawn from a hash of the content (not of the
+    generator's letter: models favour some letters), keeping the other choices' order."""
+    seed = int(content_id("answer-position", question, sorted(choices)), 16)
+    target = random.Random(seed).randrange(len(choices))
+    rest = [c for i, c in enumerate(choices) if i != answer]
+    placed = rest[:target] + [choices[answer]] + rest[target:]
+    return placed, target
+
+
+def to_record(parsed: GeneratedMCQ, slot: Slot, key: str, sample_index: int,
+              min_quote_chars: int) -> dict[str, Any]:
+    """A validated draw -> an mcq record; CandidateError with the reject reason otherwise."""
+    question = normalize_text(parsed.question)
+    choices = [normalize_text(_CHOICE_PREFIX.sub("", normalize_text(c))) for c in parsed.choices]
+    if not question:
+        raise CandidateError("empty_question")
+    if len(choices) != slot.n_choices:
+        raise CandidateError("wrong_choice_count", f"asked {slot.n_choices}, got {len(choices)}")
+    if any(not c for c in choices):
+        raise CandidateError("empty_choice")
+    if len(set(choices)) != len(choices):
+        raise CandidateError("duplicate_choices")
+    answer = letter_index(parsed.answer)
+    if answer >= len(choices):
+        raise CandidateError("answer_out_of_range", f"answer {parsed.answer} with {len(choices)} choices")
+    meta: dict[str, Any] = {"topic": slot.topic, "slot": slot.index, "sample_index": sample_index,
+                            "generator_answer": parsed.answer,
+                            "explanation": normalize_text(parsed.explanation)}
+    if slot.chunk is not None:
+        quote = normalize_text(getattr(parsed, "supporting_quote", ""))
+        if not quote_is_grounded(quote, slot.chunk["text"], min_quote_chars):
+            raise CandidateError("ungrounded", f"supporting quote not found in chunk "
+                                               f"{slot.chunk['id']}: {quote[:80]!r}")
+        meta.update(chunk_id=slot.chunk["id"], doc_id=slot.chunk.get("doc_id", ""),
+                    page=slot.chunk.get("page", 0), supporting_quote=quote)
+    choices, answer = place_answer(question, choices, answer)
+    record = {"id": content_id("mcq", question, choices, answer), "source": f"{STAGE}_{key}",
+              "domain": key, "split": "train", "question": question, "choices": choices,
+              "answer": answer, "category": slot.topic,
+              "meta": json.dumps(meta, ensure_ascii=False, sort_keys=True)}
+    problems = validate("mcq", record)
+    if problems:
+        raise CandidateError("invalid_record", "; ".join(problems))
+    return record
+
+
+# ------------------------------------------------------------------------ the rounds
+@dataclass
+class Synthesis:
+    records: list[dict[str, Any]]
+    rejects: list[dict[str, str]]
+    short: int
+    rounds: int
+    draws: int
+    reasons: Counter = field(default_factory=Counter)
+
+
+async def synthesize(slots: Sequence[Slot], llm: LLMClient, *, key: str, params: SynthesizeParams,
+                     examples: Sequence[Example], templates: dict[str, str],
+                     index: NearDuplicateIndex, log: Any = None) -> Synthesis:
+    """Fill ``slots`` over at most ``params.max_rounds`` rounds (module contract).
+
+    ``index`` holds the existing questions; accepted ones are added to it as they come
+    (in slot order within a round, so the outcome does not depend on response timing).
+    """
+    model = GroundedMCQ if params.grounded else GeneratedMCQ
+    messages = {s.index: build_messages(s, params, examples, templates) for s in slots}
+    accepted: dict[int, dict[str, Any]] = {}
+    rejects: list[dict[str, str]] = []
+    reasons: Counter = Counter()
+    pending, rounds, draws = list(slots), 0, 0
+    for round_index in range(params.max_rounds):
+        if not pending:
+            break
+        rounds += 1
+        requests = [LLMRequest(messages[s.index], model, s.item_id, sample_index=round_index)
+                    for s in pending]
+        results: list[Result] = await llm.run_many(requests, desc=f"synthesize@{key} round {round_index}")
+        still = []
+        for slot, result in zip(pending, results):
+            draws += 1
+            try:
+                if not result.ok:
+                    raise CandidateError(result.error or "llm_error", result.detail)
+                record = to_record(result.parsed, slot, key, round_index, params.min_quote_chars)
+                text = mcq_text(record["question"], record["choices"])
+                dup = index.duplicate_of(text)
+                if dup is not None:
+                    raise CandidateError("near_duplicate", f"Jaccard {dup[1]:.2f} with {dup[0]}")
+            except CandidateError as exc:
+                reasons[exc.reason] += 1
+                rejects.append(reject(STAGE, key, f"{slot.item_id}#{round_index}", exc.reason,
+                                      exc.detail, result.raw))
+                if log:
+                    log.info("slot %s draw %d rejected: %s %s", slot.item_id, round_index,
+                             exc.reason, exc.detail)
+                still.append(slot)
+                continue
+            index.add(record["id"], text)
+            accepted[slot.index] = record
+        pending = still
+    records = [accepted[s.index] for s in slots if s.index in accepted]
+    return Synthesis(records, rejects, len(pending), rounds, draws, reasons)
+
+
+# ------------------------------------------------------------------------ I/O
+def read_inputs(paths: Sequence[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(existing mcq records, document chunks) from the input parquet files (each read once)."""
+    questions: list[dict[str, Any]] = []
+    chunks: list[dict[str, Any]] = []
+    for path in dict.fromkeys(paths):
+        if not Path(path).is_file():
+            raise StageError(f"input {path} does not exist (params synthesize.<domain>.inputs)")
+        records = read_records(path)
+        if not records:
+            continue
+        columns = set(records[0])
+        kind = next((k for k in ("mcq", "document") if columns == set(SCHEMAS[k].names)), None)
+        if kind is None:
+            raise StageError(f"input {path} holds neither mcq nor document records")
+        validate_table(kind, records)
+        (questions if kind == "mcq" else chunks).extend(records)
+    return questions, chunks
+
+
+@stage_main
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("domain")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--rejects", required=True)
+    parser.add_argument("--metrics", required=True)
+    parser.add_argument("--log", required=True)
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    key = args.domain
+    timer = Timer()
+    params: SynthesizeParams = read_declared(PARAMS, key, path=args.params)["synthesize.{key}"]
+    llm_params = LLMParams.model_validate(params.llm)
+    log = setup_logging(args.log, f"synthesize@{key}")
+
+    existing, chunks = read_inputs([params.inputs.filtered, params.inputs.transformed])
+    if params.grounded and not chunks:
+        raise StageError(f"synthesize@{key}: grounded, but no document chunks in "
+                         f"{params.inputs.filtered}")
+    examples = load_fewshot(params.fewshot)
+    for n in sorted(set(params.choice_counts)):
+        fewshot_for(examples, n, 1, 0)  # fail now, naming the missing option count
+    templates = {name: load_template(name) for name in TEMPLATES}
+    index = NearDuplicateIndex(params.ngram, params.near_duplicate_threshold)
+    for record in sorted(existing, key=lambda r: r["id"]):
+        index.add(record["id"], mcq_text(record["question"], record["choices"]))
+    slots = plan_slots(params.target, params.topics, params.choice_counts,
+                       chunks if params.grounded else ())
+
+    async def run() -> tuple[Synthesis, dict[str, Any]]:
+        async with LLMClient(llm_params, logger=log) as llm:
+            outcome = await synthesize(slots, llm, key=key, params=params, examples=examples,
+                                       templates=templates, index=index, log=log)
+            return outcome, llm.accounting.as_metrics()
+    outcome, accounting = asyncio.run(run())
+
+    write_records(outcome.rejects, SCHEMAS["reject"], args.rejects)
+    check_reject_rate(len(outcome.rejects), outcome.draws, params.max_reject_rate,
+                      f"synthesize@{key}")
+    validate_table("mcq", outcome.records)
+    write_records(outcome.records, SCHEMAS["mcq"], args.out)
+    if outcome.short:
+        log.warning("synthesize@%s: %d of %d questions short after %d rounds (not padded)",
+                    key, outcome.short, params.target, outcome.rounds)
+    metrics = {"target": params.target, "records": len(outcome.records), "short": outcome.short,
+               "rounds": outcome.rounds, "draws": outcome.draws, "rejected": len(outcome.rejects),
+               "rejects_by_reason": dict(sorted(outcome.reasons.items())),
+               "existing_questions": len(existing), "chunks": len(chunks),
+               "topics": dict(sorted(Counter(r["category"] for r in outcome.records).items())),
+               "choice_counts": {str(n): c for n, c in sorted(
+                   Counter(len(r["choices"]) for r in outcome.records).items())},
+               "answer_letters": dict(sorted(Counter(letter(r["answer"]) for r in outcome.records).items())),
+               "llm": accounting, "seconds": timer.seconds}
+    write_metrics(args.metrics, metrics)
+    log.info("%d of %d questions (%d short) in %d rounds, %d draws rejected -> %s (%.1fs)",
+             len(outcome.records), params.target, outcome.short, outcome.rounds,
+             len(outcome.rejects), args.out, timer.seconds)
+
+
+if __name__ == "__main__":
+    main()

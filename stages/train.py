@@ -1,0 +1,551 @@
+"""train@<version>: LoRA SFT of one model version -> models/<version>/ (QLoRA by default).
+
+Contract:
+- inputs: the mixture ``data/mixtures/<version>.parquet`` (trl conversational prompt-completion
+  examples, ``split`` train/dev) and its manifest ``<version>.json``; the base model directory
+  ``models/base/`` (tokenizer + ``base.json`` naming the weights); ``--init-from``: the base
+  (root versions) or the parent version's ``models/<parent>/`` adapter (v3 <- v1, v5_2 <- v5_1,
+  v5_3 <- v5_2), loaded with ``is_trainable=True``.
+- params: ``train.<version>`` merged onto ``train_defaults`` (stages.common.params.resolve_train);
+  ``quant``/``lora``/``sft`` map one-to-one onto BitsAndBytesConfig / LoraConfig / SFTConfig.
+- training: trl SFTTrainer, loss on the completion only (the eos ``<|im_end|>`` closing the
+  answer is part of the completion, pad ``<|endoftext|>`` is not), the tokenizer and chat
+  template of ``models/base`` (the ones evaluation uses), non-reentrant gradient checkpointing.
+  More than one process: the stage relaunches itself under ``accelerate launch``.
+- outputs: ``models/<version>/`` (adapter, tokenizer, training_config.json, lineage.json,
+  README.md model card), ``metrics/train/<version>.json``, dvclive loss curves under
+  ``--live-dir``, rejects, and resumable checkpoints under ``--checkpoints`` (a persistent DVC
+  out: an interrupted run resumes from its last complete checkpoint when the fingerprint of
+  its inputs and params is unchanged; otherwise it starts afresh).
+- rejects: examples that fail the example schema, have a split other than train/dev, or whose
+  prompt alone fills ``max_length`` (no answer token would be trained).
+- fails (exit 2, one line): missing base/parent/mixture, 4-bit or adamw_8bit without a usable
+  bitsandbytes, an adapter that does not match the LoRA params, no trainable parameters,
+  a reject rate above ``max_reject_rate``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from stages.common.io import atomic_dir, dumps_json, read_records, write_json, write_records, write_text
+from stages.common.params import TrainParams, resolve_train, read_declared
+from stages.common.runlog import (StageError, Timer, check_reject_rate, setup_logging, stage_main,
+                                  write_metrics)
+from stages.common.schema import SCHEMAS, reject, validate
+
+PARAMS = ("train.{key}", "train_defaults")
+STAGE = "train"
+RUN_FILE = "run.json"          # fingerprint of the run the checkpoints belong to
+COMPLETE_MARKER = "COMPLETE"   # written after a checkpoint is fully saved
+ADAPTER_FILE = "adapter_model.safetensors"
+LAUNCHED_ENV = "KRX_TRAIN_LAUNCHED"  # set for the processes `accelerate launch` starts
+SPLITS = ("train", "dev")
+
+
+# ------------------------------------------------------------------------ small helpers
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def read_base_info(base_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(base_dir) / "base.json"
+    if not path.is_file():
+        raise StageError(f"train: base model directory {base_dir} has no base.json "
+                         "(run the base_model stage first)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+# ------------------------------------------------------------------------ examples
+def split_examples(records: list[dict[str, Any]], version: str
+                   ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, str]]]:
+    """Mixture records -> (train rows, dev rows, rejects). A row is ``{"id", "prompt",
+    "completion"}`` with chat messages, ready for trl's conversational prompt-completion path."""
+    train, dev, rejects = [], [], []
+    example_fields = SCHEMAS["example"].names
+    for record in records:
+        item = str(record.get("id", ""))
+        split = record.get("split", "train")
+        problems = validate("example", {k: record.get(k) for k in example_fields})
+        if problems:
+            rejects.append(reject(STAGE, version, item, "invalid_example", "; ".join(problems), record))
+            continue
+        if split not in SPLITS:
+            rejects.append(reject(STAGE, version, item, "bad_split", f"split {split!r} not in {SPLITS}"))
+            continue
+        row = {"id": record["id"],
+               "prompt": [{"role": m["role"], "content": m["content"]} for m in record["prompt"]],
+               "completion": [{"role": m["role"], "content": m["content"]} for m in record["completion"]]}
+        (train if split == "train" else dev).append(row)
+    return train, dev, rejects
+
+
+def _ids(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                        add_generation_prompt=generation_prompt)
+    return list(out["input_ids"])
+
+
+def measure_examples(tokenizer: Any, rows: list[dict[str, Any]], max_length: int, version: str
+                     ) -> tuple[list[dict[str, Any]], list[dict[str, str]], Counter]:
+    """Token accounting with the training chat template, the way trl tokenizes
+    (prompt + generation prompt, then prompt + completion). Returns (kept rows, rejects,
+    counts: ``tokens`` (after truncation to max_length), ``completion_tokens``, ``truncated``)."""
+    kept, rejects, counts = [], [], Counter()
+    for row in rows:
+        prompt_len = len(_ids(tokenizer, row["prompt"], True))
+        total = len(_ids(tokenizer, row["prompt"] + row["completion"], False))
+        if prompt_len >= max_length:
+            rejects.append(reject(STAGE, version, row["id"], "prompt_too_long",
+                                  f"prompt is {prompt_len} tokens >= max_length {max_length}"))
+            continue
+        kept.append(row)
+        counts["tokens"] += min(total, max_length)
+        counts["completion_tokens"] += min(total, max_length) - prompt_len
+        counts["truncated"] += total > max_length
+    return kept, rejects, counts
+
+
+# ------------------------------------------------------------------------ checkpoints / resume
+def run_fingerprint(params: TrainParams, inputs: dict[str, str]) -> str:
+    """What a checkpoint must share with this run to be resumed: the params and input hashes."""
+    payload = {"params": params.model_dump(), "inputs": inputs, "world_size": world_size()}
+    return hashlib.sha256(dumps_json(payload).encode("utf-8")).hexdigest()
+
+
+def find_resume_checkpoint(checkpoint_dir: str | os.PathLike, fingerprint: str) -> Path | None:
+    """The last complete ``checkpoint-N`` of an interrupted run with the same fingerprint.
+
+    A checkpoint counts only with its COMPLETE marker (written after the save returned), so a
+    run killed mid-save resumes from the one before."""
+    root = Path(checkpoint_dir)
+    run_file = root / RUN_FILE
+    if not run_file.is_file():
+        return None
+    run = json.loads(run_file.read_text(encoding="utf-8"))
+    if run.get("fingerprint") != fingerprint or run.get("complete"):
+        return None
+    complete = [p for p in root.glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file()
+                and p.name.split("-", 1)[1].isdigit()]
+    return max(complete, key=lambda p: int(p.name.split("-", 1)[1]), default=None)
+
+
+def reset_checkpoint_dir(checkpoint_dir: str | os.PathLike, fingerprint: str) -> None:
+    root = Path(checkpoint_dir)
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    write_json({"fingerprint": fingerprint, "complete": False}, root / RUN_FILE)
+
+
+def finish_checkpoint_dir(checkpoint_dir: str | os.PathLike, fingerprint: str) -> None:
+    """The adapter is in models/<version>/ now: drop the checkpoints, keep the run record (the
+    directory is a declared out, so it must exist)."""
+    root = Path(checkpoint_dir)
+    for path in root.glob("checkpoint-*"):
+        shutil.rmtree(path)
+    write_json({"fingerprint": fingerprint, "complete": True}, root / RUN_FILE)
+
+
+# ------------------------------------------------------------------------ model
+def check_bitsandbytes(params: TrainParams, cuda: bool, key: str) -> None:
+    """Clear errors instead of a deep traceback when 4-bit or adamw_8bit cannot run here."""
+    needs = [name for name, used in (("quant.load_in_4bit", params.quant.load_in_4bit),
+                                     (f"sft.optim={params.sft.optim}", "8bit" in params.sft.optim))
+             if used]
+    if not needs:
+        return
+    try:
+        import bitsandbytes
+    except Exception as exc:  # noqa: BLE001 - import errors of native libs vary
+        raise StageError(f"train.{key}: {', '.join(needs)} needs bitsandbytes, which cannot be "
+                         f"imported ({exc}); install bitsandbytes>=0.50 or set "
+                         "quant.load_in_4bit: false / sft.optim: adamw_torch") from None
+    from packaging.version import Version
+    if not cuda and Version(bitsandbytes.__version__) < Version("0.50"):
+        raise StageError(f"train.{key}: {', '.join(needs)} on CPU needs bitsandbytes>=0.50 "
+                         f"(installed {bitsandbytes.__version__})")
+
+
+def load_base_model(base_dir: str, info: dict[str, Any], params: TrainParams, key: str) -> Any:
+    """The base weights (4-bit NF4 when ``quant.load_in_4bit``), from base.json's model."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    cuda = torch.cuda.is_available()
+    check_bitsandbytes(params, cuda, key)
+    weights = base_dir if info.get("built") else info["model"]
+    revision = None if info.get("built") else (info.get("resolved_revision") or info.get("revision"))
+    if os.path.isabs(weights) or weights.startswith(("./", "../", "models/")):
+        if not os.path.isdir(weights):
+            raise StageError(f"train.{key}: base weights {weights} (from {base_dir}/base.json) do not exist")
+        revision = None
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if params.sft.bf16 else torch.float32}
+    if params.quant.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(**params.quant.model_dump())
+    if cuda:
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    try:
+        return AutoModelForCausalLM.from_pretrained(weights, revision=revision, **kwargs)
+    except OSError as exc:
+        raise StageError(f"train.{key}: cannot load base weights {weights!r} (revision {revision}): "
+                         f"{str(exc).splitlines()[0]}") from None
+
+
+def attach_adapter(model: Any, params: TrainParams, init_from: str, key: str) -> Any:
+    """A PeftModel to train: a fresh LoRA (root version) or the parent's adapter, trainable."""
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    # casts norms to fp32 for 4-bit stability, makes inputs require grad for checkpointing
+    model = prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=params.sft.gradient_checkpointing,
+        gradient_checkpointing_kwargs=dict(params.sft.gradient_checkpointing_kwargs))
+    if params.parent is None:
+        peft_model = get_peft_model(model, LoraConfig(**params.lora.model_dump()))
+    else:
+        config_path = Path(init_from) / "adapter_config.json"
+        if not config_path.is_file():
+            raise StageError(f"train.{key}.init_from: {init_from} has no adapter "
+                             f"(train@{params.parent} must run first)")
+        parent = json.loads(config_path.read_text(encoding="utf-8"))
+        mismatched = [f for f in ("r", "lora_alpha") if parent.get(f) != getattr(params.lora, f)]
+        if sorted(parent.get("target_modules") or []) != sorted(params.lora.target_modules):
+            mismatched.append("target_modules")
+        if mismatched:
+            raise StageError(f"train.{key}.lora: {mismatched} differ from the parent adapter in "
+                             f"{init_from} (a continued version keeps its parent's LoRA shape)")
+        peft_model = PeftModel.from_pretrained(model, init_from, is_trainable=True)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    if trainable <= 0:
+        raise StageError(f"train.{key}: the adapter from {init_from} has no trainable parameters")
+    return peft_model
+
+
+class CheckpointMarker:
+    """Marks a checkpoint complete once the Trainer has finished saving it (for resume)."""
+
+    def __new__(cls):  # a TrainerCallback subclass built lazily: transformers is imported late
+        from transformers import TrainerCallback
+
+        class _Marker(TrainerCallback):
+            def on_save(self, args, state, control, **kwargs):
+                if state.is_world_process_zero:
+                    folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                    if folder.is_dir():
+                        (folder / COMPLETE_MARKER).write_text("", encoding="utf-8")
+        return _Marker()
+
+
+def live_callback(live_dir: str, resume: bool) -> Any:
+    """dvclive logging with the global step as x (a resumed run continues its curve); dvclive
+    writes no dvc.yaml of its own and makes no experiment: plots are declared in dvc.yaml."""
+    from dvclive import Live
+    from transformers.integrations import DVCLiveCallback
+
+    class _StepLive(DVCLiveCallback):
+        def on_log(self, args, state, control, model=None, logs=None, **kwargs):
+            if self.live is not None:
+                self.live.step = state.global_step
+            logs = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
+            super().on_log(args, state, control, model=model, logs=logs, **kwargs)
+
+    if not resume and Path(live_dir).exists():
+        shutil.rmtree(live_dir)
+    live = Live(dir=live_dir, dvcyaml=None, save_dvc_exp=False, report=None, resume=resume,
+                monitor_system=False)
+    return _StepLive(live=live)
+
+
+def build_trainer(model: Any, tokenizer: Any, train_rows: list[dict[str, Any]],
+                  dev_rows: list[dict[str, Any]], params: TrainParams, output_dir: str,
+                  callbacks: list[Any] | None = None) -> Any:
+    """trl SFTTrainer over the rows; ``params.sft`` maps one-to-one onto SFTConfig."""
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    sft = params.sft.model_dump()
+    if not dev_rows:
+        sft["eval_strategy"] = "no"
+    config = SFTConfig(output_dir=output_dir, report_to="none", save_strategy="steps",
+                       use_cpu=not torch.cuda.is_available(),
+                       include_num_input_tokens_seen="non_padding", disable_tqdm=True,
+                       **sft)
+    columns = lambda rows: [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]  # noqa: E731
+    return SFTTrainer(
+        model=model, args=config, processing_class=tokenizer,
+        train_dataset=Dataset.from_list(columns(train_rows)),
+        eval_dataset=Dataset.from_list(columns(dev_rows)) if dev_rows else None,
+        callbacks=callbacks or [])
+
+
+def peak_memory_mb() -> tuple[float, str]:
+    import torch
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1), "cuda_max_allocated"
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "process_max_rss"
+
+
+# ------------------------------------------------------------------------ what a version leaves
+def model_card(lineage: dict[str, Any]) -> str:
+    """README.md for people: the same facts as lineage.json."""
+    base, p = lineage["base_model"], lineage["params"]
+    parent = lineage["parent"]
+    lines = [
+        "---", "library_name: peft", f"base_model: {base['model']}",
+        "tags: [lora, qlora, sft, trl, krx, finance, korean]", "---", "",
+        f"# KRX financial LLM — {lineage['version']}", "",
+        f"LoRA adapter for `{base['model']}` (revision `{base.get('resolved_revision') or base['revision']}`), "
+        "trained with trl SFT on prompt → answer pairs, loss on the answers only.", "",
+        "## Lineage", "",
+        "| | |", "|---|---|",
+        f"| base model | `{base['model']}` @ `{base['revision']}` |",
+        f"| continues from | {'`' + parent['version'] + '` (adapter sha256 `' + parent['adapter_sha256'][:16] + '…`)' if parent else 'the base model (new adapter)'} |",
+        f"| mixture | `{lineage['mixture']['path']}` (sha256 `{lineage['mixture']['sha256'][:16]}…`) |",
+        f"| mixture manifest | `{lineage['mixture']['manifest']}` (sha256 `{lineage['mixture']['manifest_sha256'][:16]}…`) |",
+        f"| adapter sha256 | `{lineage['adapter_sha256']}` |", "",
+        "## Training", "",
+        "| setting | value |", "|---|---|",
+        f"| quantization | {'4-bit ' + p['quant']['bnb_4bit_quant_type'] + (' + double quant' if p['quant']['bnb_4bit_use_double_quant'] else '') + ', compute ' + p['quant']['bnb_4bit_compute_dtype'] if p['quant']['load_in_4bit'] else 'none'} |",
+        f"| LoRA | r={p['lora']['r']}, alpha={p['lora']['lora_alpha']}, dropout={p['lora']['lora_dropout']}, targets {', '.join(p['lora']['target_modules'])} |",
+        f"| optimizer | {p['sft']['optim']}, lr {p['sft']['learning_rate']}, {p['sft']['lr_scheduler_type']}, warmup {p['sft']['warmup_steps']} |",
+        f"| batch | {p['sft']['per_device_train_batch_size']} × {p['sft']['gradient_accumulation_steps']} accumulation × {lineage['processes']} process(es) |",
+        f"| max length | {p['sft']['max_length']} |",
+        f"| epochs / max steps | {p['sft']['num_train_epochs']} / {p['sft']['max_steps']} |",
+        f"| seed | {p['sft']['seed']} |", "",
+        "## Results", "",
+        "| | |", "|---|---|",
+        f"| final training loss | {lineage['final_loss']:.4f} |",
+        f"| eval loss (dev split) | {lineage['eval_loss'] if lineage['eval_loss'] is None else round(lineage['eval_loss'], 4)} |",
+        f"| steps | {lineage['steps']} |",
+        f"| training time | {lineage['train_seconds']:.1f} s |",
+        f"| tokens seen | {lineage['tokens_seen']} |",
+        f"| dataset size | {lineage['dataset_tokens']} tokens ({lineage['completion_tokens']} in answers), "
+        f"{lineage['examples']['train']} train / {lineage['examples']['dev']} dev examples; "
+        f"tokenizer: {lineage['tokenizer']} |", "",
+        "## Use", "", "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f"base = AutoModelForCausalLM.from_pretrained(\"{base['model']}\")",
+        f"model = PeftModel.from_pretrained(base, \"models/{lineage['version']}\")",
+        f"tokenizer = AutoTokenizer.from_pretrained(\"models/{lineage['version']}\")  # Qwen2 chat template",
+        "```", "",
+    ]
+    return "\n".join(lines)
+
+
+def write_version(out_dir: str, peft_model: Any, tokenizer: Any, lineage_wo_adapter: dict[str, Any],
+                  training_config: dict[str, Any]) -> dict[str, Any]:
+    """models/<version>/ written whole (atomic dir). Returns the final lineage."""
+    with atomic_dir(out_dir) as tmp:
+        peft_model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        lineage = dict(lineage_wo_adapter, adapter_sha256=sha256_file(Path(tmp) / ADAPTER_FILE))
+        write_json(training_config, Path(tmp) / "training_config.json")
+        write_json(lineage, Path(tmp) / "lineage.json")
+        write_text(model_card(lineage), Path(tmp) / "README.md")
+    return lineage
+
+
+# ------------------------------------------------------------------------ the run
+def relaunch(argv: list[str], params: TrainParams, key: str) -> None:
+    """Run this stage again under ``accelerate launch`` with ``params.processes`` processes."""
+    if not Path(params.accelerate_config).is_file():
+        raise StageError(f"train.{key}.accelerate_config: {params.accelerate_config} does not exist")
+    with socket.socket() as probe:  # a free port: parallel runs must not share a rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           params.accelerate_config, "--num_processes", str(params.processes),
+           "--main_process_port", str(port), "-m", "stages.train", *argv]
+    done = subprocess.run(cmd, env=dict(os.environ, **{LAUNCHED_ENV: "1"}))
+    if done.returncode != 0:
+        raise StageError(f"train@{key}: accelerate launch with {params.processes} processes "
+                         f"exited {done.returncode}")
+
+
+def train_version(key: str, params: TrainParams, args: argparse.Namespace, log: Any) -> dict[str, Any]:
+    """The whole run for one version; returns the metrics. Rank 0 writes every output."""
+    import torch
+    from accelerate import PartialState
+    from transformers import AutoTokenizer, set_seed
+
+    timer = Timer()
+    main_process = is_main_process()
+    for path, what in ((args.mixture, "mixture"), (args.manifest, "mixture manifest")):
+        if not Path(path).is_file():
+            raise StageError(f"train@{key}: {what} {path} does not exist (run mix@{key} first)")
+    base_info = read_base_info(args.base)
+    tokenizer = AutoTokenizer.from_pretrained(args.base)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise StageError(f"train@{key}: tokenizer in {args.base} has pad == eos; "
+                         "the eos token would be masked out of the loss")
+
+    train_rows, dev_rows, rejects = split_examples(read_records(args.mixture), key)
+    train_rows, too_long, train_counts = measure_examples(tokenizer, train_rows, params.sft.max_length, key)
+    dev_rows, dev_too_long, _ = measure_examples(tokenizer, dev_rows, params.sft.max_length, key)
+    rejects += too_long + dev_too_long
+    total = len(train_rows) + len(dev_rows) + len(rejects)
+    if main_process:
+        write_records(rejects, SCHEMAS["reject"], args.rejects)
+    check_reject_rate(len(rejects), total, params.max_reject_rate, f"train@{key}")
+    if not train_rows:
+        raise StageError(f"train@{key}: no training examples in {args.mixture}")
+
+    parent_sha = None
+    if params.parent is not None:
+        adapter = Path(args.init_from) / ADAPTER_FILE
+        if not adapter.is_file():
+            raise StageError(f"train.{key}.init_from: {args.init_from} has no {ADAPTER_FILE} "
+                             f"(train@{params.parent} must run first)")
+        parent_sha = sha256_file(adapter)
+    inputs = {"mixture": sha256_file(args.mixture), "manifest": sha256_file(args.manifest),
+              "base": sha256_file(Path(args.base) / "base.json"), "parent_adapter": parent_sha or ""}
+    fingerprint = run_fingerprint(params, inputs)
+    resume_from = find_resume_checkpoint(args.checkpoints, fingerprint) if params.resume else None
+    state = PartialState()  # joins the process group under accelerate; a no-op otherwise
+    state.wait_for_everyone()  # every rank decided on resume_from before rank 0 cleans
+    if main_process and resume_from is None:
+        reset_checkpoint_dir(args.checkpoints, fingerprint)
+    state.wait_for_everyone()
+    if resume_from is not None:
+        log.info("resuming from %s", resume_from)
+
+    set_seed(params.sft.seed)
+    model = load_base_model(args.base, base_info, params, key)
+    peft_model = attach_adapter(model, params, args.init_from, key)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    callbacks = [CheckpointMarker()]
+    if main_process:
+        callbacks.append(live_callback(args.live_dir, resume=resume_from is not None))
+    trainer = build_trainer(peft_model, tokenizer, train_rows, dev_rows, params, args.checkpoints,
+                            callbacks)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    eval_loss = trainer.evaluate()["eval_loss"] if dev_rows else None
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    final_loss = float(losses[-1]) if losses else float(result.training_loss)
+    runtime = float(result.metrics.get("train_runtime", timer.seconds))
+    tokens_seen = int(trainer.state.num_input_tokens_seen)
+    peak, peak_kind = peak_memory_mb()
+    state.wait_for_everyone()
+    if not main_process:
+        return {}
+
+    lineage = {
+        "version": key,
+        "base_model": {"model": base_info["model"], "revision": base_info.get("revision"),
+                       "resolved_revision": base_info.get("resolved_revision"),
+                       "built": bool(base_info.get("built")), "path": args.base,
+                       "base_json_sha256": inputs["base"]},
+        "parent": ({"version": params.parent, "path": args.init_from, "adapter_sha256": parent_sha}
+                   if params.parent else None),
+        "mixture": {"path": args.mixture, "sha256": inputs["mixture"], "manifest": args.manifest,
+                    "manifest_sha256": inputs["manifest"]},
+        "params": params.model_dump(),
+        "processes": world_size(),
+        "train_seconds": round(runtime, 3),
+        "tokens_seen": tokens_seen,
+        "dataset_tokens": train_counts["tokens"],
+        "completion_tokens": train_counts["completion_tokens"],
+        "tokenizer": base_info.get("tokenizer", base_info["model"]),
+        "final_loss": final_loss,
+        "mean_train_loss": float(result.training_loss),
+        "eval_loss": None if eval_loss is None else float(eval_loss),
+        "steps": int(trainer.state.global_step),
+        "examples": {"train": len(train_rows), "dev": len(dev_rows), "rejected": len(rejects)},
+        "resumed_from": resume_from.name if resume_from else None,
+    }
+    training_config = {"version": key, "init_from": args.init_from, "resolved_params": params.model_dump(),
+                       "sft_config": {k: v for k, v in trainer.args.to_dict().items()
+                                      if isinstance(v, (str, int, float, bool, list, dict, type(None)))}}
+    lineage = write_version(args.out, trainer.model, tokenizer, lineage, training_config)
+    finish_checkpoint_dir(args.checkpoints, fingerprint)
+    log.info("train@%s: %d steps, final loss %.4f, %d tokens seen in %.1fs -> %s", key,
+             lineage["steps"], final_loss, tokens_seen, runtime, args.out)
+    return {
+        "final_loss": final_loss, "mean_train_loss": lineage["mean_train_loss"],
+        "eval_loss": lineage["eval_loss"], "steps": lineage["steps"],
+        "train_seconds": lineage["train_seconds"],
+        "tokens_seen": tokens_seen,
+        "tokens_per_second": round(tokens_seen / runtime, 1) if runtime > 0 else None,
+        "peak_memory_mb": peak, "peak_memory_kind": peak_kind,
+        "dataset_tokens": train_counts["tokens"], "completion_tokens": train_counts["completion_tokens"],
+        "truncated_examples": train_counts["truncated"],
+        "tokenizer": lineage["tokenizer"], "trainable_parameters": trainable,
+        "examples_train": len(train_rows), "examples_dev": len(dev_rows), "rejected": len(rejects),
+        "processes": world_size(), "resumed_from": lineage["resumed_from"],
+        "adapter_sha256": lineage["adapter_sha256"], "seconds": timer.seconds,
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("version")
+    parser.add_argument("--mixture", required=True)
+    parser.add_argument("--manifest", required=True)
+    parser.add_argument("--base", required=True, help="models/base")
+    parser.add_argument("--init-from", required=True, help="models/base or models/<parent>")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--checkpoints", required=True)
+    parser.add_argument("--live-dir", required=True)
+    parser.add_argument("--rejects", required=True)
+    parser.add_argument("--metrics", required=True)
+    parser.add_argument("--log", required=True)
+    parser.add_argument("--params", default="params.yaml")
+    return parser.parse_args(argv)
+
+
+@stage_main
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    key = args.version
+    raw = read_declared(PARAMS, key, path=args.params)
+    if raw["train_defaults"] is None:
+        raise StageError(f"{args.params} has no train_defaults section")
+    params = resolve_train(raw["train_defaults"], raw["train.{key}"])
+    if os.path.normpath(args.init_from) != os.path.normpath(params.init_from):
+        raise StageError(f"train@{key}: --init-from {args.init_from} != train.{key}.init_from "
+                         f"{params.init_from}")
+    if params.processes > 1 and world_size() == 1:
+        if os.environ.get(LAUNCHED_ENV):  # never relaunch from a launched child
+            raise StageError(f"train.{key}.accelerate_config: {params.accelerate_config} started "
+                             "single processes (no WORLD_SIZE); use a config whose launcher starts "
+                             f"{params.processes} processes (e.g. MULTI_GPU, with use_cpu on CPU)")
+        relaunch(argv, params, key)
+        return
+    log = setup_logging(args.log if is_main_process() else None, f"train@{key}")
+    started = time.time()
+    metrics = train_version(key, params, args, log)
+    if is_main_process():
+        metrics["wall_seconds"] = round(time.time() - started, 3)
+        write_metrics(args.metrics, metrics)
+
+
+if __name__ == "__main__":
+    main()

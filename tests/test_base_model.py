@@ -1,0 +1,179 @@
+"""base_model: the Qwen2-style tokenizer + tiny model builders and the stage that saves them."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from stages.base_model import (DEFAULT_SYSTEM_PROMPT, QWEN2_CHAT_TEMPLATE, build_tiny_model,
+                               build_tokenizer, corpus_texts)
+from stages.common.io import write_records
+from stages.common.schema import SCHEMAS
+from tests.conftest import run_stage
+
+TEXTS = (["다음 문제를 읽고 정답으로 가장 알맞은 것을 고르시요.\n### 질문: 주식 시장의 정의는?\n### 정답: A"] * 20
+         + ["The balance sheet lists assets, liabilities and equity. 1234 + 5678 = 6912"] * 20
+         + ["资产负债表 财务报告 会计"] * 10)
+BUILD = {"vocab_size": 400, "hidden_size": 32, "layers": 2, "heads": 4, "kv_heads": 2,
+         "intermediate": 64, "max_position_embeddings": 256, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer(TEXTS, 400)
+
+
+def test_tokenizer_has_qwen2_specials_with_pad_not_eos(tokenizer):
+    assert tokenizer.eos_token == "<|im_end|>"
+    assert tokenizer.pad_token == "<|endoftext|>"
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert tokenizer.bos_token is None
+    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        ids = tokenizer(special, add_special_tokens=False).input_ids
+        assert ids == [tokenizer.convert_tokens_to_ids(special)]  # one token, never split
+    # the specials come after the learned vocabulary, as in Qwen2 (ids 151643-151645)
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") == len(tokenizer) - 1
+
+
+def test_chat_template_is_qwen2_instruct_with_default_system_prompt(tokenizer):
+    assert tokenizer.chat_template == QWEN2_CHAT_TEMPLATE
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "질문"}, {"role": "assistant", "content": "답"}], tokenize=False)
+    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                    "<|im_start|>user\n질문<|im_end|>\n<|im_start|>assistant\n답<|im_end|>\n")
+    own_system = tokenizer.apply_chat_template(
+        [{"role": "system", "content": "금융 전문가"}, {"role": "user", "content": "q"}],
+        tokenize=False, add_generation_prompt=True)
+    assert DEFAULT_SYSTEM_PROMPT not in own_system
+    assert own_system.endswith("<|im_start|>assistant\n")
+
+
+def test_tokenizer_round_trips_any_text_byte_level(tokenizer):
+    # byte level: text never seen in training (emoji, Japanese) still round-trips, no unk
+    for text in ("주식 시장 1234", "资产 负债", "unseen 日本語 🙂 text\n\n  tabs\t"):
+        assert tokenizer.decode(tokenizer(text).input_ids) == text
+    assert tokenizer.unk_token is None
+
+
+def test_tokenizer_training_is_deterministic(tokenizer):
+    again = build_tokenizer(TEXTS, 400)
+    assert again.backend_tokenizer.to_str() == tokenizer.backend_tokenizer.to_str()
+    assert len(tokenizer) > 256 + 3  # merges were learned beyond the byte alphabet
+
+
+def test_tiny_model_is_seeded_and_sized_for_the_tokenizer(tokenizer):
+    a = build_tiny_model(tokenizer, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, seed=0)
+    b = build_tiny_model(tokenizer, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, seed=0)
+    c = build_tiny_model(tokenizer, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, seed=1)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+    assert a.config.model_type == "qwen2" and a.config.vocab_size == len(tokenizer)
+    assert a.config.eos_token_id == tokenizer.eos_token_id
+    assert a.config.pad_token_id == tokenizer.pad_token_id != a.config.eos_token_id
+    ids = tokenizer("주식 시장", return_tensors="pt").input_ids
+    assert a(ids).logits.shape == (1, ids.shape[1], len(tokenizer))
+
+
+def test_corpus_texts_skip_the_test_split_and_keep_choices():
+    records = [{"split": "train", "question": "Q1", "choices": ["가", "나"], "answer": 0},
+               {"split": "test", "question": "HELD OUT", "answer": "x"},
+               {"text": "page text", "title": "회사"},  # documents have no split
+               {"split": "dev", "source_text": "hello", "target_text": "안녕"}]
+    texts = corpus_texts(records)
+    assert "HELD OUT" not in texts
+    assert texts == ["Q1", "가", "나", "page text", "회사", "hello", "안녕"]
+
+
+# ------------------------------------------------------------------------ the stage
+def _qa(i: int, split: str, question: str, answer: str) -> dict:
+    return {"id": f"q{i}", "source": "krx_sample", "domain": "krx", "split": split,
+            "question": question, "answer": answer, "context": "", "category": "", "meta": "{}"}
+
+
+def _workspace(tmp_path: Path, base_model: dict) -> Path:
+    ws = tmp_path / "ws"
+    (ws / "data").mkdir(parents=True)
+    records = [_qa(i, "train", f"{text} {i}", f"답 {i}") for i, text in enumerate(TEXTS)]
+    records.append(_qa(999, "test", "시험 문제", "비밀"))
+    write_records(records, SCHEMAS["qa"], ws / "data" / "qa.parquet")
+    (ws / "params.yaml").write_text(yaml.safe_dump({"base_model": base_model}), encoding="utf-8")
+    return ws
+
+
+def _args(out: str = "models/base") -> list[str]:
+    return ["--out", out, "--corpus", "data/qa.parquet", "--metrics", "metrics/base_model.json",
+            "--log", "logs/base_model.log"]
+
+
+def _digests(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+
+def test_stage_builds_a_loadable_tiny_base_with_identical_bytes_on_rerun(tmp_path: Path):
+    ws = _workspace(tmp_path, {"model": "tiny-test", "revision": "local", "build": BUILD})
+    done = run_stage("base_model", _args(), ws)
+    assert done.returncode == 0, done.stderr
+    base = ws / "models" / "base"
+    first = _digests(base)
+    assert {"tokenizer.json", "tokenizer_config.json", "config.json", "model.safetensors",
+            "base.json"} <= set(first)
+    info = json.loads((base / "base.json").read_text(encoding="utf-8"))
+    assert info["model"] == "models/base" and info["built"] is True and info["name"] == "tiny-test"
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+    assert tokenizer.chat_template == QWEN2_CHAT_TEMPLATE
+    model = AutoModelForCausalLM.from_pretrained(base)
+    assert model.config.hidden_size == 32 and model.config.num_hidden_layers == 2
+    assert model.config.vocab_size == len(tokenizer)
+    metrics = json.loads((ws / "metrics" / "base_model.json").read_text(encoding="utf-8"))
+    assert metrics["built"] is True and metrics["parameters"] == model.num_parameters()
+    assert metrics["corpus_texts"] == 2 * len(TEXTS)  # question + answer; the test row skipped
+
+    assert run_stage("base_model", _args(), ws).returncode == 0
+    assert _digests(base) == first  # tokenizer.json, safetensors, configs: same bytes
+
+
+def test_stage_production_path_saves_the_given_tokenizer(tmp_path: Path, tokenizer):
+    # a local directory stands in for the hub model (no network in tests)
+    ws = _workspace(tmp_path, {"model": "upstream", "revision": "abc", "build": None})
+    tokenizer.save_pretrained(ws / "upstream")
+    done = run_stage("base_model", _args(), ws)
+    assert done.returncode == 0, done.stderr
+    base = ws / "models" / "base"
+    info = json.loads((base / "base.json").read_text(encoding="utf-8"))
+    assert info == {"model": "upstream", "revision": "abc", "built": False,
+                    "resolved_revision": None, "tokenizer": "upstream"}
+    assert not (base / "model.safetensors").exists()  # weights stay where they are
+    loaded = AutoTokenizer.from_pretrained(base)
+    assert loaded("주식 시장").input_ids == tokenizer("주식 시장").input_ids
+
+
+@pytest.mark.parametrize("model, message", [
+    ("models/missing", "local model path models/missing does not exist"),
+    ("Qwen/Qwen2-7B-Instruct", "cannot load the tokenizer of 'Qwen/Qwen2-7B-Instruct'"),
+])
+def test_stage_fails_clearly_without_the_base_model(tmp_path: Path, model: str, message: str):
+    ws = _workspace(tmp_path, {"model": model, "revision": "main", "build": None})
+    done = run_stage("base_model", _args(), ws)  # offline: the hub is unreachable
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert not (ws / "models" / "base").exists()
+
+
+def test_stage_rejects_a_tokenizer_whose_pad_is_eos(tmp_path: Path, tokenizer):
+    ws = _workspace(tmp_path, {"model": "upstream", "revision": "abc", "build": None})
+    tokenizer.save_pretrained(ws / "upstream")
+    config = json.loads((ws / "upstream" / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["pad_token"] = "<|im_end|>"
+    (ws / "upstream" / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    done = run_stage("base_model", _args(), ws)
+    assert done.returncode == 2 and "must be set and differ from eos" in done.stderr

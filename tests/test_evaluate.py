@@ -1,0 +1,441 @@
+"""evaluate@<key>: accuracy on planted cases, shuffled scoring, strict letter parsing, the stage.
+
+The models are real tiny Qwen2 models (``stages.base_model.build_tiny_model``) whose weights
+are set so that one letter always wins ("planted"): the residual stream's dimension 0 is held
+at a constant, the final norm keeps only that dimension, and ``lm_head`` reads it into the
+chosen letter's logit alone. A LoRA adapter on ``lm_head`` (saved with ``save_pretrained``)
+plants another letter, so the baseline and a version must score differently.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from stages.base_model import build_tiny_model, build_tokenizer
+from stages.common.io import read_records, write_records
+from stages.common.params import EvaluateSettings, load_params
+from stages.common.prompts import LETTERS, step1_prompt
+from stages.common.runlog import StageError
+from stages.common.schema import SCHEMAS
+from stages.common.text import content_id
+from stages.evaluate import (EvalItem, chat_text, evaluate_items, generate_texts, items_from_records,
+                             letter_logprobs, letter_token_ids, load_model, load_sets, parse_letter,
+                             permutation, score_generate, score_loglik, shuffle_item, strip_labels,
+                             summarize, unshuffle)
+from stages.evaluate import main as evaluate_main
+from tests.conftest import ROOT, run_stage
+
+SAMPLES = ROOT / "data" / "samples" / "eval"
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=64, max_position_embeddings=1024)
+
+
+# ------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = [line for path in sorted(SAMPLES.glob("*.jsonl"))
+             for line in path.read_text(encoding="utf-8").splitlines()] * 2
+    tok = build_tokenizer(texts, 400)
+    tok.padding_side = "left"
+    return tok
+
+
+def plant_letter(model, token_id: int, strength: float = 10.0):
+    """Make ``model`` put the highest next-token logit on ``token_id`` for every input."""
+    with torch.no_grad():
+        inner = model.model
+        inner.embed_tokens.weight[:, 0] = strength          # x_0 = strength for every token
+        for layer in inner.layers:                           # ... and no sublayer writes to it
+            layer.self_attn.o_proj.weight[0, :] = 0
+            layer.mlp.down_proj.weight[0, :] = 0
+        inner.norm.weight.zero_()
+        inner.norm.weight[0] = 1.0                           # h = (x_0 / rms(x), 0, …, 0), h_0 > 0
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[token_id, 0] = 1.0              # logit(token) = h_0 > 0 = others
+    return model
+
+
+def planted_model(tokenizer, letter: str):
+    model = build_tiny_model(tokenizer, **TINY)
+    return plant_letter(model, tokenizer.encode(letter, add_special_tokens=False)[0]).eval()
+
+
+def save_base(tokenizer, model, path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(path)
+    model.save_pretrained(path)
+    (path / "base.json").write_text(json.dumps({"model": str(path), "revision": "local",
+                                                "built": True}), encoding="utf-8")
+    return path
+
+
+def save_letter_adapter(tokenizer, base_dir: Path, letter: str, path: Path) -> Path:
+    """A LoRA adapter on lm_head whose update adds 2*h_0 to ``letter``'s logit (beats the
+    planted base letter's h_0), saved the way train saves one (+ the tokenizer)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    config = LoraConfig(r=2, lora_alpha=2, target_modules=["lm_head"], lora_dropout=0.0)
+    peft_model = get_peft_model(base, config)
+    token = tokenizer.encode(letter, add_special_tokens=False)[0]
+    lora = peft_model.base_model.model.lm_head
+    with torch.no_grad():
+        lora.lora_A["default"].weight.zero_()
+        lora.lora_A["default"].weight[0, 0] = 1.0
+        lora.lora_B["default"].weight.zero_()
+        lora.lora_B["default"].weight[token, 0] = 2.0 / lora.scaling["default"]
+    peft_model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def items_with_answers(answers: list[int], sizes: list[int]) -> list[EvalItem]:
+    items = []
+    for index, (answer, size) in enumerate(zip(answers, sizes)):
+        choices = tuple(f"보기 {index}-{k}" for k in range(size))
+        items.append(EvalItem("set_a" if index % 2 else "set_b", f"item{index:02d}",
+                              f"문제 {index}: 다음 중 옳은 것은?", choices, answer,
+                              "cat_x" if index % 3 else "cat_y"))
+    return items
+
+
+# ------------------------------------------------------------------------ strict letter parser
+@pytest.mark.parametrize("text, n, expected", [
+    ("C", 4, 2), ("C.", 4, 2), ("(C)", 4, 2), ("C)", 4, 2), ("  D  \n", 4, 3),
+    ("정답: C", 4, 2), ("### 정답: G", 7, 6), ("정답은 E", 7, 4), ("답: B", 4, 1), ("Answer: A", 4, 0),
+    ("F\n해설: F가 옳다", 7, 5),
+    ("AB", 4, None), ("A, B", 4, None), ("A B", 4, None), ("C. 블록체인 암호화", 4, None),
+    ("c", 4, None), ("E", 4, None), ("H", 7, None), ("", 4, None), ("정답:", 4, None),
+    ("정답: CC", 7, None), ("1", 4, None),
+])
+def test_parse_letter_is_strict(text, n, expected):
+    assert parse_letter(text, n) == expected
+
+
+def test_parse_letter_accepts_every_letter_of_a_seven_choice_item():
+    assert [parse_letter(f"정답: {letter}", 7) for letter in LETTERS] == list(range(7))
+    assert [parse_letter(letter, 4) for letter in LETTERS] == [0, 1, 2, 3, None, None, None]
+
+
+# ------------------------------------------------------------------------ shuffling
+def test_permutation_is_deterministic_per_item_and_never_identity():
+    for n in range(4, 8):
+        for i in range(50):
+            perm = permutation(f"id{i}", n, seed=3)
+            assert sorted(perm) == list(range(n)) and perm != list(range(n))
+            assert perm == permutation(f"id{i}", n, seed=3)
+    assert any(permutation(f"id{i}", 7, 3) != permutation(f"id{i}", 7, 4) for i in range(5))
+
+
+def test_shuffled_item_keeps_the_correct_option_text():
+    item = items_with_answers([5], [7])[0]
+    shuffled, perm = shuffle_item(item, seed=0)
+    assert shuffled.choices[shuffled.answer] == item.choices[item.answer]
+    for shown in range(7):   # each shown letter maps back to the option shown under it
+        assert item.choices[unshuffle(shown, perm)] == shuffled.choices[shown]
+    assert unshuffle(None, perm) is None
+
+
+# ------------------------------------------------------------------------ planted accuracy
+def test_loglik_accuracy_on_a_model_that_always_answers_c(tokenizer):
+    model = planted_model(tokenizer, "C")
+    answers = [2, 0, 2, 1, 2, 3, 6, 2, 4, 2, 5, 0]
+    sizes = [4, 4, 7, 4, 7, 5, 7, 6, 7, 4, 7, 4]
+    items = items_with_answers(answers, sizes)
+    rows = evaluate_items(items, lambda batch: score_loglik(model, tokenizer, batch, 3),
+                          shuffled=True, seed=7)
+    assert [r["predicted"] for r in rows] == [2] * len(items)
+    expected = [a == 2 for a in answers]
+    assert [r["correct"] for r in rows] == expected
+    # shuffled: the model still says C, i.e. whatever option the permutation put third
+    for item, row in zip(items, rows):
+        shuffled, _ = shuffle_item(item, 7)
+        shown_third = shuffled.choices[2]
+        assert row["shuffled_correct"] == (shown_third == item.choices[item.answer])
+        assert item.choices[row["shuffled_predicted"]] == shown_third
+    metrics = summarize(rows, shuffled=True)
+    assert metrics["accuracy"]["micro"] == round(sum(expected) / len(expected), 6)
+    four = [e for e, s in zip(expected, sizes) if s == 4]
+    seven = [e for e, s in zip(expected, sizes) if s == 7]
+    assert metrics["accuracy"]["choices_4"] == round(sum(four) / len(four), 6)
+    assert metrics["accuracy"]["choices_7"] == round(sum(seven) / len(seven), 6)
+    assert metrics["by_choices"]["7"]["items"] == len(seven)
+    per_category = {}
+    for item, ok in zip(items, expected):
+        per_category.setdefault(item.category_key, []).append(ok)
+    assert set(metrics["by_category"]) == set(per_category)
+    macro = sum(sum(v) / len(v) for v in per_category.values()) / len(per_category)
+    assert metrics["accuracy"]["macro"] == pytest.approx(macro, abs=1e-6)
+    shuffled_micro = sum(r["shuffled_correct"] for r in rows) / len(rows)
+    assert metrics["accuracy"]["shuffled_micro"] == round(shuffled_micro, 6)
+    detail = json.loads(rows[0]["detail"])
+    logprobs = detail["letter_logprobs"]
+    assert len(logprobs) == 4 and max(logprobs) == logprobs[2] and logprobs.count(logprobs[0]) == 3
+    assert 0 < detail["letter_mass"] <= 1
+
+
+def test_a_letter_beyond_an_items_choices_is_never_predicted(tokenizer):
+    model = planted_model(tokenizer, "G")      # G wins, but a 4-choice item has no G
+    items = items_with_answers([0, 6], [4, 7])
+    rows = evaluate_items(items, lambda batch: score_loglik(model, tokenizer, batch, 2), False, 0)
+    assert rows[0]["predicted"] in range(4) and rows[1]["predicted"] == 6
+    assert rows[1]["correct"] and rows[0]["permutation"] == [] and rows[0]["shuffled_predicted"] == -1
+
+
+def test_generation_scoring_parses_the_step2_letter_strictly(tokenizer):
+    model = planted_model(tokenizer, "B")
+    items = items_with_answers([1, 0, 1, 3], [4, 4, 7, 7])
+    one_letter = evaluate_items(
+        items, lambda batch: score_generate(model, tokenizer, batch, 2, 3, 1), False, 0)
+    assert [r["predicted"] for r in one_letter] == [1, 1, 1, 1]
+    assert [r["correct"] for r in one_letter] == [True, False, True, False]
+    assert json.loads(one_letter[0]["detail"]) == {"solution": "BBB", "answer_text": "B"}
+    # two tokens -> "BB": not a single letter, so unparsed and wrong
+    two_letters = evaluate_items(
+        items, lambda batch: score_generate(model, tokenizer, batch, 2, 3, 2), True, 0)
+    assert all(r["predicted"] == -1 and not r["correct"] for r in two_letters)
+    assert summarize(two_letters, True)["unparsed"] == len(items)
+
+
+def test_batching_with_left_padding_does_not_change_scores(tokenizer):
+    model = build_tiny_model(tokenizer, **TINY).eval()   # random weights: real differences
+    items = items_with_answers([0] * 6, [4, 7, 5, 4, 6, 7])
+    items = [EvalItem(i.set, i.id, i.question + " 추가 설명" * k, i.choices, 0)
+             for k, i in enumerate(items)]               # different prompt lengths
+    texts = [chat_text(tokenizer, step1_prompt(i.question, i.choices)) for i in items]
+    one = torch.tensor(letter_logprobs(model, tokenizer, texts, 1))
+    four = torch.tensor(letter_logprobs(model, tokenizer, texts, 4))
+    assert one.shape == (6, 7)
+    assert torch.allclose(one, four, atol=1e-4)
+    greedy_one = generate_texts(model, tokenizer, texts, 4, 1)
+    greedy_four = generate_texts(model, tokenizer, texts, 4, 4)
+    assert greedy_one == greedy_four
+
+
+def test_prompt_is_the_training_step1_format_through_the_chat_template(tokenizer):
+    item = items_with_answers([0], [4])[0]
+    text = chat_text(tokenizer, step1_prompt(item.question, item.choices))
+    assert text.endswith("### 정답:<|im_end|>\n<|im_start|>assistant\n")
+    assert "<|im_start|>user\n다음 문제를 읽고 정답으로 가장 알맞은 것을 고르시요." in text
+    assert len(letter_token_ids(tokenizer)) == 7
+
+
+# ------------------------------------------------------------------------ sets
+def test_strip_labels_only_when_every_choice_carries_its_own_label():
+    assert strip_labels(["A. 가", "B. 나", "C) 다", "D. 라"]) == ["가", "나", "다", "라"]
+    assert strip_labels(["1 가", "2 나", "3 다", "4 라"]) == ["가", "나", "다", "라"]
+    assert strip_labels(["B. 가", "A. 나", "C. 다", "D. 라"]) == ["B. 가", "A. 나", "C. 다", "D. 라"]
+    assert strip_labels(["A. 가", "나", "C. 다", "D. 라"]) == ["A. 가", "나", "C. 다", "D. 라"]
+
+
+def test_collected_sets_use_only_the_held_out_split():
+    record = {"id": "x", "source": "kmmlu_economics", "domain": "d", "split": "test",
+              "question": "q", "choices": ["a", "b", "c", "d"], "answer": 1, "category": "Economics",
+              "meta": "{}"}
+    records = [record, dict(record, id="y", split="train"),
+               dict(record, id="z", choices=["a", "a", "c", "d"])]
+    items, rejects = items_from_records("kmmlu_economics", records, "test")
+    assert [i.id for i in items] == ["x"]
+    assert [r["reason"] for r in rejects] == ["invalid_record"] and "duplicate" in rejects[0]["detail"]
+
+
+def _settings(**overrides) -> EvaluateSettings:
+    params = load_params(ROOT / "params.yaml").evaluate.settings.model_dump()
+    local = params["local"]
+    for name, spec in local.items():
+        spec["input"] = str(SAMPLES / Path(spec["input"]).name)
+    params.update(local_dir=str(SAMPLES), collected={}, **overrides)
+    return EvaluateSettings.model_validate(params)
+
+
+def test_the_sample_local_sets_load_with_the_production_mapping():
+    items, rejects = load_sets(_settings())
+    assert rejects == []
+    by_set = {}
+    for item in items:
+        by_set.setdefault(item.set, []).append(item)
+    assert {k: len(v) for k, v in by_set.items()} == {"accounting_7": 5, "fin_market_mcq": 8,
+                                                      "fin_security": 6}
+    assert {len(i.choices) for i in items} == {4, 5, 6, 7}
+    assert all(len(i.choices) == 7 for i in by_set["accounting_7"])
+    market = {i.question[:10]: i for i in by_set["fin_market_mcq"]}
+    dividend = next(i for q, i in market.items() if q.startswith("다음 중 주식의"))
+    assert dividend.choices[dividend.answer] == "주당 배당금을 주가로 나눈 값이다."  # label stripped
+    assert not any(c[:2] in ("A.", "B.") for i in by_set["fin_market_mcq"] for c in i.choices)
+    otp = next(i for i in by_set["fin_security"] if "OTP" in i.question)
+    assert otp.answer == 1 and otp.category == "인증"                        # 1-based answer 2
+    capped, _ = load_sets(_settings(max_items_per_set=2))
+    assert len(capped) == 6
+
+
+def test_bad_local_rows_are_rejected_with_a_reason(tmp_path: Path):
+    good = json.loads((SAMPLES / "fin_security.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    lines = [json.dumps(good, ensure_ascii=False), "{not json",
+             json.dumps(dict(good, question="다른 문제", answer=9), ensure_ascii=False),
+             json.dumps(dict(good, question="세 개", options=["a", "b", "c"]), ensure_ascii=False)]
+    (tmp_path / "fin_security.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    params = _settings().model_dump()
+    params["local"] = {"fin_security": dict(params["local"]["fin_security"],
+                                            input=str(tmp_path / "fin_security.jsonl"))}
+    params["local_dir"] = str(tmp_path)
+    items, rejects = load_sets(EvaluateSettings.model_validate(params))
+    assert len(items) == 1
+    assert sorted(r["reason"] for r in rejects) == ["answer_out_of_range", "invalid_record",
+                                                    "malformed_json"]
+    assert all(r["stage"] == "evaluate" for r in rejects)
+
+
+def test_a_local_set_outside_local_dir_is_a_params_error():
+    params = _settings().model_dump()
+    params["local_dir"] = "data/raw/elsewhere"
+    with pytest.raises(ValueError, match="not under local_dir"):
+        EvaluateSettings.model_validate(params)
+
+
+def test_every_eval_set_in_params_is_a_dep_of_every_evaluate_stage(tmp_path: Path):
+    """dvc.yaml lists the set paths by hand (a foreach item cannot take a list of deps): a set
+    added to params but not to dvc.yaml would go stale silently, so check both params files."""
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as repo:
+        stages = [s for s in repo.index.stages if s.addressing.startswith("evaluate@")]
+        deps = {s.addressing: {d.def_path for d in s.deps} for s in stages}
+    production = load_params(ROOT / "params.yaml").evaluate
+    assert set(deps) == {f"evaluate@{k}" for k in production.models}
+    assert {"base", "v1", "v2", "v3", "v4", "v5_1", "v5_2", "v5_3", "v6"} == set(production.models)
+    for settings in (production.settings, _quickstart_settings(tmp_path)):
+        wanted = [s.input for s in settings.collected.values()]
+        for stage, paths in deps.items():
+            for path in wanted:
+                assert path in paths, f"{stage}: eval set {path} is not a dep"
+            assert "models/base" in paths
+    for key, spec in production.models.items():
+        assert spec.model in deps[f"evaluate@{key}"]
+
+
+def _quickstart_settings(tmp_path: Path) -> EvaluateSettings:
+    import scripts.quickstart as quickstart
+
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(quickstart.quickstart_params(ROOT), allow_unicode=True),
+                    encoding="utf-8")
+    settings = load_params(path).evaluate.settings
+    assert settings.local_dir == "data/samples/eval" and settings.scoring == "loglik"
+    return settings
+
+
+# ------------------------------------------------------------------------ models on disk
+def test_load_model_applies_the_adapter_only_for_versions(tokenizer, tmp_path: Path):
+    base_dir = save_base(tokenizer, planted_model(tokenizer, "A"), tmp_path / "models" / "base")
+    adapter_dir = save_letter_adapter(tokenizer, base_dir, "D", tmp_path / "models" / "v1")
+    items = items_with_answers([0, 3, 3], [4, 7, 4])
+    predictions = {}
+    for name, model_dir in (("base", base_dir), ("v1", adapter_dir)):
+        model, tok, info = load_model(str(base_dir), str(model_dir), "cpu", "auto")
+        assert info["adapter"] == (name == "v1") and info["dtype"] == "float32"
+        rows = evaluate_items(items, lambda batch: score_loglik(model, tok, batch, 2), False, 0)
+        predictions[name] = [r["predicted"] for r in rows]
+    assert predictions == {"base": [0, 0, 0], "v1": [3, 3, 3]}
+    with pytest.raises(StageError, match="adapter_config.json"):
+        load_model(str(base_dir), str(tmp_path / "models"), "cpu", "auto")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tokenizer) -> Path:
+    """A stage workspace: planted base (always A), v1 adapter (always D), a collected KMMLU-like
+    parquet with train and test rows, the sample local sets, params.yaml."""
+    ws = tmp_path_factory.mktemp("evaluate_ws")
+    base_dir = save_base(tokenizer, planted_model(tokenizer, "A"), ws / "models" / "base")
+    save_letter_adapter(tokenizer, base_dir, "D", ws / "models" / "v1")
+    (ws / "models" / "base" / "base.json").write_text(
+        json.dumps({"model": "models/base", "revision": "local", "built": True}), encoding="utf-8")
+    records = []
+    for index, (split, answer) in enumerate([("test", 0), ("test", 3), ("test", 0), ("train", 0),
+                                             ("dev", 3)]):
+        question, choices = f"경제 문제 {index}", [f"선택 {index}-{k}" for k in range(4)]
+        records.append({"id": content_id("mcq", question, choices, answer), "source": "kmmlu_economics",
+                        "domain": "financial_market", "split": split, "question": question,
+                        "choices": choices, "answer": answer, "category": "Economics", "meta": "{}"})
+    write_records(records, SCHEMAS["mcq"], ws / "data" / "collected" / "kmmlu_economics.parquet")
+    shutil.copytree(SAMPLES, ws / "data" / "samples" / "eval")
+    params = load_params(ROOT / "params.yaml").evaluate.model_dump()
+    settings = params["settings"]
+    settings["collected"] = {"kmmlu_economics": {"input": "data/collected/kmmlu_economics.parquet",
+                                                 "split": "test"}}
+    settings["local_dir"] = "data/samples/eval"
+    for name, spec in settings["local"].items():
+        spec["input"] = f"data/samples/eval/{Path(spec['input']).name}"
+    settings["batch_size"] = 4
+    params["models"] = {"base": {"model": "models/base"}, "v1": {"model": "models/v1"},
+                        "v2": {"model": "models/v2"}}
+    (ws / "params.yaml").write_text(yaml.safe_dump({"evaluate": params}, allow_unicode=True),
+                                    encoding="utf-8")
+    return ws
+
+
+def _args(key: str) -> list[str]:
+    """The arguments dvc.yaml's evaluate cmd passes."""
+    return [key, "--base", "models/base", "--out", f"data/eval/{key}.parquet",
+            "--rejects", f"data/rejects/evaluate/{key}.parquet",
+            "--metrics", f"metrics/eval/{key}.json", "--log", f"logs/evaluate/{key}.log"]
+
+
+def _run(ws: Path, key: str):
+    return run_stage("evaluate", _args(key), ws)
+
+
+@pytest.mark.slow
+def test_stage_scores_base_and_version_side_by_side(workspace: Path, monkeypatch):
+    for key in ("base", "v1"):
+        result = _run(workspace, key)
+        assert result.returncode == 0, result.stderr
+    base = json.loads((workspace / "metrics/eval/base.json").read_text(encoding="utf-8"))
+    v1 = json.loads((workspace / "metrics/eval/v1.json").read_text(encoding="utf-8"))
+    # 3 KMMLU test items (train/dev ignored) + 19 local items
+    assert base["items"] == v1["items"] == 22 and base["rejected"] == 0
+    assert base["by_set"]["kmmlu_economics"]["items"] == 3
+    assert base["by_set"]["kmmlu_economics"]["accuracy"] == round(2 / 3, 6)
+    assert v1["by_set"]["kmmlu_economics"]["accuracy"] == round(1 / 3, 6)
+    assert base["adapter"] is False and v1["adapter"] is True and v1["model"] == "models/v1"
+    predictions = {key: read_records(workspace / f"data/eval/{key}.parquet") for key in ("base", "v1")}
+    assert {r["predicted"] for r in predictions["base"]} == {0}
+    assert {r["predicted"] for r in predictions["v1"]} == {3}
+    # answer key of the samples: A is right exactly where the answer index is 0
+    expected_base = sum(r["answer"] == 0 for r in predictions["base"]) / 22
+    assert base["accuracy"]["micro"] == round(expected_base, 6)
+    assert set(base["by_choices"]) == {"4", "5", "6", "7"} and "choices_7" in base["accuracy"]
+    assert base["items_per_second"] > 0
+    # deterministic outputs: a second run (in-process: no second interpreter start-up) writes
+    # the same prediction bytes
+    first = (workspace / "data/eval/base.parquet").read_bytes()
+    monkeypatch.chdir(workspace)
+    evaluate_main(_args("base"))
+    assert (workspace / "data/eval/base.parquet").read_bytes() == first
+
+
+def test_stage_fails_cleanly_when_the_adapter_is_missing(workspace: Path, monkeypatch, capsys):
+    monkeypatch.chdir(workspace)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main(_args("v2"))
+    assert exit_info.value.code == 2
+    assert "models/v2 has no adapter_config.json" in capsys.readouterr().err
+    assert not (workspace / "metrics/eval/v2.json").exists()
+
+
+@pytest.mark.gpu
+def test_planted_scores_match_on_gpu_in_bfloat16(tokenizer, tmp_path: Path):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    base_dir = save_base(tokenizer, planted_model(tokenizer, "C"), tmp_path / "base")
+    items = items_with_answers([2, 0, 2, 1], [4, 7, 7, 4])
+    model, tok, info = load_model(str(base_dir), str(base_dir), "cuda", "auto")
+    assert info["device"] == "cuda" and info["dtype"] == "bfloat16"
+    rows = evaluate_items(items, lambda batch: score_loglik(model, tok, batch, 4), True, 0)
+    assert [r["predicted"] for r in rows] == [2, 2, 2, 2]
+    assert [r["correct"] for r in rows] == [True, False, True, False]

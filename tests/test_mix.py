@@ -1,0 +1,570 @@
+"""mix@<version>: formats, token counts, exact counts per recipe, dedup, decontamination,
+v6's exclusions, determinism, the manifest, and dvc staleness per version (real dvc CLI)."""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from dvc.repo import Repo
+
+from stages.base_model import build_tokenizer
+from stages.common.io import write_records
+from stages.common.params import (MIX_INPUT_SLOTS, MixParams, ParamsError, load_params,
+                                  mix_source_input)
+from stages.common.prompts import step1_prompt, step2_prompt
+from stages.common.runlog import StageError
+from stages.common.schema import SCHEMAS, validate
+from stages.common.text import content_id
+from stages.mix import build_mixture, count_tokens, dev_groups, selection, truncate_completion
+from stages.mix import main as mix_main
+from stages.mixing.formats import (Budget, FormatError, format_report_json, format_raw_text,
+                                   load_templates, markdown_table, FORMATTERS)
+from stages.mixing.hashing import (EvalIndex, EvalItem, minhash_signatures, near_duplicates,
+                                   unspaced)
+from tests.conftest import ROOT, run_stage
+
+DVC = str(Path(sys.executable).parent / "dvc")
+CORPUS = [
+    "다음 문제를 읽고 정답으로 가장 알맞은 것을 고르시요.\n### 질문: 유가증권시장의 가격제한폭은?\n### 선택지:\nA. 15%\nB. 30%",
+    "재무상태표는 자산, 부채, 자본으로 구성된다. 유동비율은 유동자산을 유동부채로 나눈 값이다.",
+    "The balance sheet lists assets, liabilities and equity. 1234 + 5678 = 6912",
+    "다음 영어 문장을 한국어로 번역하시오. 다음 표를 보고 질문에 답하시오. 풀이: 정답:",
+    "资产负债表 财务报告 会计 | --- | 매출액 | 영업이익 | 2024년 |",
+] * 20
+
+
+# ------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer(CORPUS, 700)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tokenizer, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tok") / "base"
+    tokenizer.save_pretrained(path)
+    (path / "base.json").write_text(json.dumps({"model": "tiny-test", "revision": "local",
+                                                "built": True}), encoding="utf-8")
+    return path
+
+
+def qa(source: str, question: str, answer: str, context: str = "", category: str = "",
+       split: str = "train", meta: dict | None = None) -> dict:
+    return {"id": content_id("qa", question, answer, context), "source": source, "domain": "",
+            "split": split, "question": question, "answer": answer, "context": context,
+            "category": category, "meta": json.dumps(meta or {})}
+
+
+def mcq(source: str, question: str, choices: list[str], answer: int, split: str) -> dict:
+    return {"id": content_id("mcq", question, choices, answer), "source": source,
+            "domain": "financial_market", "split": split, "question": question,
+            "choices": choices, "answer": answer, "category": "Economics", "meta": "{}"}
+
+
+def translation(source: str, src: str, tgt: str, langs=("en", "ko")) -> dict:
+    return {"id": content_id("translation", *langs, src, tgt), "source": source, "split": "train",
+            "source_lang": langs[0], "target_lang": langs[1], "source_text": src,
+            "target_text": tgt, "meta": "{}"}
+
+
+def document(source: str, title: str, text: str, page: int = 0, doc_id: str = "") -> dict:
+    doc_id = doc_id or content_id("document", title, text)
+    return {"id": content_id(doc_id, page), "source": source, "doc_id": doc_id, "path": "x.pdf",
+            "page": page, "title": title, "text": text, "tables": [], "meta": "{}"}
+
+
+def recipe(sources: dict, **overrides) -> MixParams:
+    paths = list(dict.fromkeys(mix_source_input(n) for n in sources))
+    data = {"seed": 1, "sources": sources,
+            "inputs": {s: paths[i] if i < len(paths) else paths[0]
+                       for i, s in enumerate(MIX_INPUT_SLOTS)},
+            "dev_size": 0.0, "max_length": 512, "overlength": "truncate", "batch_size": 7,
+            "max_reject_rate": 0.5,
+            "dedup": {"near_threshold": 0.8, "shingle_chars": 5, "num_perm": 64, "bands": 16},
+            "decontamination": {"ngram_chars": 13, "threshold": 0.5}}
+    data.update(overrides)
+    return MixParams.model_validate(data)
+
+
+EVAL_QUESTION = "국채 수익률 곡선이 역전되었을 때 시장이 예상하는 것으로 흔히 해석되는 것은?"
+EVAL_CHOICES = ["향후 경기 둔화와 정책금리 인하", "급격한 인플레이션 가속", "중앙은행의 연속적인 금리 인상",
+                "기업 이익의 빠른 증가"]
+
+
+def eval_index(threshold: float = 0.5) -> EvalIndex:
+    return EvalIndex([EvalItem("kmmlu_economics/evalitem1", (EVAL_QUESTION, *EVAL_CHOICES))],
+                     13, threshold)
+
+
+def run_build(tmp_path: Path, version: str, r: MixParams, data: dict[str, tuple[str, list]],
+              tokenizer, index: EvalIndex | None = None):
+    def open_source(name):
+        kind, records = data[name]
+        return kind, iter([records[i:i + r.batch_size] for i in range(0, len(records), r.batch_size)])
+    out, rej = tmp_path / f"{version}.parquet", tmp_path / f"{version}.rejects.parquet"
+    result = build_mixture(version, r, tokenizer, index or eval_index(), open_source, out, rej)
+    return result, pq.read_table(out).to_pylist(), pq.read_table(rej).to_pylist()
+
+
+# ------------------------------------------------------------------------------ formats
+def test_formats_write_trl_prompt_completion_messages(tokenizer):
+    t, b = load_templates(), Budget(tokenizer, 512)
+    [ex] = FORMATTERS["prompt_answer"](qa("krx_sample", "질문?", "답."), t, b)
+    assert ex["prompt"] == [{"role": "user", "content": "질문?"}]
+    assert ex["completion"] == [{"role": "assistant", "content": "답."}]
+    pair = translation("enko", "Stocks fell.", "주가가 하락했다.")
+    forward, backward = FORMATTERS["translation"](pair, t, b)
+    assert "영어 문장을 한국어로" in forward["prompt"][0]["content"]
+    assert forward["completion"][0]["content"] == "주가가 하락했다."
+    assert "한국어 문장을 영어로" in backward["prompt"][0]["content"]
+    assert backward["completion"][0]["content"] == "Stocks fell."
+    assert forward["group"] == backward["group"]
+    table = json.dumps([["항목", "2024년"], ["매출액", "1|500"]], ensure_ascii=False)
+    [ex] = FORMATTERS["table_qa"](qa("table_qa", "매출액은?", "1,500", context=table), t, b)
+    assert "| 항목 | 2024년 |\n| --- | --- |\n| 매출액 | 1\\|500 |" in ex["prompt"][0]["content"]
+    with pytest.raises(FormatError, match="bad_table"):
+        FORMATTERS["table_qa"](qa("table_qa", "q", "a", context="not json"), t, b)
+    [ex] = FORMATTERS["worked_solution"](qa("calc", "이자는?", "240원", context="2000*0.04*3"), t, b)
+    assert ex["completion"][0]["content"] == "풀이: 2000*0.04*3\n정답: 240원"
+    [ex] = FORMATTERS["qa_json"](qa("qa_rules", "듀레이션?", "가중평균 만기", "참고문", "financial_market"), t, b)
+    assert json.loads(ex["prompt"][0]["content"].split("\n\n", 1)[1]) == {
+        "질문": "듀레이션?", "분야": "financial_market", "참고": "참고문"}
+    assert json.loads(ex["completion"][0]["content"]) == {"답변": "가중평균 만기"}
+    record = mcq("kmmlu", "질문?", ["가", "나", "다", "라"], 2, "train")
+    [ex] = FORMATTERS["mcq_letter"](record, t, b)
+    assert ex["prompt"][0]["content"] == step1_prompt("질문?", ["가", "나", "다", "라"])
+    assert ex["completion"][0]["content"] == "C"
+    summary = document("report_summaries", "가나전자(주)", json.dumps({"요약": "매출 증가"}, ensure_ascii=False))
+    [ex] = FORMATTERS["summary_json"](summary, t, b)
+    assert "가나전자(주)" in ex["prompt"][0]["content"]
+    assert json.loads(ex["completion"][0]["content"]) == {"요약": "매출 증가"}
+    assert markdown_table([["a"], ["b", "c"]]) == "| a |  |\n| --- | --- |\n| b | c |"
+
+
+def test_token_counts_are_what_apply_chat_template_gives(tokenizer):
+    conversations = [[{"role": "user", "content": "다음 표를 보고 질문에 답하시오. 매출액?"},
+                      {"role": "assistant", "content": "1,500억 원"}],
+                     [{"role": "user", "content": "Stocks fell."},
+                      {"role": "assistant", "content": "주가가 하락했다."}]]
+    expected = []
+    for conversation in conversations:
+        ids = tokenizer.apply_chat_template(conversation, tokenize=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        expected.append(len(ids))
+    assert count_tokens(tokenizer, conversations) == expected
+
+
+def test_raw_text_chunks_fit_max_length_and_keep_the_text(tokenizer):
+    text = "\n".join(f"{i}번째 줄: 재무상태표는 자산, 부채, 자본으로 구성된다. 유동비율은 유동자산을 유동부채로 나눈 값이다."
+                     for i in range(60))
+    page = document("financial_reports", "마바사상사 재무제표", text, page=3)
+    examples = format_raw_text(page, load_templates(), Budget(tokenizer, 300))
+    assert len(examples) > 3
+    lengths = count_tokens(tokenizer, [e["prompt"] + e["completion"] for e in examples])
+    assert max(lengths) <= 300
+    assert all("「마바사상사 재무제표」 문서 3쪽" in e["prompt"][0]["content"] for e in examples)
+    rebuilt = "".join(e["prompt"][0]["content"].split("\n\n", 1)[1] + e["completion"][0]["content"]
+                      if "\n\n" in e["prompt"][0]["content"] else e["completion"][0]["content"]
+                      for e in examples)
+    assert unspaced(rebuilt) == unspaced(text)
+
+
+def test_report_json_parts_fit_and_hold_every_page_in_order(tokenizer):
+    pages = [{"page": p, "text": f"{p}쪽 본문. " + "영업이익은 96억 원으로 개선되었다. " * (5 if p != 3 else 80),
+              "tables": [[["구분", "2024년"], ["매출액", "1,284억"]]] if p == 2 else []}
+             for p in range(1, 6)]
+    doc = {"doc_id": "abc", "title": "가나전자(주) 기업분석 보고서", "pages": pages, "path": "a.pdf"}
+    examples = format_report_json(doc, load_templates(), Budget(tokenizer, 400))
+    lengths = count_tokens(tokenizer, [e["prompt"] + e["completion"] for e in examples])
+    assert len(examples) > 2 and max(lengths) <= 400
+    parts = [json.loads(e["completion"][0]["content"]) for e in examples]
+    assert all(p["doc_id"] == "abc" and p["title"] == doc["title"] for p in parts)
+    seen = [entry["page"] for p in parts for entry in p["pages"]]
+    assert seen == sorted(seen) and set(seen) == {1, 2, 3, 4, 5}
+    assert f"(1/{len(examples)})" in examples[0]["prompt"][0]["content"]
+
+
+def test_overlength_is_truncated_to_fit_or_dropped(tokenizer, tmp_path):
+    long_answer = "자산은 부채와 자본의 합이다. " * 200
+    prompt = [{"role": "user", "content": "재무상태표의 등식은?"}]
+    completion, n = truncate_completion(tokenizer, prompt, [{"role": "assistant", "content": long_answer}], 128)
+    assert n <= 128 and count_tokens(tokenizer, [prompt + completion])[0] == n
+    assert long_answer.startswith(completion[0]["content"])
+    data = {"krx_sample": ("qa", [qa("krx_sample", "재무상태표의 등식은?", long_answer),
+                                  qa("krx_sample", "짧은 질문?", "짧은 답.")])}
+    src = {"krx_sample": {"format": "prompt_answer", "fraction": 1.0, "upsample": False}}
+    result, rows, _ = run_build(tmp_path, "t", recipe(src, max_length=128), data, tokenizer)
+    assert result["sources"]["krx_sample"]["overlength_truncated"] == 1 and len(rows) == 2
+    result, rows, rejects = run_build(tmp_path, "d", recipe(src, max_length=128, overlength="drop"),
+                                      data, tokenizer)
+    assert len(rows) == 1 and [r["reason"] for r in rejects] == ["overlength"]
+    assert result["totals"]["over_max_length"] == 1
+
+
+# ------------------------------------------------------------------------------ selection
+def test_selection_is_exact_and_upsamples_only_when_allowed():
+    keys = np.arange(10, dtype=np.uint64)
+    assert selection(10, keys, 4, None, False, "w").sum() == 4
+    assert selection(10, keys, None, 0.25, False, "w").sum() == 2  # round(2.5) = 2 (banker's)
+    copies = selection(10, keys, 23, None, True, "w")
+    assert copies.sum() == 23 and set(copies.tolist()) == {2, 3}
+    with pytest.raises(StageError, match="23 examples wanted but only 10 available"):
+        selection(10, keys, 23, None, False, "mix.v1.sources.x")
+    groups = np.array([1, 1, 2, 2, 3, 4, 5, 6, 7, 8], dtype=np.uint64)
+    dev = dev_groups(groups, 0.25, seed=3)
+    assert dev[0] == dev[1] and dev[2] == dev[3] and len(set(groups[dev].tolist())) == 2
+
+
+def words(seed: int, n: int) -> str:
+    """``n`` random Hangul words: fixture texts that are no near-duplicates of each other."""
+    rng = np.random.default_rng(seed)
+    return " ".join("".join(chr(0xAC00 + int(c)) for c in rng.integers(0, 11172, size=3))
+                    for _ in range(n))
+
+
+def _mixed_sources():
+    krx = [qa("krx_sample", f"{words(i, 6)}에 대해 설명하시오.", f"{words(100 + i, 8)}이다.")
+           for i in range(12)]
+    rules = [qa("qa_rules", f"{words(200 + 10 * k + i, 6)}의 취지는?", f"{words(300 + 10 * k + i, 8)}.",
+                category=field)
+             for k, field in enumerate(("financial_market", "accounting", "rules")) for i in range(4)]
+    pairs = []
+    for i in range(5):
+        question, choices = f"{words(400 + i, 6)} 옳은 설명은?", ["가", "나", "다", "라"]
+        solution = f"{words(500 + i, 10)}. 정답은 B이다."
+        meta = {"question_id": f"q{i}"}
+        pairs.append(qa("generated_financial_market", step1_prompt(question, choices), solution,
+                        category="step1", meta=meta))
+        pairs.append(qa("generated_financial_market", step2_prompt(question, choices, solution), "B",
+                        category="step2", meta=meta))
+    enko = [translation("enko_translation", f"Sentence {i}: " + " ".join(
+        ["stocks", "bonds", "rallied", "fell", "market", "yield", "rates", "fund"][(i + k) % 8]
+        for k in range(i + 3)), f"{words(600 + i, 6)}.") for i in range(6)]
+    return {"krx_sample": ("qa", krx), "qa_rules": ("qa", rules),
+            "generated_financial_market": ("qa", pairs), "enko_translation": ("translation", enko)}
+
+
+def test_exact_per_source_counts_of_a_recipe(tokenizer, tmp_path):
+    src = {"krx_sample": {"format": "prompt_answer", "count": 5, "upsample": False},
+           "qa_rules": {"format": "qa_json", "fraction": 1.0, "upsample": False,
+                        "include": {"category": ["financial_market", "accounting"]}},
+           "generated_financial_market": {"format": "prompt_answer", "count": 25, "upsample": True},
+           "enko_translation": {"format": "translation", "fraction": 0.5, "upsample": False}}
+    result, rows, _ = run_build(tmp_path, "vt", recipe(src, dev_size=0.2), _mixed_sources(), tokenizer)
+    by_source = {name: sum(r["source"] == name for r in rows) for name in src}
+    assert by_source == {"krx_sample": 5, "qa_rules": 8, "generated_financial_market": 25,
+                         "enko_translation": 6}
+    assert {n: s["examples"] for n, s in result["sources"].items()} == by_source
+    assert result["sources"]["qa_rules"]["filtered_out"] == 4
+    assert result["sources"]["generated_financial_market"]["upsampled_copies"] == 15
+    assert len({r["id"] for r in rows}) == len(rows)  # copies get ~n ids
+    for r in rows:
+        assert validate("example", r) == [] and r["version"] == "vt"
+    # both directions of a translation pair, both steps of a question: one split
+    split_of = {}
+    for r in rows:
+        key = r["id"].split("~")[0]
+        split_of.setdefault(r["source"], []).append((key, r["split"]))
+    assert {r["split"] for r in rows} == {"train", "dev"}
+    assert result["totals"]["tokens"] == sum(s["tokens"] for s in result["sources"].values()) > 0
+    with pytest.raises(StageError, match="krx_sample: 50 examples wanted but only 12"):
+        run_build(tmp_path, "vx", recipe({"krx_sample": {"format": "prompt_answer", "count": 50,
+                                                          "upsample": False}}),
+                  _mixed_sources(), tokenizer)
+
+
+def test_a_format_for_another_kind_is_an_error(tokenizer, tmp_path):
+    with pytest.raises(StageError, match="formats qa records, but enko_translation holds translation"):
+        run_build(tmp_path, "vk", recipe({"enko_translation": {"format": "prompt_answer",
+                                                               "fraction": 1.0, "upsample": False}}),
+                  _mixed_sources(), tokenizer)
+    with pytest.raises(StageError, match="include/exclude name fields \\['categry'\\]"):
+        run_build(tmp_path, "vk", recipe({"qa_rules": {"format": "prompt_answer", "fraction": 1.0,
+                                                       "upsample": False,
+                                                       "include": {"categry": ["rules"]}}}),
+                  _mixed_sources(), tokenizer)
+
+
+# ------------------------------------------------------------------------------ dedup / decontamination
+def test_planted_eval_item_is_removed_with_its_eval_id(tokenizer, tmp_path):
+    data = _mixed_sources()
+    # the test question, spacing changed, embedded in an MCQ prompt: contaminated
+    leaked = step1_prompt(EVAL_QUESTION.replace(" ", "  ").replace("곡선이 역전", "곡선이역전"), EVAL_CHOICES)
+    data["krx_sample"][1].append(qa("krx_sample", leaked, "A. 향후 경기 둔화와 정책금리 인하"))
+    # shares only a few words with the eval item: not contaminated
+    data["krx_sample"][1].append(qa("krx_sample", "국채 수익률 곡선의 의미를 설명하시오.", "금리의 기간구조이다."))
+    src = {"krx_sample": {"format": "prompt_answer", "fraction": 1.0, "upsample": False}}
+    result, rows, rejects = run_build(tmp_path, "ve", recipe(src), data, tokenizer)
+    [hit] = [r for r in rejects if r["reason"] == "eval_contamination"]
+    assert "eval_id=kmmlu_economics/evalitem1" in hit["detail"]
+    assert len(rows) == 13 and result["sources"]["krx_sample"]["eval_contamination"] == 1
+    # independent check: no example holds the eval question (spacing ignored)
+    assert not any(unspaced(EVAL_QUESTION) in unspaced(json.dumps(r, ensure_ascii=False)) for r in rows)
+
+
+def test_planted_near_duplicate_is_removed_across_sources(tokenizer, tmp_path):
+    data = _mixed_sources()
+    original = data["krx_sample"][1][3]
+    near = qa("qa_rules", original["question"].replace("설명하시오", "설명 하시오"),
+              original["answer"] + " 참고.", category="rules")  # spacing + 3 characters
+    data["qa_rules"][1].append(near)
+    data["qa_rules"][1].append(qa("qa_rules", original["question"], original["answer"], category="rules"))
+    src = {"krx_sample": {"format": "prompt_answer", "fraction": 1.0, "upsample": False},
+           "qa_rules": {"format": "prompt_answer", "fraction": 1.0, "upsample": False},
+           "generated_financial_market": {"format": "prompt_answer", "fraction": 1.0, "upsample": False}}
+    result, rows, rejects = run_build(tmp_path, "vn", recipe(src), data, tokenizer)
+    reasons = {r["reason"] for r in rejects}
+    assert reasons == {"near_duplicate", "exact_duplicate"}
+    kept_id = content_id("example", [["user", original["question"]], ["assistant", original["answer"]]])
+    assert all(kept_id in r["detail"] for r in rejects)
+    assert sum(r["source"] == "krx_sample" for r in rows) == 12  # the earlier copy is kept
+    assert sum(r["source"] == "qa_rules" for r in rows) == 12
+    # step 1 and step 2 of one question are near-identical texts but one group: both kept
+    assert sum(r["source"] == "generated_financial_market" for r in rows) == 10
+
+
+def test_minhash_estimates_jaccard():
+    a = "유가증권시장에서 주식의 하루 가격제한폭은 기준가격 대비 얼마인가? 상하 30퍼센트이다." * 3
+    b = a.replace("얼마인가", "얼마 인가")
+    c = "채권의 듀레이션은 현금흐름 현재가치의 가중평균 만기를 뜻한다. 금리 위험을 관리한다." * 3
+    sig = minhash_signatures([a, b, c, "짧음"], 5, 64)
+    assert sig.shape == (4, 64) and (sig[0] == sig[1]).mean() > 0.8 and (sig[0] == sig[2]).mean() < 0.2
+    found = near_duplicates(sig, np.array([1, 2, 3, 4], dtype=np.uint64), np.ones(4, bool), 16, 0.8)
+    assert list(found) == [1] and found[1][0] == 0
+    same_group = near_duplicates(sig, np.array([1, 1, 3, 4], dtype=np.uint64), np.ones(4, bool), 16, 0.8)
+    assert same_group == {}
+
+
+# ------------------------------------------------------------------------------ params
+def test_v6_excludes_krx_sample_and_reports_directly_and_through_mixtures():
+    params = load_params(ROOT / "params.yaml")
+    v6 = params.mix["v6"]
+    assert {"krx_sample", "krx_reports", "krx_reports_json"} <= set(v6.exclude_sources)
+    assert not set(v6.sources) & set(v6.exclude_sources)
+    assert {"generated_financial_market", "generated_accounting", "generated_rules", "metamath",
+            "enko_translation", "aihub_kozh", "table_qa", "top100_companies",
+            "aihub_econ_calc", "qa_rules"} == set(v6.sources)
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    for added in ({"krx_sample": {"format": "prompt_answer", "fraction": 1.0, "upsample": False}},
+                  {"mixture_v1": {"format": "example", "fraction": 1.0, "upsample": False}}):
+        bad = copy.deepcopy(raw)
+        bad["mix"]["v6"]["sources"].update(added)
+        path = mix_source_input(next(iter(added)))
+        bad["mix"]["v6"]["inputs"]["l"] = path
+        with pytest.raises(Exception, match="excluded sources \\['krx_sample'\\]"):
+            from stages.common.params import ParamsFile
+            ParamsFile.model_validate(bad)
+
+
+def test_recipes_follow_the_mission_table():
+    mix = load_params(ROOT / "params.yaml").mix
+    assert list(mix) == ["v1", "v2", "v3", "v4", "v5_1", "v5_2", "v5_3", "v6"]
+    assert set(mix["v1"].sources) == {"krx_sample"}
+    assert set(mix["v2"].sources) == {"krx_sample", "financial_reports"}
+    assert mix["v2"].sources["financial_reports"].format == "raw_text"
+    assert set(mix["v3"].sources) == {"krx_reports_json"}
+    assert mix["v4"].sources["qa_rules"].format == "qa_json"
+    assert set(mix["v5_1"].sources) == {"metamath"}
+    assert set(mix["v5_2"].sources) == {"mixture_v5_1", "qa_rules"}
+    assert set(mix["v5_3"].sources) == {"mixture_v5_2", "report_summaries"}
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda v: v["sources"].update(metamth=v["sources"].pop("metamath")), "missing ['data/collected/metamth.parquet']"),
+    (lambda v: (v["sources"].update(metamth=v["sources"].pop("metamath")),
+                v.update(inputs={s: "data/collected/metamth.parquet" for s in v["inputs"]})),
+     "mix.v5_1.sources.metamth: unknown source"),
+    (lambda v: v["sources"]["metamath"].update(fracton=1.0), "mix.v5_1.sources.metamath.fracton: unknown key"),
+    (lambda v: v["sources"]["metamath"].update(count=3), "exactly one of count or fraction"),
+    (lambda v: v["sources"]["metamath"].pop("upsample"), "mix.v5_1.sources.metamath.upsample"),
+    (lambda v: v["sources"]["metamath"].update(fraction=2.0), "needs upsample: true"),
+    (lambda v: v["inputs"].update(b="data/collected/krx_sample.parquet"), "inputs must name exactly"),
+    (lambda v: v.update(overlength="cut"), "mix.v5_1.overlength"),
+])
+def test_recipe_typos_and_bad_values_are_errors_naming_the_key(tmp_path, mutate, message):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    mutate(raw["mix"]["v5_1"])
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    with pytest.raises(ParamsError, match=message.replace("[", "\\[")):
+        load_params(path)
+
+
+def test_each_mix_stage_depends_on_exactly_its_recipe_inputs():
+    params = load_params(ROOT / "params.yaml")
+    code = {"stages/__init__.py", "stages/collect.py", "stages/common/__init__.py",
+            "stages/common/io.py", "stages/common/params.py", "stages/common/prompts.py",
+            "stages/common/runlog.py", "stages/common/schema.py", "stages/common/text.py",
+            "stages/mix.py", "stages/mixing/__init__.py", "stages/mixing/formats.py",
+            "stages/mixing/hashing.py", "stages/prompts/mix_formats.yaml",
+            "stages/sources/__init__.py", "stages/sources/hub.py", "stages/sources/local.py"}
+    settings = params.evaluate.settings
+    evals = {s.input for s in settings.collected.values()} | {settings.local_dir}
+    with Repo(str(ROOT)) as repo:
+        stages = {s.addressing: s for s in repo.index.stages if s.addressing.startswith("mix@")}
+    assert set(stages) == {f"mix@{v}" for v in params.mix}
+    for version, r in params.mix.items():
+        stage = stages[f"mix@{version}"]
+        deps = {d.def_path for d in stage.deps if type(d).__name__ == "Dependency"}
+        assert deps == code | evals | {"models/base"} | set(r.source_inputs().values()), version
+        outs = {o.def_path for o in stage.outs}
+        assert outs == {f"data/mixtures/{version}.parquet", f"data/mixtures/{version}.json",
+                        f"data/rejects/mix/{version}.parquet", f"logs/mix/{version}.log",
+                        f"metrics/mix/{version}.json"}
+
+
+# ------------------------------------------------------------------------------ the stage
+def _workspace(tmp_path: Path, tokenizer_dir: Path) -> Path:
+    """A project dir laid out like the repo: params.yaml (production, with test recipes and
+    eval sets), the contract input paths, models/base."""
+    ws = tmp_path / "ws"
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    settings = raw["evaluate"]["settings"]
+    settings["local_dir"] = "data/raw/eval"
+    settings["local"] = {"fin_security": {**settings["local"]["fin_security"],
+                                          "input": "data/raw/eval/fin_security.jsonl"}}
+    base = raw["mix"]["v1"]
+    src1 = {"krx_sample": {"format": "prompt_answer", "fraction": 1.0, "upsample": False},
+            "generated_financial_market": {"format": "prompt_answer", "count": 12, "upsample": True}}
+    src2 = {"mixture_v1": {"format": "example", "fraction": 1.0, "upsample": False},
+            "enko_translation": {"format": "translation", "count": 4, "upsample": False}}
+    raw["mix"] = {}
+    for version, sources in (("v1", src1), ("v2", src2)):
+        paths = list(dict.fromkeys(mix_source_input(n) for n in sources))
+        raw["mix"][version] = {**base, "seed": 5, "dev_size": 0.25, "max_length": 256,
+                               "sources": sources,
+                               "inputs": {s: paths[i] if i < len(paths) else paths[0]
+                                          for i, s in enumerate(MIX_INPUT_SLOTS)}}
+    ws.mkdir()
+    (ws / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    data = _mixed_sources()
+    security = json.loads((ROOT / "data/samples/eval/fin_security.jsonl").read_text(
+        encoding="utf-8").splitlines()[0])
+    data["krx_sample"][1].append(qa("krx_sample", security["question"], "다중 요소 인증"))
+    for name in ("krx_sample", "generated_financial_market", "enko_translation"):
+        kind, records = data[name]
+        write_records(records, SCHEMAS[kind], ws / mix_source_input(name))
+    kmmlu = [mcq("kmmlu_economics", EVAL_QUESTION, EVAL_CHOICES, 0, "test"),
+             mcq("kmmlu_economics", "훈련용 문제?", ["가", "나", "다", "라"], 1, "train")]
+    for subject in ("kmmlu_economics", "kmmlu_accounting", "kmmlu_taxation"):
+        write_records(kmmlu, SCHEMAS["mcq"], ws / f"data/collected/{subject}.parquet")
+    (ws / "data/raw/eval").mkdir(parents=True)
+    shutil.copy(ROOT / "data/samples/eval/fin_security.jsonl", ws / "data/raw/eval/fin_security.jsonl")
+    shutil.copytree(tokenizer_dir, ws / "models/base")
+    return ws
+
+
+def _run(ws: Path, version: str):
+    return run_stage("mix", [version, "--tokenizer", "models/base",
+                             "--out", f"data/mixtures/{version}.parquet",
+                             "--manifest", f"data/mixtures/{version}.json",
+                             "--rejects", f"data/rejects/mix/{version}.parquet",
+                             "--metrics", f"metrics/mix/{version}.json",
+                             "--log", f"logs/mix/{version}.log"], ws)
+
+
+def test_stage_writes_mixture_manifest_metrics_deterministically(tmp_path, tokenizer_dir, monkeypatch):
+    ws = _workspace(tmp_path, tokenizer_dir)
+    for version in ("v1", "v2"):
+        result = _run(ws, version)
+        assert result.returncode == 0, result.stderr
+    first = {p: (ws / p).read_bytes() for p in ("data/mixtures/v1.parquet", "data/mixtures/v1.json",
+                                                "data/mixtures/v2.parquet", "data/rejects/mix/v1.parquet")}
+    v1 = pq.read_table(ws / "data/mixtures/v1.parquet").to_pylist()
+    v2 = pq.read_table(ws / "data/mixtures/v2.parquet").to_pylist()
+    manifest = json.loads((ws / "data/mixtures/v1.json").read_text(encoding="utf-8"))
+    metrics = json.loads((ws / "metrics/mix/v1.json").read_text(encoding="utf-8"))
+    rejects = pq.read_table(ws / "data/rejects/mix/v1.parquet").to_pylist()
+    # the local eval item planted in krx_sample is gone, named by its eval id
+    assert any(r["reason"] == "eval_contamination" and "fin_security/" in r["detail"] for r in rejects)
+    assert manifest["sources"]["krx_sample"]["examples"] == 12
+    assert manifest["sources"]["generated_financial_market"]["examples"] == 12
+    assert len(v1) == 24 == metrics["examples"] and metrics["sources"]["krx_sample"]["examples"] == 12
+    assert manifest["tokenizer"]["model"] == "tiny-test" and manifest["tokenizer"]["files_sha256"]
+    assert manifest["mixture"]["sha256"] == __import__("hashlib").sha256(first["data/mixtures/v1.parquet"]).hexdigest()
+    assert set(manifest["inputs"]) == {"krx_sample", "generated_financial_market"}
+    assert manifest["eval_sets"]["fin_security"]["items"] > 0
+    assert manifest["length"]["max"] <= 256 and manifest["mixture"]["tokens"] == metrics["tokens"] > 0
+    # v2 = v1's examples (splits kept) + 4 translations
+    v1_split = {r["id"]: r["split"] for r in v1}
+    from_v1 = [r for r in v2 if r["id"] in v1_split]
+    assert len(from_v1) == 24 and all(v1_split[r["id"]] == r["split"] for r in from_v1)
+    assert sum(r["source"] == "enko_translation" for r in v2) == 4
+    assert {r["version"] for r in v2} == {"v2"}
+    # same inputs, same bytes (second run in-process: the subprocess path is proven above)
+    monkeypatch.chdir(ws)
+    for version in ("v1", "v2"):
+        mix_main([version, "--tokenizer", "models/base", "--out", f"data/mixtures/{version}.parquet",
+                  "--manifest", f"data/mixtures/{version}.json",
+                  "--rejects", f"data/rejects/mix/{version}.parquet",
+                  "--metrics", f"metrics/mix/{version}.json", "--log", f"logs/mix/{version}.log"])
+    assert {p: (ws / p).read_bytes() for p in first} == first
+
+
+def test_stage_fails_clearly_when_an_input_is_missing(tmp_path, tokenizer_dir, monkeypatch, capsys):
+    ws = _workspace(tmp_path, tokenizer_dir)
+    (ws / mix_source_input("generated_financial_market")).unlink()
+    monkeypatch.chdir(ws)
+    with pytest.raises(SystemExit) as info:
+        mix_main(["v1", "--tokenizer", "models/base", "--out", "data/mixtures/v1.parquet",
+                  "--manifest", "data/mixtures/v1.json", "--rejects", "data/rejects/mix/v1.parquet",
+                  "--metrics", "metrics/mix/v1.json", "--log", "logs/mix/v1.log"])
+    assert info.value.code == 2
+    assert ("mix.v1.sources.generated_financial_market: input "
+            "data/generated/financial_market/pairs.parquet does not exist") in capsys.readouterr().err
+    assert not (ws / "data/mixtures/v1.parquet").exists()
+
+
+@pytest.mark.slow
+def test_dvc_status_marks_only_the_changed_version_stale(tmp_path, monkeypatch):
+    """Real dvc in a temp git repo: record every mix@ stage as up to date (dvc commit), then
+    change one version's recipe, then one generated domain's file."""
+    proj = tmp_path / "proj"
+    shutil.copytree(ROOT, proj, ignore=shutil.ignore_patterns(
+        ".venv", "quickstart", ".git", "data", "__pycache__", ".dvc", "models", "metrics", "logs"))
+    subprocess.run(["git", "init", "-q"], cwd=proj, check=True)
+    subprocess.run([DVC, "init", "-q"], cwd=proj, check=True)
+    params = load_params(proj / "params.yaml")
+    monkeypatch.chdir(proj)  # dvc's index of a repo is read relative to the working directory
+    with Repo(str(proj)) as repo:
+        stages = [s for s in repo.index.stages if s.addressing.startswith("mix@")]
+        assert len(stages) == len(params.mix)
+        for stage in stages:  # placeholder bytes for every dep and out
+            for entry in [*stage.deps, *stage.outs]:
+                if type(entry).__name__ == "ParamsDependency":
+                    continue
+                path = proj / entry.def_path
+                if entry.def_path in ("models/base", params.evaluate.settings.local_dir) or \
+                        entry.def_path.endswith("_json"):
+                    path.mkdir(parents=True, exist_ok=True)
+                    (path / "x.txt").write_text(entry.def_path)
+                elif not path.exists():
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(entry.def_path)
+    targets = [f"mix@{v}" for v in params.mix]
+    done = subprocess.run([DVC, "commit", "-f", *targets], cwd=proj, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr + done.stdout
+
+    def stale() -> set[str]:
+        out = subprocess.run([DVC, "status", "--json", *targets], cwd=proj, check=True,
+                             capture_output=True, text=True).stdout
+        return set(json.loads(out))
+
+    # one version's recipe and one generated domain's file change: only their mixes are stale
+    text = (proj / "params.yaml").read_text(encoding="utf-8")
+    (proj / "params.yaml").write_text(text.replace("    seed: 4\n", "    seed: 44\n"), encoding="utf-8")
+    (proj / "data/generated/accounting/pairs.parquet").write_text("changed")
+    assert stale() == {"mix@v4", "mix@v6"}
+    # a re-mixed v5_1 makes the versions built on it stale (v5_2 reads mixture_v5_1)
+    (proj / "params.yaml").write_text(text, encoding="utf-8")
+    (proj / "data/generated/accounting/pairs.parquet").write_text("data/generated/accounting/pairs.parquet")
+    (proj / "data/mixtures/v5_1.parquet").write_text("v5_1 re-mixed")
+    assert stale() == {"mix@v5_1", "mix@v5_2"}

@@ -1,0 +1,289 @@
+"""report: the cross-version page, checked the way a person sees it (headless Chromium).
+
+Inputs are built here following the contracts of the stages that write them (evaluate
+metrics, mix manifests, train lineage/metrics, dvclive loss TSVs), for all eight versions
+and the baseline. Chromium renders the page to a screenshot and a DOM dump; the test skips
+only when ``chromium`` is not installed (``.ci/run`` installs it).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.common.params import load_params
+from stages.report import (FIGURES, accuracy_rows, composition, lineage_rows, read_loss_tsv,
+                           render_html)
+from tests.conftest import ROOT, run_stage
+
+VERSIONS = ["v1", "v2", "v3", "v4", "v5_1", "v5_2", "v5_3", "v6"]
+PARENTS = {"v3": "v1", "v5_2": "v5_1", "v5_3": "v5_2"}
+SOURCES = {"v1": ["krx_sample"], "v2": ["krx_sample", "financial_reports"], "v3": ["krx_reports"],
+           "v4": ["qa_rules", "rules"], "v5_1": ["metamath"], "v5_2": ["mixture_v5_1", "qa_rules"],
+           "v5_3": ["mixture_v5_2", "report_summaries"],
+           "v6": ["rules", "generated_financial_market", "metamath", "enko_translation", "table_qa"]}
+MICRO = {"base": 0.25, "v1": 0.30, "v2": 0.20, "v3": 0.35, "v4": 0.40, "v5_1": 0.25,
+         "v5_2": 0.45, "v5_3": 0.50, "v6": 0.55}
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _eval_metrics(key: str) -> dict:
+    micro = MICRO[key]
+    return {"key": key, "model": "models/base" if key == "base" else f"models/{key}",
+            "adapter": key != "base", "scoring": "loglik", "items": 40,
+            "accuracy": {"micro": micro, "macro": micro - 0.02, "shuffled_micro": micro - 0.05,
+                         "shuffled_macro": micro - 0.06, "choices_4": micro + 0.01,
+                         "choices_7": micro - 0.03},
+            "unparsed": 0,
+            "by_set": {"kmmlu_economics": {"items": 20, "accuracy": micro},
+                       "accounting_7": {"items": 20, "accuracy": micro - 0.1}}}
+
+
+def write_inputs(ws: Path) -> None:
+    for key in ["base", *VERSIONS]:
+        path = ws / "metrics" / "eval" / f"{key}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(_eval_metrics(key)), encoding="utf-8")
+    for index, version in enumerate(VERSIONS):
+        sources = {name: {"examples": 10 * (k + 1), "tokens": 1000 * (index + 1) * (k + 1)}
+                   for k, name in enumerate(SOURCES[version])}
+        manifest = {"version": version,
+                    "mixture": {"path": f"data/mixtures/{version}.parquet",
+                                "sha256": _sha(f"mixture {version}"),
+                                "examples": sum(s["examples"] for s in sources.values()),
+                                "tokens": sum(s["tokens"] for s in sources.values())},
+                    "inputs": {name: {"path": f"data/collected/{name}.parquet",
+                                      "sha256": _sha(f"{name} {version}")} for name in sources},
+                    "sources": sources}
+        (ws / "data" / "mixtures").mkdir(parents=True, exist_ok=True)
+        (ws / "data" / "mixtures" / f"{version}.json").write_text(json.dumps(manifest), encoding="utf-8")
+        parent = PARENTS.get(version)
+        lineage = {"version": version,
+                   "base_model": {"model": "Qwen/Qwen2-7B-Instruct", "revision": "main"},
+                   "parent": {"version": parent, "path": f"models/{parent}",
+                              "adapter_sha256": _sha(f"adapter {parent}")} if parent else None,
+                   "mixture": {"path": manifest["mixture"]["path"],
+                               "sha256": manifest["mixture"]["sha256"],
+                               "manifest": f"data/mixtures/{version}.json",
+                               "manifest_sha256": _sha(f"manifest {version}")},
+                   "adapter_sha256": _sha(f"adapter {version}"), "final_loss": 2.0 - 0.1 * index,
+                   "train_seconds": 12.5, "tokenizer": "Qwen/Qwen2-7B-Instruct", "steps": 5}
+        (ws / "models" / version).mkdir(parents=True, exist_ok=True)
+        (ws / "models" / version / "lineage.json").write_text(json.dumps(lineage), encoding="utf-8")
+        (ws / "metrics" / "train").mkdir(parents=True, exist_ok=True)
+        (ws / "metrics" / "train" / f"{version}.json").write_text(json.dumps(
+            {"final_loss": lineage["final_loss"], "eval_loss": 2.5, "steps": 5,
+             "train_seconds": 12.5, "tokenizer": "Qwen/Qwen2-7B-Instruct"}), encoding="utf-8")
+        if version != "v4":  # v4: no dvclive curve (e.g. logging_steps > steps)
+            tsv = ws / "dvclive" / "train" / version / "plots" / "metrics" / "loss.tsv"
+            tsv.parent.mkdir(parents=True, exist_ok=True)
+            tsv.write_text("step\tloss\n" + "".join(f"{s}\t{3.0 - 0.2 * s - 0.05 * index:.3f}\n"
+                                                    for s in range(1, 6)), encoding="utf-8")
+
+
+def _args() -> list[str]:
+    """The arguments of dvc.yaml's report cmd."""
+    return ["--eval-dir", "metrics/eval", "--train-dir", "metrics/train",
+            "--mixtures-dir", "data/mixtures", "--models-dir", "models",
+            "--live-dir", "dvclive/train", "--out", "reports", "--metrics", "metrics/report.json",
+            "--log", "logs/report.log"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    ws = tmp_path_factory.mktemp("report_ws")
+    write_inputs(ws)
+    report = load_params(ROOT / "params.yaml").report.model_dump()
+    (ws / "params.yaml").write_text(yaml.safe_dump({"report": report}), encoding="utf-8")
+    result = run_stage("report", _args(), ws)
+    assert result.returncode == 0, result.stderr
+    return ws
+
+
+class _Page(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[str] = []
+        self.text: list[str] = []
+        self.headings: list[str] = []
+        self._in_h2 = False
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+        self._in_h2 = tag == "h2"
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self._in_h2:
+            self.headings.append(data.strip())
+            self._in_h2 = False
+
+
+# ------------------------------------------------------------------------ the stage's files
+def test_report_writes_the_page_the_figures_and_metrics(built: Path):
+    reports = built / "reports"
+    assert sorted(p.name for p in reports.iterdir()) == sorted(["index.html", *FIGURES])
+    for name in FIGURES:
+        assert (reports / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = _Page()
+    page.feed((reports / "index.html").read_text(encoding="utf-8"))
+    assert sorted(page.images) == sorted(FIGURES)
+    text = " ".join(page.text)
+    for version in ["base", *VERSIONS]:
+        assert version in text
+    assert "+30.0 pt" in text          # v6 0.55 vs baseline 0.25
+    assert "-5.0 pt" in text           # v2 0.20 vs baseline 0.25
+    metrics = json.loads((built / "metrics" / "report.json").read_text(encoding="utf-8"))
+    assert metrics["best_version"] == "v6" and metrics["versions"] == 8
+    assert metrics["versions_above_baseline"] == 6
+
+
+def test_report_is_deterministic(built: Path, tmp_path: Path):
+    ws = tmp_path / "again"
+    shutil.copytree(built, ws, ignore=shutil.ignore_patterns("reports", "logs"))
+    assert run_stage("report", _args(), ws).returncode == 0
+    for name in ["index.html", *FIGURES]:
+        assert (ws / "reports" / name).read_bytes() == (built / "reports" / name).read_bytes(), name
+
+
+def test_report_fails_cleanly_on_a_missing_input(built: Path, tmp_path: Path):
+    ws = tmp_path / "missing"
+    shutil.copytree(built, ws, ignore=shutil.ignore_patterns("reports", "logs"))
+    (ws / "models" / "v5_2" / "lineage.json").unlink()
+    result = run_stage("report", _args(), ws)
+    assert result.returncode == 2
+    assert "models/v5_2/lineage.json does not exist" in result.stderr
+    assert not (ws / "reports").exists()
+
+
+# ------------------------------------------------------------------------ in a browser
+def _chromium() -> str:
+    path = shutil.which("chromium")
+    if path is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    return path
+
+
+def _browser(chromium: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu",
+                           "--disable-dev-shm-usage", "--hide-scrollbars", "--no-first-run",
+                           f"--user-data-dir={profile}", *args],
+                          capture_output=True, text=True, timeout=180)
+
+
+def test_page_in_headless_chromium_names_every_version_and_shows_its_figures(built: Path,
+                                                                             tmp_path: Path):
+    from PIL import Image
+
+    chromium = _chromium()
+    url = (built / "reports" / "index.html").as_uri()
+    dom = _browser(chromium, tmp_path / "profile", "--dump-dom", url)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    page = _Page()
+    page.feed(dom.stdout)
+    text = " ".join(page.text)
+    for version in ["base", *VERSIONS]:
+        assert version in text, f"{version} not on the rendered page"
+    assert page.headings == ["Accuracy against the baseline", "Data composition per version",
+                             "Training", "Lineage"]
+    assert sorted(page.images) == sorted(FIGURES)
+    for src in page.images:                      # relative paths that resolve to real PNGs
+        assert (built / "reports" / src).is_file()
+
+    shot = tmp_path / "page.png"
+    result = _browser(chromium, tmp_path / "profile", f"--screenshot={shot}",
+                      "--window-size=1280,3200", url)
+    assert result.returncode == 0 and shot.is_file(), result.stderr[-2000:]
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (1280, 3200)
+    colors = image.getcolors(maxcolors=1 << 20)
+    assert colors is not None and len(colors) > 50, "screenshot is blank"
+    white = sum(n for n, c in colors if c == (255, 255, 255))
+    assert white < 0.97 * image.size[0] * image.size[1]
+    # the page's own CSS has no such blue: these pixels come from the rendered figures
+    # (matplotlib's tab:blue bars of accuracy.png and tab20's first source of composition.png)
+    blue = sum(n for n, c in colors if abs(c[0] - 31) < 8 and abs(c[1] - 119) < 8 and abs(c[2] - 180) < 8)
+    assert blue > 500, f"figure colours not on the screenshot ({blue} px)"
+
+
+def test_a_broken_figure_link_would_be_caught(built: Path, tmp_path: Path):
+    """The figure check above is not vacuous: without the PNGs, the blue is gone."""
+    from PIL import Image
+
+    chromium = _chromium()
+    copy = tmp_path / "reports"
+    shutil.copytree(built / "reports", copy)
+    for name in FIGURES:
+        (copy / name).unlink()
+    shot = tmp_path / "broken.png"
+    _browser(chromium, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1280,3200",
+             (copy / "index.html").as_uri())
+    colors = Image.open(shot).convert("RGB").getcolors(maxcolors=1 << 20)
+    blue = sum(n for n, c in colors if abs(c[0] - 31) < 8 and abs(c[1] - 119) < 8 and abs(c[2] - 180) < 8)
+    assert blue < 50
+
+
+# ------------------------------------------------------------------------ pure parts
+def test_composition_stacks_tokens_by_source_per_version():
+    manifests = {"v1": {"sources": {"b": {"tokens": 5}, "a": {"tokens": 7}}},
+                 "v2": {"sources": {"c": {"tokens": 1}, "a": {"tokens": 2}}}}
+    order, table = composition(manifests, ["v1", "v2"])
+    assert order == ["a", "b", "c"]
+    assert table == {"v1": {"a": 7, "b": 5}, "v2": {"a": 2, "c": 1}}
+
+
+def test_accuracy_rows_compare_with_the_baseline():
+    evals = {k: _eval_metrics(k) for k in ("base", "v1", "v2")}
+    rows = accuracy_rows(evals, "base", ["v1", "v2"])
+    assert [r["key"] for r in rows] == ["base", "v1", "v2"]
+    assert [r["delta"] for r in rows] == [None, 0.05, -0.05]
+    assert rows[1]["by_set"] == {"accounting_7": pytest.approx(0.2), "kmmlu_economics": 0.3}
+
+
+def test_lineage_rows_follow_parent_mixture_and_source_hashes(tmp_path: Path):
+    write_inputs(tmp_path)
+    lineages = {v: json.loads((tmp_path / "models" / v / "lineage.json").read_text()) for v in VERSIONS}
+    manifests = {v: json.loads((tmp_path / "data" / "mixtures" / f"{v}.json").read_text()) for v in VERSIONS}
+    rows = {r["version"]: r for r in lineage_rows(lineages, manifests, VERSIONS)}
+    assert rows["v3"]["parent"] == "v1" and rows["v1"]["parent"] is None
+    assert rows["v5_3"]["mixture_sha256"] == _sha("mixture v5_3")
+    assert [s[0] for s in rows["v5_3"]["sources"]] == ["mixture_v5_2", "report_summaries"]
+    assert rows["v5_3"]["sources"][0][2] == _sha("mixture_v5_2 v5_3")
+    html_text = render_html({"baseline": "base", "versions": VERSIONS,
+                             "eval": {k: _eval_metrics(k) for k in ["base", *VERSIONS]},
+                             "manifests": manifests, "lineage": lineages, "train": {}, "loss": {}},
+                            list(FIGURES))
+    assert _sha("mixture v5_3") in html_text and "mixture_v5_2" in html_text
+
+
+def test_read_loss_tsv(tmp_path: Path):
+    path = tmp_path / "loss.tsv"
+    path.write_text("step\tloss\n2\t1.5\n1\t2.0\nbad\trow\n", encoding="utf-8")
+    assert read_loss_tsv(path) == [(1.0, 2.0), (2.0, 1.5)]
+    assert read_loss_tsv(tmp_path / "absent.tsv") == []
+
+
+def test_dvc_yaml_report_deps_cover_every_version_in_params():
+    from dvc.repo import Repo
+
+    report = load_params(ROOT / "params.yaml").report
+    with Repo(str(ROOT)) as repo:
+        stage = next(s for s in repo.index.stages if s.addressing == "report")
+        deps = {d.def_path for d in stage.deps}
+    assert f"metrics/eval/{report.baseline}.json" in deps
+    for version in report.versions:
+        for path in (f"metrics/eval/{version}.json", f"metrics/train/{version}.json",
+                     f"data/mixtures/{version}.json", f"models/{version}/lineage.json",
+                     f"dvclive/train/{version}/plots/metrics/loss.tsv"):
+            assert path in deps, f"report: {path} is not a dep"
+    assert report.versions == VERSIONS

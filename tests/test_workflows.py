@@ -1,0 +1,268 @@
+"""The DVC workflows users come for, with the real ``dvc`` and ``git`` CLIs (issue 7).
+
+One module-scoped fixture builds a *git* project laid out like the repository root with the
+quickstart params (the same files ``scripts/quickstart.py`` copies, plus the root's
+``.dvc/config`` with its default remote, ``.gitignore`` and ``.dvcignore``), runs the whole
+pipeline once offline with ``OPENAI_API_KEY`` set to a marker, and commits ``dvc.lock``.
+The tests then push, clone, pull, change params and kill runs against that project.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from scripts.quickstart import ROOT, offline_env, prepare_workspace
+
+pytestmark = pytest.mark.slow
+
+DVC = str(Path(sys.executable).parent / "dvc")
+KEY_MARKER = "sk-test-MARKER-4f1d9c2e7b0a6d35"
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, check: bool = True,
+        timeout: int = 900) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n"
+                             f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def project_env(project: Path) -> dict[str, str]:
+    env = offline_env(project)
+    env["OPENAI_API_KEY"] = KEY_MARKER
+    return env
+
+
+def make_project(path: Path) -> Path:
+    """A git + DVC project: the quickstart layout, committed, with the root's DVC config."""
+    path.mkdir(parents=True)
+    run(["git", "init", "-q", "-b", "main"], path)
+    run([DVC, "init", "-q"], path)
+    shutil.copy(ROOT / ".dvc" / "config", path / ".dvc" / "config")
+    for name in (".gitignore", ".dvcignore"):
+        shutil.copy(ROOT / name, path / name)
+    prepare_workspace(ROOT, path)
+    run(["git", "add", "-A"], path)
+    run(["git", "commit", "-q", "-m", "project"], path)
+    return path
+
+
+def dvc_status(project: Path) -> dict:
+    return json.loads(run([DVC, "status", "--json"], project, project_env(project)).stdout or "{}")
+
+
+def lock_outs(project: Path) -> dict[str, str]:
+    """Every output path in dvc.lock → its md5 (data outputs only: cached ones)."""
+    lock = yaml.safe_load((project / "dvc.lock").read_text(encoding="utf-8"))
+    outs = {}
+    for stage in lock["stages"].values():
+        for out in stage.get("outs", []):
+            outs[out["path"]] = out["md5"]
+    return outs
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("workflows")
+    project = make_project(base / "project")
+    run([DVC, "repro"], project, project_env(project), timeout=1800)
+    run(["git", "add", "dvc.lock", "metrics"], project)  # metrics live in git, as DVC intends
+    run(["git", "commit", "-q", "-m", "repro"], project)
+    return project
+
+
+def test_default_remote_lies_outside_the_work_tree(project):
+    url = run([DVC, "remote", "list"], project).stdout.split()
+    assert url[0] == "storage" and "(default)" in url
+    remote = Path(url[1]).resolve()
+    assert remote == (project.parent / "krx-finllm-dvc-remote").resolve()
+    assert project.resolve() not in remote.parents
+
+
+def test_push_clone_pull_gives_a_clean_tree_and_nothing_to_rerun(project):
+    env = project_env(project)
+    run([DVC, "push"], project, env)
+    clone = project.parent / "clone"
+    run(["git", "clone", "-q", str(project), str(clone)], project.parent)
+    run([DVC, "pull"], clone, project_env(clone))
+    assert dvc_status(clone) == {}
+    dry = run([DVC, "repro", "--dry"], clone, project_env(clone)).stdout
+    assert "Running stage" not in dry, dry
+    for path, md5 in lock_outs(project).items():
+        assert (clone / path).exists(), path
+    llm_caches = [p for p in lock_outs(project) if p.startswith("data/llm_cache/")]
+    for path in llm_caches:  # the response cache travels too: a teammate's re-run is free
+        assert any((clone / path).rglob("*.json")), path
+
+
+def test_no_file_anywhere_contains_the_api_key(project):
+    remote = project.parent / "krx-finllm-dvc-remote"
+    places = [project, remote]
+    marker = KEY_MARKER.encode()
+    leaks = []
+    for place in places:
+        for path in place.rglob("*"):
+            if path.is_file() and ".git" not in path.relative_to(place).parts[:1]:
+                if marker in path.read_bytes():
+                    leaks.append(str(path))
+    assert leaks == []
+
+
+def _wait_for(predicate, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError("timed out waiting")
+
+
+SLOW_STAGE = "evaluate@v1"  # long enough (model load + scoring) to be caught mid-run
+
+
+def test_second_repro_gets_the_lock_error_and_a_killed_repro_leaves_nothing_half_done(project):
+    env = project_env(project)
+    before = lock_outs(project)
+    log = project.parent / "repro.log"
+    with open(log, "w") as handle:
+        first = subprocess.Popen([DVC, "repro", "-f", "-s", SLOW_STAGE], cwd=project, env=env,
+                                 stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for(lambda: "Running stage" in log.read_text())
+        second = run([DVC, "repro"], project, env, check=False)
+        assert second.returncode != 0
+        assert "lock" in (second.stdout + second.stderr).lower()
+        os.killpg(first.pid, signal.SIGKILL)
+    finally:
+        first.wait(timeout=60)
+    # nothing half-written was recorded: the re-run completes and gives the same bytes
+    run([DVC, "repro"], project, env)
+    data = lambda outs: {p: m for p, m in outs.items() if p.startswith("data/")}  # noqa: E731
+    assert data(lock_outs(project)) == data(before)  # timings in logs/metrics may differ
+    assert dvc_status(project) == {}
+
+
+# ---------------------------------------------------------------------------- only what changed
+def stale_stages(project: Path) -> set[str]:
+    """Stages a ``dvc repro`` would run: those ``dvc status`` reports changed (params, deps)
+    and every stage downstream of them in DVC's own graph (``dvc repro --dry`` cannot know
+    whether a changed stage's outputs will change, so it lists only the first ones)."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    changed = set(dvc_status(project))
+    with Repo(str(project)) as repo:
+        graph = repo.index.graph  # edges point from a stage to the stages it depends on
+        names = {stage: stage.name for stage in graph.nodes}  # addressing is cwd-relative
+        hit = [stage for stage in graph.nodes if names[stage] in changed]
+        return {names[stage] for stage in graph.nodes
+                if any(nx.has_path(graph, stage, target) for target in hit)}
+
+
+def edit_params(project: Path, change) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
+    change(params)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False),
+                                         encoding="utf-8")
+
+
+def users_of(params: dict, generated: str) -> dict[str, set[str]]:
+    """Mixtures that read ``generated`` directly or through a parent mixture (``mixture_<v>``),
+    and the versions to retrain: those mixtures' versions and their chained children."""
+    mixes = {v for v, recipe in params["mix"].items() if generated in recipe["sources"]}
+    while True:
+        more = {v for v, recipe in params["mix"].items()
+                if any(f"mixture_{m}" in recipe["sources"] for m in mixes)}
+        if more <= mixes:
+            break
+        mixes |= more
+    trained = set(mixes)
+    while True:
+        more = {v for v, t in params["train"].items() if t["init_from"] in {f"models/{m}" for m in trained}}
+        if more <= trained:
+            break
+        trained |= more
+    return {"mix": mixes, "train": trained}
+
+
+def test_a_training_param_of_v4_makes_only_its_training_evaluation_and_report_stale(project):
+    try:
+        edit_params(project, lambda p: p["train"]["v4"].setdefault("lora", {}).update(r=4))
+        assert stale_stages(project) == {"train@v4", "evaluate@v4", "report"}
+    finally:
+        run(["git", "checkout", "params.yaml"], project)
+    assert dvc_status(project) == {}
+
+
+def test_the_judge_criteria_of_a_domain_reach_exactly_the_versions_that_use_it(project):
+    params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
+    users = users_of(params, "generated_financial_market")
+    assert "v6" in users["mix"] and "v1" not in users["train"]
+    expected = {f"{stage}@financial_market" for stage in ("filter", "transform", "synthesize", "solve")}
+    expected |= {f"mix@{v}" for v in users["mix"]} | {f"train@{v}" for v in users["train"]}
+    expected |= {f"evaluate@{v}" for v in users["train"]} | {"report"}
+    try:
+        edit_params(project, lambda p: p["filter"]["financial_market"].update(
+            criteria=p["filter"]["financial_market"]["criteria"] + " 파생상품 포함."))
+        assert stale_stages(project) == expected
+    finally:
+        run(["git", "checkout", "params.yaml"], project)
+
+
+# ---------------------------------------------------------------------------- diffs and lineage
+def test_params_and_metrics_diff_between_two_revisions(project):
+    env = project_env(project)
+    params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
+    before_examples = json.loads((project / "metrics/mix/v4.json").read_text())["examples"]
+    source = next(iter(params["mix"]["v4"]["sources"]))
+    edit_params(project, lambda p: p["mix"]["v4"]["sources"][source].update(fraction=0.5))
+    run([DVC, "repro"], project, env, timeout=1800)
+    run(["git", "add", "params.yaml", "dvc.lock", "metrics"], project)
+    run(["git", "commit", "-q", "-m", "v4: half of its source"], project)
+
+    params_diff = json.loads(run([DVC, "params", "diff", "HEAD~1", "--json"], project, env).stdout)
+    changed = params_diff["params.yaml"]
+    fraction = changed[f"mix.v4.sources.{source}.fraction"]
+    assert (fraction["old"], fraction["new"]) == (1.0, 0.5)
+    assert not any(k.startswith(("mix.v1", "train.", "filter.")) for k in changed)
+
+    metrics_diff = json.loads(run([DVC, "metrics", "diff", "HEAD~1", "--json"], project, env).stdout)
+    examples = metrics_diff["metrics/mix/v4.json"]["examples"]
+    assert examples["old"] == before_examples and examples["new"] < before_examples
+    assert "metrics/mix/v1.json" not in metrics_diff  # unchanged versions are not in the diff
+    assert any(path.startswith("metrics/train/v4") for path in metrics_diff)
+
+
+def test_lineage_traces_v5_3_through_three_levels(project):
+    result = run([sys.executable, "-m", "stages.lineage", "models/v5_3", "--json"], project,
+                 dict(project_env(project), PYTHONPATH=str(project)))
+    report = json.loads(result.stdout)
+    text = json.dumps(report)
+    for version in ("v5_3", "v5_2", "v5_1"):
+        assert f"models/{version}" in text
+    assert "data/mixtures/v5_3.json" in text
+
+
+# ---------------------------------------------------------------------------- experiments
+def test_dvc_exp_run_of_one_versions_lora_rank_is_listed(project):
+    env = project_env(project)
+    try:
+        run([DVC, "exp", "run", "-S", "+train.v4.lora.r=4", "--name", "v4-rank4"], project, env,
+            timeout=1800)
+        shown = json.loads(run([DVC, "exp", "show", "--json"], project, env).stdout)
+        text = json.dumps(shown)
+        assert "v4-rank4" in text
+        assert run([DVC, "exp", "show", "--csv"], project, env).stdout.count("v4-rank4") == 1
+    finally:
+        run(["git", "checkout", "params.yaml", "dvc.lock", "metrics"], project)
+        run([DVC, "checkout", "-f"], project, env, check=False)

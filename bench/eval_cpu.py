@@ -36,8 +36,8 @@ import yaml  # noqa: E402
 from stages.base_model import build_tiny_model, build_tokenizer, tiny_model_kwargs  # noqa: E402
 from stages.common.params import EvaluateSettings, TinyModelSpec, load_params  # noqa: E402
 from stages.common.prompts import step1_prompt  # noqa: E402
-from stages.evaluate import (EvalItem, chat_text, evaluate_items, load_sets,  # noqa: E402
-                             score_generate, score_loglik)
+from stages.common.evalsets import EvalItem, load_sets  # noqa: E402
+from stages.evaluate import chat_text, evaluate_items, score_generate, score_loglik  # noqa: E402
 
 RESULTS = REPO / "bench" / "RESULTS.md"
 SAMPLES = REPO / "data" / "samples"

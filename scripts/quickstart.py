@@ -25,6 +25,11 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as `python scripts/quickstart.py`
+    sys.path.insert(0, str(ROOT))
+
+from stages.common.params import read_yaml  # noqa: E402  (YAML 1.2, as DVC reads params)
+
 OVERRIDES = Path("data/samples/quickstart.params.yaml")
 COPIED = ("dvc.yaml", "stages", "data/samples", "configs")  # configs: accelerate configs (train deps)
 RECORDED_LLM = Path("data/samples/llm_cache")  # scripts/record_llm.py writes these
@@ -45,8 +50,8 @@ def deep_merge(base: Any, override: Any) -> Any:
 
 
 def quickstart_params(root: Path) -> dict[str, Any]:
-    base = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8"))
-    overrides = yaml.safe_load((root / OVERRIDES).read_text(encoding="utf-8")) or {}
+    base = read_yaml((root / "params.yaml").read_text(encoding="utf-8"))  # YAML 1.2, as DVC
+    overrides = read_yaml((root / OVERRIDES).read_text(encoding="utf-8")) or {}
     unknown = _unknown_paths(base, overrides)
     if unknown:  # an override for a key production does not have is a typo, not a new key
         raise SystemExit(f"{OVERRIDES}: keys not in params.yaml: {unknown}")

@@ -56,6 +56,7 @@ if str(ROOT) not in sys.path:  # run as `python scripts/record_llm.py`
     sys.path.insert(0, str(ROOT))
 
 from scripts.quickstart import DVC, offline_env, prepare_workspace  # noqa: E402
+from stages.common.params import read_yaml  # noqa: E402
 from scripts.replay_server import AnswersFileError, ReplayServer, load_answers  # noqa: E402
 
 ANSWERS_DIR = Path("data/samples/llm_answers")
@@ -162,7 +163,7 @@ def record_one(root: Path, workspace: Path, stage: str, key: str | None,
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     new_cache = scratch / "llm_cache"
-    params = yaml.safe_load((workspace / "params.yaml").read_text(encoding="utf-8"))
+    params = read_yaml((workspace / "params.yaml").read_text(encoding="utf-8"))
     llm_block(params, stage, key)  # fail early with a clear message
 
     out_paths = sorted({o.def_path for o in target.outs if not o.persist}, key=len, reverse=True)

@@ -22,7 +22,6 @@ Contract:
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any, Iterable
 
 from stages.common.io import atomic_dir, read_records, write_json
 from stages.common.params import BaseModelParams, TinyModelSpec, read_declared
-from stages.common.runlog import StageError, Timer, setup_logging, stage_main, write_metrics
+from stages.common.runlog import StageError, Timer, setup_logging, stage_main, stage_parser, write_metrics
 
 PARAMS = ("base_model",)
 STAGE = "base_model"
@@ -240,13 +239,9 @@ def save_base(out_dir: str, tokenizer: Any, model: Any, info: dict[str, Any]) ->
 
 @stage_main
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True)
+    parser = stage_parser(__doc__, rejects=False)
     parser.add_argument("--corpus", nargs="*", default=[],
                         help="parquet files whose texts train the tokenizer (build only)")
-    parser.add_argument("--metrics", required=True)
-    parser.add_argument("--log", required=True)
-    parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     timer = Timer()
     params: BaseModelParams | None = read_declared(PARAMS, path=args.params)["base_model"]

@@ -15,16 +15,15 @@ Contract:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from collections import Counter
 from typing import Any
 
 from stages.common.io import write_records
-from stages.common.params import SourceParams, read_declared
-from stages.common.runlog import (StageError, Timer, check_reject_rate, progress, setup_logging,
-                                  stage_main, write_metrics)
+from stages.common.params import SourceParams
+from stages.common.runlog import (StageError, begin_stage, check_reject_rate, progress,
+                                  stage_main, stage_parser, write_metrics)
 from stages.common.schema import SCHEMAS, reject, validate
 from stages.common.text import content_id, file_sha256, normalize_text
 from stages.sources import RawRow, Rows
@@ -261,18 +260,11 @@ def load_rows(params: SourceParams, key: str) -> Rows:
 
 @stage_main
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("source")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--rejects", required=True)
-    parser.add_argument("--metrics", required=True)
-    parser.add_argument("--log", required=True)
-    parser.add_argument("--params", default="params.yaml")
+    parser = stage_parser(__doc__, "source")
     args = parser.parse_args(argv)
     key = args.source
-    timer = Timer()
-    params: SourceParams = read_declared(PARAMS, key, path=args.params)["collect.{key}"]
-    log = setup_logging(args.log, f"collect@{key}")
+    params: SourceParams
+    params, log, timer = begin_stage(args, "collect", PARAMS, key)
 
     rows = load_rows(params, key)
     where = params.hub.repo if params.loader == "hub" else params.input

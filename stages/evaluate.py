@@ -27,7 +27,6 @@ Contract:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -40,13 +39,13 @@ from typing import Any, Callable, Sequence
 
 import pyarrow as pa
 
-from stages.common.io import read_records, write_records
-from stages.common.params import EvalLocalSet, EvaluateSettings, read_declared
+from stages.common.evalsets import EvalItem, load_sets
+from stages.common.io import write_records
+from stages.common.params import EvaluateSettings, read_declared
 from stages.common.prompts import LETTERS, step1_prompt, step2_prompt
 from stages.common.runlog import (StageError, Timer, check_reject_rate, progress, setup_logging,
-                                  stage_main, write_metrics)
-from stages.common.schema import MAX_CHOICES, MIN_CHOICES, SCHEMAS, reject, validate
-from stages.common.text import content_id
+                                  stage_main, stage_parser, write_metrics)
+from stages.common.schema import MAX_CHOICES, MIN_CHOICES, SCHEMAS, reject
 
 PARAMS = ("evaluate.models.{key}", "evaluate.settings")
 STAGE = "evaluate"
@@ -59,21 +58,6 @@ PREDICTION_SCHEMA = pa.schema([
     ("correct", pa.bool_()), ("permutation", pa.list_(pa.int32())),
     ("shuffled_predicted", pa.int32()), ("shuffled_correct", pa.bool_()), ("detail", pa.string()),
 ])
-
-
-@dataclass(frozen=True)
-class EvalItem:
-    """One multiple-choice question; ``answer`` is a 0-based index into ``choices``."""
-    set: str
-    id: str
-    question: str
-    choices: tuple[str, ...]
-    answer: int
-    category: str = ""
-
-    @property
-    def category_key(self) -> str:
-        return f"{self.set}/{self.category}" if self.category else self.set
 
 
 # ------------------------------------------------------------------------ letters
@@ -124,94 +108,6 @@ def shuffle_item(item: EvalItem, seed: int) -> tuple[EvalItem, list[int]]:
 def unshuffle(predicted: int | None, perm: Sequence[int]) -> int | None:
     """A prediction over the shuffled options -> the index of that option in the original."""
     return None if predicted is None else perm[predicted]
-
-
-# ------------------------------------------------------------------------ eval sets
-_CHOICE_LABEL = re.compile(r"^\s*(?:\(?([A-Ga-g])[.)]|([1-7])[.)]?)\s+")
-
-
-def strip_labels(choices: Sequence[str]) -> list[str]:
-    """Drop letter/number labels written into the choices ("A. …", "B) …", "1 …") — only when
-    every choice carries the label of its own position, so real text is never cut."""
-    stripped = []
-    for position, choice in enumerate(choices):
-        match = _CHOICE_LABEL.match(choice)
-        if not match:
-            return list(choices)
-        label = match.group(1) or match.group(2)
-        expected = LETTERS[position] if match.group(1) else str(position + 1)
-        if label.upper() != expected:
-            return list(choices)
-        stripped.append(choice[match.end():].strip())
-    return stripped if all(stripped) else list(choices)
-
-
-def items_from_records(name: str, records: list[dict[str, Any]], split: str | None
-                       ) -> tuple[list[EvalItem], list[dict[str, str]]]:
-    """mcq records (collect's schema) -> items of set ``name`` (only ``split`` when given);
-    invalid records become rejects."""
-    items, rejects = [], []
-    for index, record in enumerate(records):
-        if split is not None and record.get("split") != split:
-            continue
-        problems = validate("mcq", record)
-        if problems:
-            rejects.append(reject(STAGE, name, str(record.get("id") or f"row {index}"),
-                                  "invalid_record", "; ".join(problems), record))
-            continue
-        items.append(EvalItem(name, record["id"], record["question"], tuple(record["choices"]),
-                              record["answer"], record.get("category") or ""))
-    return items, rejects
-
-
-def load_local_set(name: str, spec: EvalLocalSet) -> tuple[list[EvalItem], list[dict[str, str]]]:
-    """A local MCQ file, read and mapped by collect's own loader and row mapping."""
-    from stages.collect import build_records
-    from stages.sources.local import read_local
-
-    source = spec.as_source()
-    param = f"evaluate.settings.local.{name}"
-    rows = read_local(source.input, source.local, param)
-    if rows.columns is not None:
-        for fld, mapping in source.columns.items():
-            for column in ([mapping] if isinstance(mapping, str) else mapping):
-                if column not in rows.columns:
-                    raise StageError(f"{param}.columns.{fld}: column {column!r} not in "
-                                     f"{source.input} (columns: {rows.columns})")
-    records, rejects, _ = build_records(rows, source, name, source.input)
-    rejects = [dict(r, stage=STAGE) for r in rejects]
-    if spec.strip_choice_labels:
-        for record in records:
-            record["choices"] = strip_labels(record["choices"])
-            record["id"] = content_id("mcq", record["question"], record["choices"], record["answer"])
-    for record in records:
-        record["split"] = "test"
-    items, invalid = items_from_records(name, records, None)
-    return items, rejects + invalid
-
-
-def load_sets(settings: EvaluateSettings) -> tuple[list[EvalItem], list[dict[str, str]]]:
-    """Every eval set named in params -> (items sorted by set then id, rejects)."""
-    items: list[EvalItem] = []
-    rejects: list[dict[str, str]] = []
-    for name, spec in sorted(settings.collected.items()):
-        if not Path(spec.input).is_file():
-            raise StageError(f"evaluate.settings.collected.{name}.input: {spec.input} does not exist")
-        got, bad = items_from_records(name, read_records(spec.input), spec.split)
-        if not got:
-            raise StageError(f"evaluate.settings.collected.{name}: no {spec.split!r} records in {spec.input}")
-        items += cap(got, settings.max_items_per_set)
-        rejects += bad
-    for name, local_spec in sorted(settings.local.items()):
-        got, bad = load_local_set(name, local_spec)
-        items += cap(got, settings.max_items_per_set)
-        rejects += bad
-    return items, rejects
-
-
-def cap(items: list[EvalItem], limit: int | None) -> list[EvalItem]:
-    ordered = sorted(items, key=lambda item: item.id)
-    return ordered if limit is None else ordered[:limit]
 
 
 # ------------------------------------------------------------------------ prompts
@@ -503,14 +399,8 @@ def drop_long_prompts(items: list[EvalItem], tokenizer: Any, max_tokens: int
 
 @stage_main
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("key")
+    parser = stage_parser(__doc__, "key")
     parser.add_argument("--base", required=True, help="the base model dir (base.json, tokenizer)")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--rejects", required=True)
-    parser.add_argument("--metrics", required=True)
-    parser.add_argument("--log", required=True)
-    parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     key = args.key
     timer = Timer()

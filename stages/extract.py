@@ -122,9 +122,9 @@ if hasattr(pymupdf, "no_recommend_layout"):
     pymupdf.no_recommend_layout()  # find_tables would advertise the analyser we hid
 
 from stages.common.io import atomic_dir, atomic_path, dumps_json, open_parquet_writer, write_records
-from stages.common.params import PARAMS_FILE, ExtractParams, HeaderFooterParams, read_declared
+from stages.common.params import ExtractParams, HeaderFooterParams, read_declared
 from stages.common.runlog import (StageError, Timer, check_reject_rate, progress, setup_logging,
-                                  stage_main, write_metrics)
+                                  stage_main, stage_parser, write_metrics)
 from stages.common.schema import SCHEMAS, reject, validate
 from stages.common.text import content_id, file_sha256, garbled_ratio, normalize_text
 
@@ -808,14 +808,8 @@ def records_table(records: Sequence[dict[str, Any]], schema: pa.Schema) -> pa.Ta
 
 # ----------------------------------------------------------------------------- the stage
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m stages.extract", description=__doc__.split("\n")[0])
-    parser.add_argument("collection", help="key under extract: in params.yaml")
-    parser.add_argument("--out", required=True, help="page records (Parquet)")
+    parser = stage_parser(__doc__, "collection", key_help="key under extract: in params.yaml", out_help="page records (Parquet)")
     parser.add_argument("--json-dir", required=True, help="one <doc_id>.json per PDF")
-    parser.add_argument("--rejects", required=True, help="reject records (Parquet)")
-    parser.add_argument("--metrics", required=True, help="metrics JSON")
-    parser.add_argument("--log", required=True, help="log file")
-    parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: %(default)s)")
     return parser.parse_args(argv)
 
 

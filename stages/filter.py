@@ -22,7 +22,6 @@ Contract:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import unicodedata
@@ -34,10 +33,10 @@ from typing import Any, Optional, Sequence
 from pydantic import BaseModel, Field
 
 from stages.common.io import read_records, write_records
-from stages.common.llm import LLMParams, LLMRequest, Result, run_batch
-from stages.common.params import ChunkingParams, FilterParams, PrefilterParams, read_declared
+from stages.common.llm import LLMRequest, Result, run_batch
+from stages.common.params import ChunkingParams, FilterParams, PrefilterParams
 from stages.common.prompts import lettered, render_template
-from stages.common.runlog import (StageError, Timer, check_reject_rate, setup_logging, stage_main,
+from stages.common.runlog import (StageError, begin_stage, check_reject_rate, stage_main, stage_parser,
                                   write_metrics)
 from stages.common.schema import SCHEMAS, reject, validate_table
 from stages.common.text import content_id, hangul_ratio, normalize_text
@@ -364,30 +363,22 @@ def load_items(params: FilterParams, key: str) -> tuple[str, list[dict[str, Any]
 
 @stage_main
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("domain")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--rejects", required=True)
-    parser.add_argument("--metrics", required=True)
-    parser.add_argument("--log", required=True)
-    parser.add_argument("--params", default="params.yaml")
+    parser = stage_parser(__doc__, "domain")
     args = parser.parse_args(argv)
     key = args.domain
-    timer = Timer()
-    params: FilterParams = read_declared(PARAMS, key, path=args.params)["filter.{key}"]
-    llm_params = LLMParams.model_validate(params.llm)
-    log = setup_logging(args.log, f"filter@{key}")
+    params: FilterParams
+    params, log, timer = begin_stage(args, "filter", PARAMS, key)
     # The cache dir is a DVC out: it must exist even when nothing reaches the judge.
-    Path(llm_params.cache_dir).mkdir(parents=True, exist_ok=True)
+    Path(params.llm.cache_dir).mkdir(parents=True, exist_ok=True)
 
     kind, records, counts = load_items(params, key)
     survivors, rejects, prefilter_counts = select_candidates(records, params, key)
     counts.update(prefilter_counts)
     log.info("%d %s items, %d pass the prefilter; judging with %s", len(records), kind,
-             len(survivors), llm_params.model)
+             len(survivors), params.llm.model)
     requests = [LLMRequest(judge_messages(record, params.criteria), Verdict, record["id"])
                 for record, _ in survivors]
-    results, accounting = run_batch(llm_params, requests, logger=log, desc=f"filter@{key}")
+    results, accounting = run_batch(params.llm, requests, logger=log, desc=f"filter@{key}")
     outcome = apply_verdicts(survivors, results, key)
     counts.update(outcome.counts)
     rejects += outcome.rejects

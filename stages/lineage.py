@@ -10,7 +10,7 @@ The chain, from the model down:
   child was trained from against the parent's adapter now;
 - the mixture and its manifest (lineage.json ``mixture``: path/sha256, manifest/manifest_sha256),
   the manifest's recipe, and the source files it lists under ``inputs`` (sha256 per path, a
-  directory hashed as ``stages.mix.path_sha256`` does); a source that is itself a mixture
+  directory hashed as ``stages.common.text.path_sha256`` does); a source that is itself a mixture
   (``mixture_v5_1``) is followed through its own manifest;
 - the base model (``base.json`` sha256);
 - from ``dvc.lock``: the ``train@<v>`` and ``mix@<v>`` entries (the md5 of their deps and outs,
@@ -43,7 +43,7 @@ from ruamel.yaml import YAML
 
 from stages.common.params import TrainDefaults, TrainVersion, resolve_train
 from stages.common.runlog import StageError, stage_main
-from stages.common.text import file_sha256
+from stages.common.text import file_sha256, path_sha256
 
 ADAPTER_FILE = "adapter_model.safetensors"
 LINEAGE_FILE = "lineage.json"
@@ -89,10 +89,7 @@ def dvc_md5(path: str | os.PathLike) -> str:
 
 def source_sha256(path: str | os.PathLike) -> str:
     """sha256 of a mixture input the way mix@<v> recorded it in its manifest."""
-    if os.path.isdir(path):
-        from stages.mix import path_sha256  # the manifest's directory hash: one definition
-        return path_sha256(str(path))
-    return file_sha256(str(path))
+    return path_sha256(str(path))
 
 
 def short(digest: str | None, width: int = 12) -> str:

@@ -36,7 +36,6 @@ Order of work, streamed in Parquet batches (memory is O(examples) small integers
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -44,18 +43,19 @@ import tempfile
 from array import array
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.common.io import atomic_path, open_parquet_writer, write_json
+from stages.common.evalsets import items_from_records, load_local_set
+from stages.common.io import atomic_path, open_parquet_writer, read_records, write_json
 from stages.common.params import (MIX_FORMATS, EvalCollectedSet, EvalLocalSet, MixParams,
                                   read_declared)
-from stages.common.runlog import StageError, Timer, progress, setup_logging, stage_main, write_metrics
+from stages.common.runlog import StageError, Timer, progress, setup_logging, stage_main, stage_parser, write_metrics
 from stages.common.schema import SCHEMAS, reject, validate
-from stages.common.text import content_id, file_sha256
+from stages.common.text import content_id, file_sha256, path_sha256
 from stages.mixing.formats import (FORMATTERS, Budget, FormatError, check_filter_fields,
                                    count_tokens, load_templates, passes_filters)
 from stages.mixing.hashing import (EvalIndex, EvalItem, exact_duplicates, exact_key, mix_keys,
@@ -104,49 +104,26 @@ def read_batches(path: str, batch_size: int) -> Batches:
         yield record_batch.to_pylist()
 
 
-def path_sha256(path: str) -> str:
-    """sha256 of a file; of a directory: over its files' relative paths and sha256s."""
-    if not os.path.isdir(path):
-        return file_sha256(path)
-    digest = hashlib.sha256()
-    for root, dirs, files in os.walk(path):
-        dirs.sort()
-        for name in sorted(files):
-            full = os.path.join(root, name)
-            digest.update(f"{os.path.relpath(full, path)}\0{file_sha256(full)}\n".encode())
-    return digest.hexdigest()
-
-
-def eval_items_from_records(name: str, records: Iterable[dict[str, Any]]) -> list[EvalItem]:
-    return [EvalItem(f"{name}/{r['id']}", (r["question"], *r.get("choices", ())))
-            for r in records]
-
-
 def load_eval_items(collected: dict[str, EvalCollectedSet],
                     local: dict[str, EvalLocalSet]) -> tuple[list[EvalItem], dict[str, dict]]:
-    """Every evaluation item of ``evaluate.settings``, read the way evaluation reads them
-    (collected: the held-out split of the mcq parquet; local: the collect loader)."""
+    """Every evaluation item of ``evaluate.settings``, read by evaluation's own reader
+    (:mod:`stages.common.evalsets`): the same items, ids and choice texts as ``evaluate@``
+    scores, uncapped (``max_items_per_set`` limits scoring, not decontamination)."""
     items: list[EvalItem] = []
     info: dict[str, dict] = {}
     for name, spec in collected.items():
         if not os.path.isfile(spec.input):
             raise StageError(f"evaluate.settings.collected.{name}.input: {spec.input} does not exist")
-        records = [r for r in pq.read_table(spec.input).to_pylist() if r.get("split") == spec.split]
-        items += eval_items_from_records(name, records)
-        info[name] = {"path": spec.input, "split": spec.split, "items": len(records),
+        got, _ = items_from_records(name, read_records(spec.input), spec.split)
+        items += [EvalItem(f"{name}/{item.id}", (item.question, *item.choices)) for item in got]
+        info[name] = {"path": spec.input, "split": spec.split, "items": len(got),
                       "sha256": file_sha256(spec.input)}
-    if local:
-        from stages.collect import build_records
-        from stages.sources.local import read_local
-        for name, spec in local.items():
-            if not os.path.isfile(spec.input):
-                raise StageError(f"evaluate.settings.local.{name}.input: {spec.input} does not exist")
-            source = spec.as_source()
-            rows = read_local(source.input, source.local, f"evaluate.settings.local.{name}")
-            records, _, _ = build_records(rows, source, name, source.input)
-            items += eval_items_from_records(name, records)
-            info[name] = {"path": spec.input, "items": len(records),
-                          "sha256": file_sha256(spec.input)}
+    for name, spec in local.items():
+        if not os.path.isfile(spec.input):
+            raise StageError(f"evaluate.settings.local.{name}.input: {spec.input} does not exist")
+        got, _ = load_local_set(name, spec)
+        items += [EvalItem(f"{name}/{item.id}", (item.question, *item.choices)) for item in got]
+        info[name] = {"path": spec.input, "items": len(got), "sha256": file_sha256(spec.input)}
     return items, info
 
 
@@ -413,11 +390,9 @@ def build_mixture(version: str, recipe: MixParams, tokenizer: Any, eval_index: E
         exact = exact_duplicates(np.frombuffer(cols.exact, dtype=np.uint64), groups) if n else {}
         alive = np.ones(n, dtype=bool)
         alive[list(exact)] = False
-        signatures = np.concatenate(cols.signatures) if cols.signatures else np.zeros((0, 1), np.uint16)
-        cols.signatures = []
-        near = near_duplicates(signatures, groups, alive, recipe.dedup.bands,
+        near = near_duplicates(cols.signatures, groups, alive, recipe.dedup.bands,
                                recipe.dedup.near_threshold) if n else {}
-        del signatures
+        cols.signatures = []
         alive[list(near)] = False
 
         # ---- pass 3: selection per source, then the dev split
@@ -550,15 +525,9 @@ def metrics_of(result: dict[str, Any], seconds: float) -> dict[str, Any]:
 
 @stage_main
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("version")
+    parser = stage_parser(__doc__, "version")
     parser.add_argument("--tokenizer", required=True, help="directory for AutoTokenizer")
-    parser.add_argument("--out", required=True)
     parser.add_argument("--manifest", required=True)
-    parser.add_argument("--rejects", required=True)
-    parser.add_argument("--metrics", required=True)
-    parser.add_argument("--log", required=True)
-    parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     version = args.version
     timer = Timer()

@@ -19,7 +19,6 @@ Contract:
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import html
 import json
@@ -28,7 +27,7 @@ from typing import Any
 
 from stages.common.io import atomic_dir, write_text
 from stages.common.params import ReportParams, read_declared
-from stages.common.runlog import StageError, Timer, setup_logging, stage_main, write_metrics
+from stages.common.runlog import StageError, Timer, setup_logging, stage_main, stage_parser, write_metrics
 
 PARAMS = ("report",)
 STAGE = "report"
@@ -373,16 +372,12 @@ def report_metrics(data: dict[str, Any], figures: list[str]) -> dict[str, Any]:
 
 @stage_main
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = stage_parser(__doc__, rejects=False)
     parser.add_argument("--eval-dir", required=True)
     parser.add_argument("--train-dir", required=True)
     parser.add_argument("--mixtures-dir", required=True)
     parser.add_argument("--models-dir", required=True)
     parser.add_argument("--live-dir", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--metrics", required=True)
-    parser.add_argument("--log", required=True)
-    parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     timer = Timer()
     params: ReportParams = read_declared(PARAMS, path=args.params)["report"]

@@ -31,7 +31,6 @@ Contract:
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -45,12 +44,12 @@ from typing import Any, Literal, Optional, Sequence
 from pydantic import BaseModel
 
 from stages.common.io import read_records, write_json, write_records
-from stages.common.llm import CacheMissError, LLMClient, LLMParams
-from stages.common.params import SolveParams, read_declared
+from stages.common.llm import CacheMissError, LLMClient
+from stages.common.params import SolveParams
 from stages.common.prompts import (LETTERS, letter, letter_index, load_template,
                                    mcq_question_block, step1_prompt, step2_prompt)
-from stages.common.runlog import (StageError, Timer, check_reject_rate, progress, setup_logging,
-                                  stage_main, write_metrics)
+from stages.common.runlog import (StageError, begin_stage, check_reject_rate, progress,
+                                  stage_main, stage_parser, write_metrics)
 from stages.common.schema import SCHEMAS, reject, validate_table
 from stages.common.text import content_id
 
@@ -298,21 +297,13 @@ def write_exports(directory: str | Path, stamp: str, pairs: Sequence[dict[str, A
 
 @stage_main
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("domain")
-    parser.add_argument("--out", required=True, help="questions.parquet")
+    parser = stage_parser(__doc__, "domain", out_help="questions.parquet")
     parser.add_argument("--pairs", required=True, help="pairs.parquet")
-    parser.add_argument("--rejects", required=True)
-    parser.add_argument("--metrics", required=True)
-    parser.add_argument("--log", required=True)
     parser.add_argument("--exports", required=True, help="directory for the original-format files")
-    parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     key = args.domain
-    timer = Timer()
-    params: SolveParams = read_declared(PARAMS, key, path=args.params)["solve.{key}"]
-    llm_params = LLMParams.model_validate(params.llm)
-    log = setup_logging(args.log, f"solve@{key}")
+    params: SolveParams
+    params, log, timer = begin_stage(args, "solve", PARAMS, key)
     stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
     export_log = Path(args.exports) / f"processing_{stamp}.log"
     export_log.parent.mkdir(parents=True, exist_ok=True)
@@ -335,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     templates = {name: load_template(name) for name in TEMPLATES}
 
     async def run() -> tuple[list[Outcome], int, dict[str, Any]]:
-        async with LLMClient(llm_params, logger=log) as llm:
+        async with LLMClient(params.llm, logger=log) as llm:
             outcomes, unused = await solve_questions(candidates, llm, params, templates,
                                                      key=key, log=log)
             return outcomes, unused, llm.accounting.as_metrics()

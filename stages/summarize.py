@@ -73,13 +73,13 @@ from string import Template
 from typing import Any, Iterable, Optional, Sequence
 
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from stages.common.io import write_records
-from stages.common.llm import Accounting, LLMClient, LLMParams, LLMRequest, Result
-from stages.common.params import PARAMS_FILE, SummarizeParams, read_declared
+from stages.common.llm import Accounting, LLMClient, LLMRequest, Result
+from stages.common.params import SummarizeParams, read_declared
 from stages.common.prompts import load_template
-from stages.common.runlog import (StageError, Timer, check_reject_rate, setup_logging, stage_main,
+from stages.common.runlog import (StageError, Timer, check_reject_rate, setup_logging, stage_main, stage_parser,
                                   write_metrics)
 from stages.common.schema import SCHEMAS, reject, validate, validate_table
 from stages.common.text import content_id
@@ -641,23 +641,11 @@ def build_outputs(outcomes: Sequence[Outcome]) -> tuple[list[dict], list[dict], 
     return records, rejects, counts
 
 
-def llm_params(params: SummarizeParams) -> LLMParams:
-    """The ``summarize.llm`` block as :class:`LLMParams`; a bad key is a StageError naming it."""
-    try:
-        return LLMParams.model_validate(params.llm)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"summarize.llm.{'.'.join(map(str, e['loc']))}: "
-            f"{'unknown key (typo?)' if e['type'] == 'extra_forbidden' else e['msg']}"
-            for e in exc.errors(include_url=False))
-        raise StageError(f"params invalid: {problems}") from None
-
-
 def run(reports: Sequence[Report], params: SummarizeParams, log: logging.Logger | None = None
         ) -> tuple[list[Outcome], Accounting]:
     """Synchronous entry point: summarise ``reports`` with a fresh client."""
     prompts = Prompts.load()
-    client_params = llm_params(params)
+    client_params = params.llm
 
     async def main() -> tuple[list[Outcome], Accounting]:
         async with LLMClient(client_params, logger=log) as llm:
@@ -680,14 +668,8 @@ def read_reports(path: str) -> list[Report]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m stages.summarize",
-                                     description=__doc__.split("\n")[0])
+    parser = stage_parser(__doc__, out_help="one summary record per report (Parquet)")
     parser.add_argument("--input", required=True, help="page records of the reports (Parquet)")
-    parser.add_argument("--out", required=True, help="one summary record per report (Parquet)")
-    parser.add_argument("--rejects", required=True, help="reject records (Parquet)")
-    parser.add_argument("--metrics", required=True, help="metrics JSON")
-    parser.add_argument("--log", required=True, help="log file")
-    parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: %(default)s)")
     return parser.parse_args(argv)
 
 
@@ -695,7 +677,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     params: SummarizeParams = read_declared(PARAMS, path=args.params)["summarize"]
-    cache_dir = llm_params(params).cache_dir  # validates the llm block before any work
+    cache_dir = params.llm.cache_dir
     timer = Timer()
     log = setup_logging(args.log, STAGE)
     reports = read_reports(args.input)

@@ -25,7 +25,6 @@ Contract:
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import random
@@ -41,11 +40,11 @@ import yaml
 from pydantic import BaseModel
 
 from stages.common.io import read_records, write_records
-from stages.common.llm import LLMClient, LLMParams, LLMRequest, Result
-from stages.common.params import SynthesizeParams, read_declared
+from stages.common.llm import LLMClient, LLMRequest, Result
+from stages.common.params import SynthesizeParams
 from stages.common.prompts import LETTERS, letter, letter_index, load_template
-from stages.common.runlog import (StageError, Timer, check_reject_rate, setup_logging,
-                                  stage_main, write_metrics)
+from stages.common.runlog import (StageError, begin_stage, check_reject_rate,
+                                  stage_main, stage_parser, write_metrics)
 from stages.common.schema import SCHEMAS, reject, validate, validate_table
 from stages.common.text import content_id, normalize_text
 
@@ -364,19 +363,11 @@ def read_inputs(paths: Sequence[str]) -> tuple[list[dict[str, Any]], list[dict[s
 
 @stage_main
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("domain")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--rejects", required=True)
-    parser.add_argument("--metrics", required=True)
-    parser.add_argument("--log", required=True)
-    parser.add_argument("--params", default="params.yaml")
+    parser = stage_parser(__doc__, "domain")
     args = parser.parse_args(argv)
     key = args.domain
-    timer = Timer()
-    params: SynthesizeParams = read_declared(PARAMS, key, path=args.params)["synthesize.{key}"]
-    llm_params = LLMParams.model_validate(params.llm)
-    log = setup_logging(args.log, f"synthesize@{key}")
+    params: SynthesizeParams
+    params, log, timer = begin_stage(args, "synthesize", PARAMS, key)
 
     existing, chunks = read_inputs([params.inputs.filtered, params.inputs.transformed])
     if params.grounded and not chunks:
@@ -393,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
                        chunks if params.grounded else ())
 
     async def run() -> tuple[Synthesis, dict[str, Any]]:
-        async with LLMClient(llm_params, logger=log) as llm:
+        async with LLMClient(params.llm, logger=log) as llm:
             outcome = await synthesize(slots, llm, key=key, params=params, examples=examples,
                                        templates=templates, index=index, log=log)
             return outcome, llm.accounting.as_metrics()

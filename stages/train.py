@@ -41,9 +41,10 @@ from typing import Any
 
 from stages.common.io import atomic_dir, dumps_json, read_records, write_json, write_records, write_text
 from stages.common.params import TrainParams, resolve_train, read_declared
-from stages.common.runlog import (StageError, Timer, check_reject_rate, setup_logging, stage_main,
+from stages.common.runlog import (StageError, Timer, check_reject_rate, setup_logging, stage_main, stage_parser,
                                   write_metrics)
 from stages.common.schema import SCHEMAS, reject, validate
+from stages.common.text import file_sha256
 
 PARAMS = ("train.{key}", "train_defaults")
 STAGE = "train"
@@ -55,14 +56,6 @@ SPLITS = ("train", "dev")
 
 
 # ------------------------------------------------------------------------ small helpers
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -363,7 +356,7 @@ def write_version(out_dir: str, peft_model: Any, tokenizer: Any, lineage_wo_adap
     with atomic_dir(out_dir) as tmp:
         peft_model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        lineage = dict(lineage_wo_adapter, adapter_sha256=sha256_file(Path(tmp) / ADAPTER_FILE))
+        lineage = dict(lineage_wo_adapter, adapter_sha256=file_sha256(Path(tmp) / ADAPTER_FILE))
         write_json(training_config, Path(tmp) / "training_config.json")
         write_json(lineage, Path(tmp) / "lineage.json")
         write_text(model_card(lineage), Path(tmp) / "README.md")
@@ -421,9 +414,9 @@ def train_version(key: str, params: TrainParams, args: argparse.Namespace, log: 
         if not adapter.is_file():
             raise StageError(f"train.{key}.init_from: {args.init_from} has no {ADAPTER_FILE} "
                              f"(train@{params.parent} must run first)")
-        parent_sha = sha256_file(adapter)
-    inputs = {"mixture": sha256_file(args.mixture), "manifest": sha256_file(args.manifest),
-              "base": sha256_file(Path(args.base) / "base.json"), "parent_adapter": parent_sha or ""}
+        parent_sha = file_sha256(adapter)
+    inputs = {"mixture": file_sha256(args.mixture), "manifest": file_sha256(args.manifest),
+              "base": file_sha256(Path(args.base) / "base.json"), "parent_adapter": parent_sha or ""}
     fingerprint = run_fingerprint(params, inputs)
     resume_from = find_resume_checkpoint(args.checkpoints, fingerprint) if params.resume else None
     state = PartialState()  # joins the process group under accelerate; a no-op otherwise
@@ -504,19 +497,13 @@ def train_version(key: str, params: TrainParams, args: argparse.Namespace, log: 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("version")
+    parser = stage_parser(__doc__, "version")
     parser.add_argument("--mixture", required=True)
     parser.add_argument("--manifest", required=True)
     parser.add_argument("--base", required=True, help="models/base")
     parser.add_argument("--init-from", required=True, help="models/base or models/<parent>")
-    parser.add_argument("--out", required=True)
     parser.add_argument("--checkpoints", required=True)
     parser.add_argument("--live-dir", required=True)
-    parser.add_argument("--rejects", required=True)
-    parser.add_argument("--metrics", required=True)
-    parser.add_argument("--log", required=True)
-    parser.add_argument("--params", default="params.yaml")
     return parser.parse_args(argv)
 
 

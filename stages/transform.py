@@ -25,7 +25,6 @@ Contract:
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import random
@@ -37,10 +36,10 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from stages.common.io import read_records, write_records
-from stages.common.llm import LLMParams, LLMRequest, Result, run_batch
-from stages.common.params import TransformParams, read_declared
+from stages.common.llm import LLMRequest, Result, run_batch
+from stages.common.params import TransformParams
 from stages.common.prompts import LETTERS, letter, letter_index, lettered, render_template
-from stages.common.runlog import (StageError, Timer, check_reject_rate, setup_logging, stage_main,
+from stages.common.runlog import (StageError, begin_stage, check_reject_rate, stage_main, stage_parser,
                                   write_metrics)
 from stages.common.schema import SCHEMAS, reject, validate_table
 from stages.common.text import content_id, normalize_text
@@ -195,20 +194,12 @@ def letter_histogram(records: list[dict[str, Any]]) -> dict[str, int]:
 
 @stage_main
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("domain")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--rejects", required=True)
-    parser.add_argument("--metrics", required=True)
-    parser.add_argument("--log", required=True)
-    parser.add_argument("--params", default="params.yaml")
+    parser = stage_parser(__doc__, "domain")
     args = parser.parse_args(argv)
     key = args.domain
-    timer = Timer()
-    params: TransformParams = read_declared(PARAMS, key, path=args.params)["transform.{key}"]
-    llm_params = LLMParams.model_validate(params.llm)
-    log = setup_logging(args.log, f"transform@{key}")
-    Path(llm_params.cache_dir).mkdir(parents=True, exist_ok=True)  # a DVC out: must exist
+    params: TransformParams
+    params, log, timer = begin_stage(args, "transform", PARAMS, key)
+    Path(params.llm.cache_dir).mkdir(parents=True, exist_ok=True)  # a DVC out: must exist
 
     path = Path(params.input)
     if not path.is_file():
@@ -221,8 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     if not records:
         raise StageError(f"transform@{key}: {path} has no questions")
     requests = [LLMRequest(transform_messages(r, params.context), SevenChoiceMCQ, r["id"]) for r in records]
-    log.info("%d questions -> 7 choices with %s", len(records), llm_params.model)
-    results, accounting = run_batch(llm_params, requests, logger=log, desc=f"transform@{key}")
+    log.info("%d questions -> 7 choices with %s", len(records), params.llm.model)
+    results, accounting = run_batch(params.llm, requests, logger=log, desc=f"transform@{key}")
     out, rejects, model_letters = build_records(records, results, key)
     for r in rejects:
         log.info("reject %s: %s %s", r["item"], r["reason"], r["detail"])

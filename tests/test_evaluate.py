@@ -21,12 +21,12 @@ from stages.common.io import read_records, write_records
 from stages.common.params import EvaluateSettings, load_params
 from stages.common.prompts import LETTERS, step1_prompt
 from stages.common.runlog import StageError
+from stages.common.evalsets import EvalItem, items_from_records, load_sets, strip_labels
 from stages.common.schema import SCHEMAS
 from stages.common.text import content_id
-from stages.evaluate import (EvalItem, chat_text, evaluate_items, generate_texts, items_from_records,
-                             letter_logprobs, letter_token_ids, load_model, load_sets, parse_letter,
-                             permutation, score_generate, score_loglik, shuffle_item, strip_labels,
-                             summarize, unshuffle)
+from stages.evaluate import (chat_text, evaluate_items, generate_texts, letter_logprobs,
+                             letter_token_ids, load_model, parse_letter, permutation,
+                             score_generate, score_loglik, shuffle_item, summarize, unshuffle)
 from stages.evaluate import main as evaluate_main
 from tests.conftest import ROOT, run_stage
 

@@ -223,9 +223,13 @@ def test_fatal_errors_fail_fast_and_cancel_outstanding_work(tmp_path, server, re
         async with LLMClient(params) as llm:
             with pytest.raises(FatalLLMError) as caught:
                 await llm.run_many(requests_for(range(30)))
+            # Requests the client had already written may still be on their way to the
+            # server: let them land before counting, then nothing more may arrive.
+            await asyncio.sleep(0.5)
             seen = len(server.completions_requests)
             with pytest.raises(FatalLLMError):  # the client refuses further work
                 await llm.complete(messages(99), Verdict, item_id="item-99")
+            await asyncio.sleep(0.3)
             return caught.value, seen
     error, seen = asyncio.run(main())
     assert isinstance(error, StageError) and phrase in str(error)

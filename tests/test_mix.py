@@ -331,6 +331,27 @@ def test_planted_near_duplicate_is_removed_across_sources(tokenizer, tmp_path):
     assert sum(r["source"] == "generated_financial_market" for r in rows) == 10
 
 
+def test_decontamination_reads_eval_sets_exactly_as_evaluation_does():
+    """Labelled choices ("A. …") are stripped and ids re-derived as evaluate@ does, so the
+    reject names the id evaluation reports and an unlabelled copy of a choice still matches."""
+    from stages.common.evalsets import load_local_set
+    from stages.common.params import EvaluateSettings
+    from stages.mix import load_eval_items
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))["evaluate"]["settings"]
+    spec = dict(raw["local"]["fin_market_mcq"], input=str(ROOT / "data/samples/eval/fin_market_mcq.jsonl"))
+    settings = EvaluateSettings.model_validate(dict(raw, collected={}, local={"fin_market_mcq": spec},
+                                                    local_dir=str(ROOT / "data/samples/eval")))
+    items, info = load_eval_items({}, settings.local)
+    expected, _ = load_local_set("fin_market_mcq", settings.local["fin_market_mcq"])
+    assert info["fin_market_mcq"]["items"] == len(expected) == len(items) > 0
+    assert [item.label for item in items] == [f"fin_market_mcq/{e.id}" for e in expected]
+    labelled = [json.loads(line)["options"] for line in
+                (ROOT / "data/samples/eval/fin_market_mcq.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert any(option.startswith("A.") for options in labelled for option in options)
+    assert not any(choice.startswith(("A.", "B.")) for item in items for choice in item.segments[1:])
+
+
 def test_minhash_estimates_jaccard():
     a = "유가증권시장에서 주식의 하루 가격제한폭은 기준가격 대비 얼마인가? 상하 30퍼센트이다." * 3
     b = a.replace("얼마인가", "얼마 인가")
@@ -341,6 +362,21 @@ def test_minhash_estimates_jaccard():
     assert list(found) == [1] and found[1][0] == 0
     same_group = near_duplicates(sig, np.array([1, 1, 3, 4], dtype=np.uint64), np.ones(4, bool), 16, 0.8)
     assert same_group == {}
+
+
+def test_near_duplicates_over_row_chunks_equal_the_whole_matrix():
+    """The build passes its per-batch signature chunks without concatenating them."""
+    rng = np.random.default_rng(3)
+    sig = rng.integers(0, 4, size=(300, 64), dtype=np.uint16)  # few values: many candidates
+    sig[150] = sig[20]
+    sig[299] = sig[7]
+    groups = np.arange(300, dtype=np.uint64)
+    alive = np.ones(300, bool)
+    alive[5] = False
+    whole = near_duplicates(sig, groups, alive, 16, 0.5)
+    chunks = [sig[:1], sig[1:128], sig[128:128], sig[128:256], sig[256:]]
+    assert near_duplicates(chunks, groups, alive, 16, 0.5) == whole
+    assert whole[150] == (20, 1.0) and whole[299] == (7, 1.0)
 
 
 # ------------------------------------------------------------------------------ params
@@ -401,7 +437,7 @@ def test_recipe_typos_and_bad_values_are_errors_naming_the_key(tmp_path, mutate,
 def test_each_mix_stage_depends_on_exactly_its_recipe_inputs():
     params = load_params(ROOT / "params.yaml")
     code = {"stages/__init__.py", "stages/collect.py", "stages/common/__init__.py",
-            "stages/common/io.py", "stages/common/params.py", "stages/common/prompts.py",
+            "stages/common/evalsets.py", "stages/common/io.py", "stages/common/params.py", "stages/common/prompts.py",
             "stages/common/runlog.py", "stages/common/schema.py", "stages/common/text.py",
             "stages/mix.py", "stages/mixing/__init__.py", "stages/mixing/formats.py",
             "stages/mixing/hashing.py", "stages/prompts/mix_formats.yaml",

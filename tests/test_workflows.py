@@ -1,10 +1,13 @@
-"""The DVC workflows users come for, with the real ``dvc`` and ``git`` CLIs (issue 7).
+"""The quickstart and the DVC workflows users come for, with the real ``dvc`` and ``git``
+CLIs (issues 1 and 7).
 
 One module-scoped fixture builds a *git* project laid out like the repository root with the
 quickstart params (the same files ``scripts/quickstart.py`` copies, plus the root's
-``.dvc/config`` with its default remote, ``.gitignore`` and ``.dvcignore``), runs the whole
-pipeline once offline with ``OPENAI_API_KEY`` set to a marker, and commits ``dvc.lock``.
-The tests then push, clone, pull, change params and kill runs against that project.
+``.dvc/config`` with its default remote, ``.gitignore`` and ``.dvcignore``), runs
+``scripts/quickstart.py`` on it (the whole pipeline, offline, with ``OPENAI_API_KEY`` set to
+a marker) and commits ``dvc.lock``. The pipeline runs once for the whole module: the
+quickstart checks come first, then the tests push, clone, pull, change params and kill runs
+against that project.
 """
 from __future__ import annotations
 
@@ -71,14 +74,69 @@ def lock_outs(project: Path) -> dict[str, str]:
     return outs
 
 
+def root_git_status() -> str:
+    return run(["git", "status", "--porcelain", "--untracked-files=no"], ROOT).stdout
+
+
+def run_quickstart(project: Path) -> subprocess.CompletedProcess:
+    return run([sys.executable, "scripts/quickstart.py", "--workspace", str(project)], ROOT,
+               project_env(project), timeout=1800)
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("workflows")
     project = make_project(base / "project")
-    run([DVC, "repro"], project, project_env(project), timeout=1800)
+    (base / "root_status.txt").write_text(root_git_status(), encoding="utf-8")
+    first = run_quickstart(project)
+    (base / "quickstart.out").write_text(first.stdout, encoding="utf-8")
     run(["git", "add", "dvc.lock", "metrics"], project)  # metrics live in git, as DVC intends
     run(["git", "commit", "-q", "-m", "repro"], project)
     return project
+
+
+# ---------------------------------------------------------------------------- the quickstart
+VERSIONS = ("v1", "v2", "v3", "v4", "v5_1", "v5_2", "v5_3", "v6")
+
+
+def test_the_quickstart_runs_every_stage_offline(project):
+    assert "Quickstart summary" in (project.parent / "quickstart.out").read_text(encoding="utf-8")
+    metrics = {p.relative_to(project / "metrics").with_suffix("").as_posix():
+               json.loads(p.read_text(encoding="utf-8"))
+               for p in (project / "metrics").rglob("*.json")}
+    for source in ("kmmlu_economics", "kmmlu_accounting", "kmmlu_taxation", "metamath",
+                   "enko_translation", "krx_sample", "qa_rules", "table_qa", "top100_companies",
+                   "aihub_kozh", "aihub_econ_calc"):
+        assert metrics[f"collect/{source}"]["records"] > 0, source
+        assert (project / "data/collected" / f"{source}.parquet").is_file()
+    assert metrics["collect/kmmlu_economics"]["duplicates_removed"] == 1  # planted in samples
+    assert set(metrics["collect/kmmlu_economics"]["splits"]) == {"train", "dev", "test"}
+    for collection in ("krx_reports", "financial_reports", "rules"):
+        assert metrics[f"extract/{collection}"]["pages"] > 0, collection
+        assert any((project / "data/collected" / f"{collection}_json").glob("*.json"))
+    assert metrics["extract/krx_reports"]["files_rejected"] >= 1  # the planted broken PDF
+    # generation per domain, eight mixtures, eight models, nine evaluations, the report
+    for domain in ("financial_market", "accounting", "rules"):
+        assert metrics[f"solve/{domain}"]["pairs"] > 0, domain
+        assert metrics[f"solve/{domain}"]["llm"]["calls"] == 0  # answered from recorded responses
+    assert metrics["summarize"]["records"] > 0
+    for version in VERSIONS:
+        assert metrics[f"mix/{version}"]["examples"] > 0, version
+        assert metrics[f"train/{version}"]["steps"] > 0, version
+        assert (project / "models" / version / "lineage.json").is_file()
+    for key in ("base",) + VERSIONS:
+        assert metrics[f"eval/{key}"]["items"] > 0, key
+    assert (project / "reports" / "index.html").is_file()
+
+
+def test_a_second_quickstart_recomputes_nothing_and_leaves_the_repository_untouched(project):
+    lock = (project / "dvc.lock").read_text(encoding="utf-8")
+    second = run_quickstart(project)
+    assert "Running stage" not in second.stdout + second.stderr
+    assert (project / "dvc.lock").read_text(encoding="utf-8") == lock
+    assert dvc_status(project) == {}
+    # params.yaml, dvc.yaml … of the repository itself are untouched
+    assert root_git_status() == (project.parent / "root_status.txt").read_text(encoding="utf-8")
 
 
 def test_default_remote_lies_outside_the_work_tree(project):

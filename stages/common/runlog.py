@@ -6,6 +6,7 @@ clear message and exit code 2, never a traceback halfway through writing outputs
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import logging
 import sys
@@ -16,7 +17,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 from tqdm import tqdm
 
 from stages.common.io import write_json
-from stages.common.params import ParamsError
+from stages.common.params import PARAMS_FILE, ParamsError, read_declared
 
 T = TypeVar("T")
 
@@ -68,6 +69,33 @@ def check_reject_rate(rejected: int, total: int, threshold: float, what: str) ->
         raise StageError(f"{what}: {rejected} of {total} records rejected "
                          f"({rejected / total:.1%}) > max_reject_rate {threshold:.1%}; "
                          "see the rejects file for reasons")
+
+
+def stage_parser(doc: str | None, key: str | None = None, key_help: str | None = None,
+                 rejects: bool = True, out_help: str | None = None) -> argparse.ArgumentParser:
+    """The command line every stage shares (dvc.yaml writes it): the foreach key when the
+    stage has one, then ``--out``, ``--rejects``, ``--metrics``, ``--log``, ``--params``.
+    A stage adds its own options to the parser it gets back."""
+    parser = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0] if doc else None)
+    if key:
+        parser.add_argument(key, help=key_help)
+    parser.add_argument("--out", required=True, help=out_help)
+    if rejects:
+        parser.add_argument("--rejects", required=True, help="reject records (Parquet)")
+    parser.add_argument("--metrics", required=True, help="metrics JSON")
+    parser.add_argument("--log", required=True, help="log file")
+    parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: %(default)s)")
+    return parser
+
+
+def begin_stage(args: argparse.Namespace, stage: str, declared: tuple[str, ...],
+                key: str | None = None) -> tuple[Any, logging.Logger, "Timer"]:
+    """The start of a stage run: its timer, its params section (the first template of
+    ``declared``, read and validated for ``key``) and its log ``<stage>@<key>``."""
+    timer = Timer()
+    section = read_declared(declared, key, path=args.params)[declared[0]]
+    log = setup_logging(args.log, f"{stage}@{key}" if key else stage)
+    return section, log, timer
 
 
 def stage_main(func: Callable[..., Any]) -> Callable[..., Any]:

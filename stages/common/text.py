@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import unicodedata
 from typing import Any
@@ -51,6 +52,20 @@ def file_sha256(path: str, chunk_size: int = 1 << 20) -> str:
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(chunk_size), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def path_sha256(path: str) -> str:
+    """sha256 of a file; of a directory: over its files' relative paths and sha256s, in a
+    fixed order (the identity of a directory input in manifests and lineage)."""
+    if not os.path.isdir(path):
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            digest.update(f"{os.path.relpath(full, path)}\0{file_sha256(full)}\n".encode())
     return digest.hexdigest()
 
 

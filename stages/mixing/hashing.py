@@ -146,23 +146,54 @@ def exact_duplicates(keys: np.ndarray, groups: np.ndarray) -> dict[int, int]:
     return out
 
 
-def near_duplicates(signatures: np.ndarray, groups: np.ndarray, alive: np.ndarray,
-                    bands: int, threshold: float) -> dict[int, tuple[int, float]]:
+class ChunkedRows:
+    """Rows of equal-width signature chunks addressed as one matrix, without concatenating
+    them: a full copy would double the largest array of the build (128 bytes per example at
+    64 permutations) at its peak."""
+
+    def __init__(self, chunks: Sequence[np.ndarray]) -> None:
+        self.chunks = [c for c in chunks if len(c)]
+        sizes = np.array([len(c) for c in self.chunks], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.width = self.chunks[0].shape[1] if self.chunks else 0
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def column(self, col: int) -> np.ndarray:
+        out = np.empty(len(self), dtype=self.chunks[0].dtype if self.chunks else np.uint16)
+        for chunk, lo in zip(self.chunks, self.offsets[:-1]):
+            out[lo:lo + len(chunk)] = chunk[:, col]
+        return out
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), self.width), dtype=self.chunks[0].dtype)
+        which = np.searchsorted(self.offsets, rows, side="right") - 1
+        for c in np.unique(which):
+            mask = which == c
+            out[mask] = self.chunks[c][rows[mask] - self.offsets[c]]
+        return out
+
+
+def near_duplicates(signatures: np.ndarray | Sequence[np.ndarray], groups: np.ndarray,
+                    alive: np.ndarray, bands: int, threshold: float) -> dict[int, tuple[int, float]]:
     """``{later index: (earlier index, similarity)}`` among ``alive`` examples: a later example
     whose estimated Jaccard with an earlier one (another group) is at least ``threshold``.
 
+    ``signatures``: one matrix, or its row chunks in order (as the build makes them).
     LSH: the signature is cut into ``bands`` bands (≤ 4 rows of 16 bits = one uint64 key);
     examples sharing a band key are candidates, verified on the whole signature.
     """
+    sig = ChunkedRows([signatures] if isinstance(signatures, np.ndarray) else signatures)
     index = np.flatnonzero(alive).astype(np.int64)
     if len(index) < 2:
         return {}
-    rows = signatures.shape[1] // bands
+    rows = sig.width // bands
     pairs_i, pairs_j = [], []
     for band in range(bands):  # one band at a time: temporary memory is one uint64 per example
         key = np.zeros(len(index), dtype=np.uint64)
         for r in range(rows):
-            key |= signatures[index, band * rows + r].astype(np.uint64) << np.uint64(16 * r)
+            key |= sig.column(band * rows + r)[index].astype(np.uint64) << np.uint64(16 * r)
         earlier, later = _runs(key, index)
         pairs_i.append(earlier)
         pairs_j.append(later)
@@ -177,7 +208,7 @@ def near_duplicates(signatures: np.ndarray, groups: np.ndarray, alive: np.ndarra
     similarity = np.zeros(len(i))
     for lo in range(0, len(i), _MINHASH_ROWS):
         hi = lo + _MINHASH_ROWS
-        similarity[lo:hi] = (signatures[i[lo:hi]] == signatures[j[lo:hi]]).mean(axis=1)
+        similarity[lo:hi] = (sig.take(i[lo:hi]) == sig.take(j[lo:hi])).mean(axis=1)
     out: dict[int, tuple[int, float]] = {}
     for a, b, s in zip(i.tolist(), j.tolist(), similarity.tolist()):
         if s >= threshold and b not in out:

@@ -134,12 +134,13 @@ def build_tiny_model(tokenizer: Any, *, hidden_size: int = 64, num_hidden_layers
     return model
 
 
-def tiny_model_kwargs(spec: TinyModelSpec) -> dict[str, int]:
+def tiny_model_kwargs(spec: TinyModelSpec) -> dict[str, Any]:
     """``params.base_model.build`` -> :func:`build_tiny_model` keyword arguments."""
     return dict(hidden_size=spec.hidden_size, num_hidden_layers=spec.layers,
                 num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
                 intermediate_size=spec.intermediate,
-                max_position_embeddings=spec.max_position_embeddings, seed=spec.seed)
+                max_position_embeddings=spec.max_position_embeddings,
+                initializer_range=spec.initializer_range, seed=spec.seed)
 
 
 # ------------------------------------------------------------------------ corpus

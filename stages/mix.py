@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import tempfile
 from array import array
 from collections import Counter
@@ -263,6 +264,14 @@ class _RejectWriter:
         self.writer.close()
 
 
+def _phase(log: Any, message: str) -> None:
+    """One line per pass of the build, with the peak memory so far (the scaling benchmark
+    and anyone watching a 1M-example build read where the memory goes)."""
+    if log is not None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        log.info("%s (peak RSS so far %.0f MiB)", message, peak)
+
+
 def build_mixture(version: str, recipe: MixParams, tokenizer: Any, eval_index: EvalIndex,
                   open_source: Callable[[str], tuple[str, Batches]], out_path: str | os.PathLike,
                   rejects_path: str | os.PathLike, log: Any = None) -> dict[str, Any]:
@@ -386,6 +395,7 @@ def build_mixture(version: str, recipe: MixParams, tokenizer: Any, eval_index: E
         tokens = np.frombuffer(cols.tokens, dtype=np.int64) if n else np.zeros(0, np.int64)
         ids = np.frombuffer(cols.ids, dtype=np.uint64) if n else np.zeros(0, np.uint64)
 
+        _phase(log, f"pass 1 done: {len(cols)} examples formatted and hashed")
         # ---- pass 2: exact, then near-duplicate removal across the sources
         exact = exact_duplicates(np.frombuffer(cols.exact, dtype=np.uint64), groups) if n else {}
         alive = np.ones(n, dtype=bool)
@@ -395,6 +405,7 @@ def build_mixture(version: str, recipe: MixParams, tokenizer: Any, eval_index: E
         cols.signatures = []
         alive[list(near)] = False
 
+        _phase(log, f"pass 2 done: {len(exact)} exact, {len(near)} near duplicates")
         # ---- pass 3: selection per source, then the dev split
         copies = np.zeros(n, dtype=np.int64)
         is_dev = np.zeros(n, dtype=bool)
@@ -411,6 +422,7 @@ def build_mixture(version: str, recipe: MixParams, tokenizer: Any, eval_index: E
             else:
                 is_dev[chosen] = dev_groups(groups[chosen], recipe.dev_size, recipe.seed + 1)
 
+        _phase(log, "pass 3 done: selection and dev split")
         # ---- pass 4: stream the spill into the output, dedup rejects with their text
         writer = open_parquet_writer(out_path, SCHEMAS["example"])
         buffer: list[dict[str, Any]] = []
@@ -440,6 +452,7 @@ def build_mixture(version: str, recipe: MixParams, tokenizer: Any, eval_index: E
         if buffer:
             writer.write_table(pa.Table.from_pylist(buffer, schema=SCHEMAS["example"]))
         writer.close()
+        _phase(log, "pass 4 done: mixture written")
     rejects.close()
 
     banned = sorted(set(emitted_sources) & set(recipe.exclude_sources))

@@ -83,6 +83,19 @@ def test_tiny_model_is_seeded_and_sized_for_the_tokenizer(tokenizer):
     assert a(ids).logits.shape == (1, ids.shape[1], len(tokenizer))
 
 
+def test_params_build_spec_reaches_the_model_config(tokenizer):
+    from stages.base_model import tiny_model_kwargs
+    from stages.common.params import TinyModelSpec
+    spec = TinyModelSpec(vocab_size=400, hidden_size=32, layers=2, heads=4, kv_heads=2,
+                         intermediate=64, max_position_embeddings=256, initializer_range=0.3)
+    model = build_tiny_model(tokenizer, **tiny_model_kwargs(spec))
+    assert model.config.initializer_range == 0.3 and model.config.num_hidden_layers == 2
+    assert model.config.max_position_embeddings == 256
+    wide = model.model.layers[0].mlp.up_proj.weight.std().item()
+    assert 0.2 < wide < 0.4  # the weights are drawn with that std
+    assert TinyModelSpec(**dict(spec.model_dump(), initializer_range=0.02)).initializer_range == 0.02
+
+
 def test_corpus_texts_skip_the_test_split_and_keep_choices():
     records = [{"split": "train", "question": "Q1", "choices": ["가", "나"], "answer": 0},
                {"split": "test", "question": "HELD OUT", "answer": "x"},

@@ -248,6 +248,7 @@ class TinyModelSpec(Strict):
     kv_heads: int = Field(gt=0, description="num_key_value_heads (GQA)")
     intermediate: int = Field(gt=0, description="intermediate_size (SwiGLU)")
     max_position_embeddings: int = Field(gt=0)
+    initializer_range: float = Field(0.02, gt=0, description="std of the random weights")
     seed: int = 0
 
     @model_validator(mode="after")

@@ -51,7 +51,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stages.common.evalsets import items_from_records, load_local_set
-from stages.common.io import atomic_path, open_parquet_writer, read_records, write_json
+from stages.common.io import (atomic_path, iter_record_batches, open_parquet_writer, read_records,
+                              write_json)
 from stages.common.params import (MIX_FORMATS, EvalCollectedSet, EvalLocalSet, MixParams,
                                   read_declared)
 from stages.common.runlog import StageError, Timer, progress, setup_logging, stage_main, stage_parser, write_metrics
@@ -101,7 +102,7 @@ def read_batches(path: str, batch_size: int) -> Batches:
                     batch.append(json.load(handle))
             yield batch
         return
-    for record_batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
+    for record_batch in iter_record_batches(path, batch_size):
         yield record_batch.to_pylist()
 
 
@@ -428,7 +429,7 @@ def build_mixture(version: str, recipe: MixParams, tokenizer: Any, eval_index: E
         buffer: list[dict[str, Any]] = []
         emitted_sources: Counter = Counter()
         index = 0
-        for record_batch in pq.ParquetFile(spill_path).iter_batches(batch_size=recipe.batch_size):
+        for record_batch in iter_record_batches(spill_path, recipe.batch_size):
             for row in record_batch.to_pylist():
                 name = names[sources[index]]
                 if index in exact or index in near:

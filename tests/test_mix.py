@@ -352,6 +352,35 @@ def test_decontamination_reads_eval_sets_exactly_as_evaluation_does():
     assert not any(choice.startswith(("A.", "B.")) for item in items for choice in item.segments[1:])
 
 
+def test_parquet_batches_hold_one_row_group_at_a_time(tmp_path):
+    """mix streams its inputs and its spill through iter_record_batches: all rows in order,
+    batches of at most batch_size, and Arrow's pool holds about one row group, not the
+    file (ParquetFile.iter_batches kept everything it had decoded until the end: 176 MiB
+    after 300k rows of text)."""
+    import pyarrow as pa
+    from stages.common.io import iter_record_batches
+    rng = np.random.default_rng(0)
+    schema = pa.schema([("id", pa.int64()), ("text", pa.string())])
+    path = tmp_path / "many_groups.parquet"
+    writer = pq.ParquetWriter(path, schema)
+    rows, groups, chars = 1000, 40, 300
+    for group in range(groups):  # random Hangul: plain-encoded, as real prompts are
+        flat = (0xAC00 + rng.integers(0, 11172, size=rows * chars)).astype("<u4").tobytes().decode("utf-32-le")
+        texts = [flat[k * chars:(k + 1) * chars] for k in range(rows)]
+        writer.write_table(pa.table({"id": list(range(group * rows, (group + 1) * rows)), "text": texts},
+                                    schema=schema))
+    writer.close()
+    one_group = pq.ParquetFile(path).read_row_group(0).nbytes
+    base = pa.total_allocated_bytes()
+    ids, peak = [], 0
+    for batch in iter_record_batches(path, 700):
+        assert batch.num_rows <= 700
+        ids += batch.column("id").to_pylist()
+        peak = max(peak, pa.total_allocated_bytes() - base)
+    assert ids == list(range(rows * groups))
+    assert peak < 10 * one_group  # the file holds 40; iter_batches reaches ~40x
+
+
 def test_minhash_estimates_jaccard():
     a = "유가증권시장에서 주식의 하루 가격제한폭은 기준가격 대비 얼마인가? 상하 30퍼센트이다." * 3
     b = a.replace("얼마인가", "얼마 인가")

@@ -65,6 +65,21 @@ def open_parquet_writer(path: str | os.PathLike, schema: pa.Schema) -> pq.Parque
     return pq.ParquetWriter(path, schema, **_PARQUET_OPTIONS)
 
 
+def iter_record_batches(path: str | os.PathLike, batch_size: int) -> Iterator[pa.RecordBatch]:
+    """The rows of a Parquet file in batches of at most ``batch_size``, one row group in
+    memory at a time.
+
+    Not ``ParquetFile.iter_batches``: that keeps what it has decoded in Arrow's memory pool
+    until the iterator is exhausted (measured: 175 MiB held after 300k rows of text, against
+    0 MiB for this loop), which made a mixture's peak memory grow with its input.
+    """
+    parquet = pq.ParquetFile(path)
+    for index in range(parquet.num_row_groups):
+        table = parquet.read_row_group(index)
+        yield from table.to_batches(max_chunksize=batch_size)
+        del table
+
+
 def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     return pq.read_table(path).to_pylist()
 

@@ -66,18 +66,19 @@ def open_parquet_writer(path: str | os.PathLike, schema: pa.Schema) -> pq.Parque
 
 
 def iter_record_batches(path: str | os.PathLike, batch_size: int) -> Iterator[pa.RecordBatch]:
-    """The rows of a Parquet file in batches of at most ``batch_size``, one row group in
-    memory at a time.
+    """The rows of a Parquet file in batches of at most ``batch_size``, one row group at a
+    time: a fresh ``iter_batches`` per row group.
 
-    Not ``ParquetFile.iter_batches``: that keeps what it has decoded in Arrow's memory pool
-    until the iterator is exhausted (measured: 175 MiB held after 300k rows of text, against
-    0 MiB for this loop), which made a mixture's peak memory grow with its input.
+    Not one ``ParquetFile.iter_batches`` over the whole file: that keeps what it has decoded
+    in Arrow's memory pool until the iterator is exhausted (measured: 176 MiB held after 300k
+    rows of text in 300 row groups, against <= 3 MiB this way), which made a mixture's peak
+    memory grow with its input. Not ``read_row_group`` either: within one large row group
+    (``write_parquet`` writes up to 1Mi rows per group) it holds the compressed and decoded
+    group at once (176 MiB against 92 MiB on 100k rows in one group).
     """
     parquet = pq.ParquetFile(path)
     for index in range(parquet.num_row_groups):
-        table = parquet.read_row_group(index)
-        yield from table.to_batches(max_chunksize=batch_size)
-        del table
+        yield from parquet.iter_batches(batch_size=batch_size, row_groups=[index])
 
 
 def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: quickstart test venv clean-quickstart
+.PHONY: quickstart test check venv clean-quickstart
 
 venv: $(STAMP)
 
@@ -19,6 +19,11 @@ $(STAMP): requirements.lock pyproject.toml
 
 quickstart: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/quickstart.py
+
+# every params.yaml problem at once: each section against its stage's schema, cross-section
+# rules, a stale dvc.vars.yaml (stages/check.py)
+check: $(STAMP)
+	$(BIN)/python -m stages.check
 
 test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)

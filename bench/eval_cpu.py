@@ -34,7 +34,8 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from stages.base_model import build_tiny_model, build_tokenizer, tiny_model_kwargs  # noqa: E402
-from stages.common.params import EvaluateSettings, TinyModelSpec, load_params  # noqa: E402
+from stages.base_model import TinyModelSpec  # noqa: E402
+from stages.evaluate import EvaluateSettings, load_params  # noqa: E402
 from stages.common.prompts import step1_prompt  # noqa: E402
 from stages.common.evalsets import EvalItem, load_sets  # noqa: E402
 from stages.evaluate import chat_text, evaluate_items, score_generate, score_loglik  # noqa: E402
@@ -44,7 +45,7 @@ SAMPLES = REPO / "data" / "samples"
 
 
 def sample_items(count: int) -> list[EvalItem]:
-    params = load_params(REPO / "params.yaml").evaluate.settings.model_dump()
+    params = load_params(None, REPO / "params.yaml").model_dump()
     for spec in params["local"].values():
         spec["input"] = str(SAMPLES / "eval" / Path(spec["input"]).name)
     params.update(local_dir=str(SAMPLES / "eval"), collected={})

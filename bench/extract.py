@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from stages import extract  # noqa: E402  (imports pymupdf the way the stage does)
-from stages.common.params import ExtractParams  # noqa: E402
+from stages.extract import ExtractParams  # noqa: E402
 from stages.common.text import normalize_text  # noqa: E402
 
 import pymupdf  # noqa: E402

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from stages.base_model import build_tokenizer  # noqa: E402
 from stages.common.io import open_parquet_writer  # noqa: E402
-from stages.common.params import MIX_INPUT_SLOTS, mix_source_input  # noqa: E402
+from stages.mixing.recipe import mix_source_input  # noqa: E402
 from stages.common.schema import SCHEMAS  # noqa: E402
 
 SOURCES = ("krx_sample", "metamath")
@@ -108,14 +108,10 @@ def make_workspace(root: Path, n: int, tokenizer_dir: Path) -> None:
                        root / f"data/collected/{subject}.parquet")
     shutil.copytree(tokenizer_dir, root / "models/base", dirs_exist_ok=True)
     raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
-    raw["evaluate"]["settings"]["local"] = {}
-    recipe = dict(raw["mix"]["v1"])
-    paths = [mix_source_input(s) for s in SOURCES]
-    recipe.update(seed=1, sources={s: {"format": "prompt_answer", "fraction": 1.0, "upsample": False}
-                                   for s in SOURCES},
-                  inputs={slot: paths[i] if i < len(paths) else paths[0]
-                          for i, slot in enumerate(MIX_INPUT_SLOTS)})
-    raw["mix"] = {"bench": recipe}
+    raw["evaluate"]["local"] = {}
+    raw["versions"] = {"bench": {"mix": {"seed": 1, "sources": {s: {"format": "prompt_answer"}
+                                                                 for s in SOURCES}},
+                                 "train": {"init_from": "base"}}}
     (root / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
 
 
@@ -127,6 +123,7 @@ WRAPPER = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
 
 def run_stage(root: Path) -> dict:
     cmd = [sys.executable, "-m", "stages.mix", "bench", "--tokenizer", "models/base",
+           "--inputs", *[mix_source_input(s) for s in SOURCES],
            "--out", "data/mixtures/bench.parquet", "--manifest", "data/mixtures/bench.json",
            "--rejects", "data/rejects/mix/bench.parquet", "--metrics", "metrics/mix/bench.json",
            "--log", "logs/mix/bench.log"]

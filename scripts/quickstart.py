@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python scripts/quickstart.py`
     sys.path.insert(0, str(ROOT))
 
-from stages.common.params import read_yaml  # noqa: E402  (YAML 1.2, as DVC reads params)
+from stages import check, dvc_vars  # noqa: E402
+from stages.common.params import deep_merge, read_yaml  # noqa: E402  (YAML 1.2, as DVC reads params)
 
 OVERRIDES = Path("data/samples/quickstart.params.yaml")
 COPIED = ("dvc.yaml", "stages", "data/samples", "configs")  # configs: accelerate configs (train deps)
@@ -39,38 +40,12 @@ BIN = Path(sys.executable).parent
 DVC = str(BIN / "dvc")
 
 
-def deep_merge(base: Any, override: Any) -> Any:
-    """Dicts merge key by key (recursively); anything else in ``override`` replaces ``base``."""
-    if isinstance(base, dict) and isinstance(override, dict):
-        merged = dict(base)
-        for key, value in override.items():
-            merged[key] = deep_merge(base[key], value) if key in base else value
-        return merged
-    return override
-
-
 def quickstart_params(root: Path) -> dict[str, Any]:
+    """The root params.yaml with the quickstart's overrides merged over it, key by key (the
+    result is validated like params.yaml itself: a mistyped override is an unknown key)."""
     base = read_yaml((root / "params.yaml").read_text(encoding="utf-8"))  # YAML 1.2, as DVC
     overrides = read_yaml((root / OVERRIDES).read_text(encoding="utf-8")) or {}
-    unknown = _unknown_paths(base, overrides)
-    if unknown:  # an override for a key production does not have is a typo, not a new key
-        raise SystemExit(f"{OVERRIDES}: keys not in params.yaml: {unknown}")
     return deep_merge(base, overrides)
-
-
-def _unknown_paths(base: Any, override: Any, prefix: str = "") -> list[str]:
-    """Override paths that params.yaml does not have (overrides change values, never add keys)."""
-    # a null in params.yaml is an empty slot an override may fill whole (base_model.build)
-    if not isinstance(override, dict) or base is None:
-        return []
-    unknown = []
-    for key, value in override.items():
-        path = f"{prefix}{key}"
-        if not isinstance(base, dict) or key not in base:
-            unknown.append(path)
-        else:
-            unknown += _unknown_paths(base[key], value, path + ".")
-    return unknown
 
 
 def sync_tree(src: Path, dst: Path) -> int:
@@ -122,6 +97,10 @@ def prepare_workspace(root: Path, workspace: Path) -> None:
                    f"{OVERRIDES}; do not edit\n"
                    + yaml.safe_dump(quickstart_params(root), allow_unicode=True, sort_keys=False))
     write_if_changed(workspace / "params.yaml", params_text)
+    problems = check.check(workspace / "params.yaml")
+    if problems:
+        raise SystemExit(f"{OVERRIDES} merged over params.yaml is invalid:\n  " + "\n  ".join(problems))
+    dvc_vars.write(workspace)  # only when its bytes change: a second run stays a no-op
     seed_llm_caches(workspace)
 
 

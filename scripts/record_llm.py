@@ -11,18 +11,18 @@ Contract (for every stage module that calls the LLM layer, :mod:`stages.common.l
   ``LLMRequest.item_id`` the stage uses; a draw is the JSON object the response model
   validates (see ``scripts/replay_server.py`` for how draws map to sample / re-ask indexes).
 - **What the stage must offer**: the dvc.yaml stage ``<stage>@<key>`` (or ``<stage>``) runs
-  ``python -m stages.<stage> …``; the module accepts ``--params FILE`` (default
-  ``params.yaml``) and reads its LLM settings from the ``llm`` block of its params section
-  (``<stage>.<key>.llm``, or ``<stage>.llm`` for a stage without keys), including
-  ``cache_dir``; and it sets ``item_id`` on every request.
+  ``python -m stages.<stage> … --cache-dir DIR``; the module accepts ``--params FILE``
+  (default ``params.yaml``) and reads its LLM settings from ``llm_defaults`` merged under the
+  ``llm`` block of its params section (``<stage>.<key>.llm``, or ``<stage>.llm`` for a stage
+  without keys); and it sets ``item_id`` on every request.
 - **What the tool does**: prepares the quickstart workspace (``scripts/quickstart.py``'s
   layout, default ``quickstart/``, seeding every recorded cache), builds the stage's
   upstream stages there with ``dvc repro`` (upstream LLM stages answer offline from their
   recorded caches, so record them first), then runs the stage's own command — output paths
   redirected to ``<workspace>/.record_llm/<stage>/<key>/`` so the workspace's DVC outputs are
   untouched — online against :class:`scripts.replay_server.ReplayServer`, with a params file
-  whose ``llm`` block says ``offline: false``, ``base_url`` = the replay server and
-  ``cache_dir`` = a fresh directory. ``OPENAI_API_KEY`` is a placeholder (never a real key).
+  whose ``llm`` block says ``offline: false`` and ``base_url`` = the replay server, and
+  ``--cache-dir`` = a fresh directory. ``OPENAI_API_KEY`` is a placeholder (never a real key).
 - **Checks**: every request must have an authored answer (otherwise it fails listing the
   missing items and changes nothing); answers never asked are listed as stale (a warning).
   The stage is then run again *offline* from the new cache and its data outputs must be
@@ -107,12 +107,15 @@ def _covers(out: str, dep: str) -> bool:
 
 
 def llm_block(params: dict[str, Any], stage: str, key: str | None) -> dict[str, Any]:
+    """The stage's own ``llm`` overrides (created when absent: llm_defaults fill the rest)."""
     section = params.get(stage, {})
-    section = section.get(key, {}) if key is not None else section
-    block = section.get("llm") if isinstance(section, dict) else None
+    section = section.get(key) if key is not None else section
+    if not isinstance(section, dict):
+        where = f"{stage}.{key}" if key else stage
+        raise RecordError(f"params.yaml has no {where} section")
+    block = section.setdefault("llm", {})
     if not isinstance(block, dict):
-        where = f"{stage}.{key}.llm" if key else f"{stage}.llm"
-        raise RecordError(f"params.yaml has no {where} block (the stage's LLM settings)")
+        raise RecordError(f"params.yaml {stage}{'.' + key if key else ''}.llm is not a mapping")
     return block
 
 
@@ -173,7 +176,7 @@ def record_one(root: Path, workspace: Path, stage: str, key: str | None,
         """The stage's own argv, outputs under scratch/run_dir, params from a scratch file."""
         run_params = yaml.safe_load(yaml.safe_dump(params))
         block = llm_block(run_params, stage, key)
-        block.update(offline=offline, cache_dir=str(new_cache))
+        block.update(offline=offline)
         if base_url:
             block["base_url"] = base_url
         params_file = scratch / f"params.{run_dir}.yaml"
@@ -183,6 +186,9 @@ def record_one(root: Path, workspace: Path, stage: str, key: str | None,
         if argv[:2] != ["python", "-m"]:
             raise RecordError(f"{name}: cmd is not `python -m stages.…`: {target.cmd}")
         argv[0] = sys.executable
+        if "--cache-dir" not in argv:
+            raise RecordError(f"{name}: cmd has no --cache-dir (an LLM stage's response cache)")
+        argv[argv.index("--cache-dir") + 1] = str(new_cache)
         argv = [str(scratch / run_dir / a) if a in out_paths else a for a in argv]
         return argv + ["--params", str(params_file)]
 

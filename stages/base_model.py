@@ -25,14 +25,50 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
+
+from pydantic import Field, model_validator
 
 from stages.common.io import atomic_dir, read_records, write_json
-from stages.common.params import BaseModelParams, TinyModelSpec, read_declared
+from stages.common.params import PARAMS_FILE, Strict, read_section
 from stages.common.runlog import StageError, Timer, setup_logging, stage_main, stage_parser, write_metrics
 
 PARAMS = ("base_model",)
 STAGE = "base_model"
+
+
+# ---------------------------------------------------------------------------- params
+class TinyModelSpec(Strict):
+    """A tiny Qwen2-architecture model built locally (quickstart, tests): random weights,
+    tokenizer trained on the corpus. Field names map onto ``Qwen2Config``."""
+    vocab_size: int = Field(ge=300, description="BPE vocabulary incl. the 256 byte symbols")
+    hidden_size: int = Field(gt=0)
+    layers: int = Field(gt=0, description="num_hidden_layers")
+    heads: int = Field(gt=0, description="num_attention_heads")
+    kv_heads: int = Field(gt=0, description="num_key_value_heads (GQA)")
+    intermediate: int = Field(gt=0, description="intermediate_size (SwiGLU)")
+    max_position_embeddings: int = Field(gt=0)
+    initializer_range: float = Field(0.02, gt=0, description="std of the random weights")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "TinyModelSpec":
+        if self.hidden_size % self.heads or self.heads % self.kv_heads:
+            raise ValueError("hidden_size must be a multiple of heads, heads of kv_heads")
+        return self
+
+
+class BaseModelParams(Strict):
+    model: str = Field(description="hub id or local directory of the base weights (production); "
+                                   "with `build`, the name given to the built model")
+    revision: str = Field(min_length=1, description="pinned hub commit sha (ignored for a local dir)")
+    build: Optional[TinyModelSpec] = Field(
+        None, description="null: use `model`; set: build a tiny random model + trained tokenizer")
+
+
+def load_params(key: None = None, path: str = PARAMS_FILE) -> BaseModelParams:
+    return read_section(PARAMS, BaseModelParams, path=path)
+
 
 # Qwen2's special tokens (the real model has them at ids 151643-151645, after the BPE vocab;
 # the built tokenizer also appends them after its vocab).
@@ -245,9 +281,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="parquet files whose texts train the tokenizer (build only)")
     args = parser.parse_args(argv)
     timer = Timer()
-    params: BaseModelParams | None = read_declared(PARAMS, path=args.params)["base_model"]
-    if params is None:
-        raise StageError(f"{args.params} has no base_model section")
+    params = load_params(None, args.params)
     log = setup_logging(args.log, STAGE)
 
     tokenizer, model, info = build_base(params, args.corpus, args.out)

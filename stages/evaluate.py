@@ -35,20 +35,64 @@ import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import pyarrow as pa
+from pydantic import Field, model_validator
 
-from stages.common.evalsets import EvalItem, load_sets
+from stages.common.evalsets import EvalCollectedSet, EvalItem, EvalLocalSet, load_sets
 from stages.common.io import write_records
-from stages.common.params import EvaluateSettings, read_declared
+from stages.common.params import PARAMS_FILE, Strict, read_section
 from stages.common.prompts import LETTERS, step1_prompt, step2_prompt
 from stages.common.runlog import (StageError, Timer, check_reject_rate, progress, setup_logging,
                                   stage_main, stage_parser, write_metrics)
 from stages.common.schema import MAX_CHOICES, MIN_CHOICES, SCHEMAS, reject
 
-PARAMS = ("evaluate.models.{key}", "evaluate.settings")
+PARAMS = ("evaluate",)
 STAGE = "evaluate"
+
+
+# ---------------------------------------------------------------------------- params
+class EvalGeneration(Strict):
+    """``scoring: generate``: greedy two-step generation (solution, then the letter)."""
+    solution_max_new_tokens: int = Field(512, ge=1, description="step 1: the solution")
+    letter_max_new_tokens: int = Field(8, ge=1, description="step 2: the answer letter")
+
+
+class EvaluateSettings(Strict):
+    """``evaluate``, shared by every ``evaluate@<key>``: what is evaluated and how. The model is
+    the stage's key: ``models/base`` (the baseline, no adapter) or ``models/<version>``."""
+    scoring: Literal["loglik", "generate"] = Field(
+        "loglik", description="loglik: next-token log-probs of the letters after the step-1 "
+                              "prompt; generate: two-step generation, strict letter parsing")
+    batch_size: int = Field(8, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on cuda, float32 on cpu")
+    max_prompt_tokens: int = Field(2048, ge=16, description="longer prompts are rejected, never cut")
+    shuffled: bool = Field(True, description="also score every item with its options permuted")
+    shuffle_seed: int = Field(0, description="with the item id, seeds each item's permutation")
+    max_items_per_set: Optional[int] = Field(None, ge=1, description="first N items by id per set")
+    max_reject_rate: float = Field(0.2, ge=0, le=1)
+    generation: EvalGeneration = Field(default_factory=EvalGeneration)
+    collected: dict[str, EvalCollectedSet] = Field(default_factory=dict)
+    local_dir: str = Field(description="directory holding every local set (one dvc dep)")
+    local: dict[str, EvalLocalSet] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _sets(self) -> "EvaluateSettings":
+        both = set(self.collected) & set(self.local)
+        if both:
+            raise ValueError(f"eval set names used twice: {sorted(both)}")
+        if not self.collected and not self.local:
+            raise ValueError("no eval sets: name at least one in collected or local")
+        root = os.path.abspath(self.local_dir)
+        for name, spec in self.local.items():
+            if os.path.commonpath([root, os.path.abspath(spec.input)]) != root:
+                raise ValueError(f"local.{name}.input {spec.input!r} is not under local_dir "
+                                 f"{self.local_dir!r} (dvc.yaml depends on local_dir only)")
+        return self
+
 BASE_JSON = "base.json"
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -58,6 +102,10 @@ PREDICTION_SCHEMA = pa.schema([
     ("correct", pa.bool_()), ("permutation", pa.list_(pa.int32())),
     ("shuffled_predicted", pa.int32()), ("shuffled_correct", pa.bool_()), ("detail", pa.string()),
 ])
+
+
+def load_params(key: str | None = None, path: str = PARAMS_FILE) -> EvaluateSettings:
+    return read_section(PARAMS, EvaluateSettings, key, path=path)
 
 
 # ------------------------------------------------------------------------ letters
@@ -401,12 +449,13 @@ def drop_long_prompts(items: list[EvalItem], tokenizer: Any, max_tokens: int
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__, "key")
     parser.add_argument("--base", required=True, help="the base model dir (base.json, tokenizer)")
+    parser.add_argument("--model", required=True, help="the base model dir (baseline) or a "
+                                                         "version's adapter dir")
     args = parser.parse_args(argv)
     key = args.key
     timer = Timer()
-    declared = read_declared(PARAMS, key, path=args.params)
-    model_dir: str = declared["evaluate.models.{key}"].model
-    settings: EvaluateSettings = declared["evaluate.settings"]
+    settings = load_params(key, args.params)
+    model_dir: str = args.model
     log = setup_logging(args.log, f"evaluate@{key}")
 
     check_model_dirs(args.base, model_dir)

@@ -92,6 +92,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -105,6 +106,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field
 
 # `import pymupdf` also imports pymupdf.layout when it is installed (requirements.lock has
 # it, for pymupdf4llm): ONNX models costing ~1.1 s and ~50 MB in every process, for a
@@ -122,7 +125,7 @@ if hasattr(pymupdf, "no_recommend_layout"):
     pymupdf.no_recommend_layout()  # find_tables would advertise the analyser we hid
 
 from stages.common.io import atomic_dir, atomic_path, dumps_json, open_parquet_writer, write_records
-from stages.common.params import ExtractParams, HeaderFooterParams, read_declared
+from stages.common.params import PARAMS_FILE, Strict, read_section
 from stages.common.runlog import (StageError, Timer, check_reject_rate, progress, setup_logging,
                                   stage_main, stage_parser, write_metrics)
 from stages.common.schema import SCHEMAS, reject, validate
@@ -130,6 +133,30 @@ from stages.common.text import content_id, file_sha256, garbled_ratio, normalize
 
 PARAMS = ("extract.{key}",)
 STAGE = "extract"
+
+
+# ---------------------------------------------------------------------------- params
+class HeaderFooterParams(Strict):
+    zone: float = Field(0.12, gt=0, lt=0.5, description="top/bottom fraction of the page searched")
+    min_pages: int = Field(3, ge=2, description="only documents with at least this many pages")
+    min_share: float = Field(0.5, gt=0, le=1.0,
+                             description="a line repeated (digits masked) on this share of pages is dropped")
+
+
+class ExtractParams(Strict):
+    input: str = Field(description="directory of PDFs (searched recursively)")
+    workers: int = Field(0, ge=0, description="processes; 0 = one per core")
+    tables: bool = Field(True, description="find_tables() per page (slow: switch off for speed)")
+    max_garbled_ratio: float = Field(0.3, ge=0, le=1)
+    min_text_chars: int = Field(20, ge=0, description="a document below this many characters in "
+                                                     "all pages is image-only (no text layer)")
+    max_reject_rate: float = Field(0.5, ge=0, le=1)
+    header_footer: HeaderFooterParams = Field(default_factory=HeaderFooterParams)
+
+
+def load_params(key: str, path: str = PARAMS_FILE) -> "ExtractParams":
+    return read_section(PARAMS, ExtractParams, key, path=path)
+
 
 # Acrobat's tolerances: the header may follow up to 1 KiB of junk, %%EOF may be followed
 # by up to 1 KiB of padding. Wider windows would accept more garbage as PDF.
@@ -536,7 +563,37 @@ def _reject_file(result: FileResult, collection: str, reason: str, detail: str) 
     result.pages_rejected = 0
 
 
+_Tables = list[tuple[Box, list[list[str]]]]  # one page's find_page_tables()
+
+
 def _extract_into(result: FileResult, path: str, params: ExtractParams, collection: str) -> None:
+    """Fill ``result`` from the file at ``path``; raise :class:`_Rejected` for a file-level reject."""
+    has_eof = _check_pdf_file(result, path)
+    layouts, page_tables = _read_pages(result, path, params, has_eof)
+
+    had_text = [bool(layout.lines) for layout in layouts]
+    layouts, removed = remove_headers_footers(layouts, params.header_footer)
+    texts, page_flags = _page_texts(layouts, page_tables, result.flags)
+    total_chars = sum(len(t) for t in texts)
+    if total_chars < params.min_text_chars:
+        raise _Rejected("image_only", f"{total_chars} text characters in {result.page_count} pages "
+                                      f"< min_text_chars {params.min_text_chars}: no text layer "
+                                      "(scanned?)")
+
+    reasons = _emit_pages(result, zip(texts, page_tables, page_flags, removed, had_text),
+                          params, collection)
+    result.pages_rejected = sum(reasons.values())
+    if not result.pages:
+        summary = ", ".join(f"{reason} ×{n}" for reason, n in sorted(reasons.items()))
+        page_rejects = result.rejects
+        _reject_file(result, collection, "no_usable_pages",
+                     f"all {result.page_count} pages rejected: {summary}")
+        result.rejects = page_rejects + result.rejects  # keep the per-page reasons too
+        result.pages_rejected = sum(reasons.values())
+
+
+def _check_pdf_file(result: FileResult, path: str) -> bool:
+    """Hash the file and reject what is not a PDF at all; return whether it ends in ``%%EOF``."""
     size, head, tail = _sniff(path)
     result.sha256 = file_sha256(path)
     if size == 0:
@@ -546,7 +603,12 @@ def _extract_into(result: FileResult, path: str, params: ExtractParams, collecti
     if b"%PDF-" not in head:
         raise _Rejected("not_a_pdf", f"no %PDF- header in the first {PDF_HEADER_WINDOW} bytes "
                                      f"(starts with {head[:16]!r})")
-    has_eof = b"%%EOF" in tail
+    return b"%%EOF" in tail
+
+
+def _read_pages(result: FileResult, path: str, params: ExtractParams, has_eof: bool
+                ) -> tuple[list[PageLayout], list[_Tables]]:
+    """Open the PDF, fill in its page count, flags and title, and read every page's lines and tables."""
     broken = "corrupt" if has_eof else "truncated"
     no_eof = "" if has_eof else f"; no %%EOF in the last {PDF_EOF_WINDOW} bytes"
     try:
@@ -562,15 +624,11 @@ def _extract_into(result: FileResult, path: str, params: ExtractParams, collecti
         if repaired and not has_eof:
             raise _Rejected("truncated", f"MuPDF had to repair the cross-reference table{no_eof}")
         result.page_count = doc.page_count
-        flags = (["repaired"] if repaired else []) + ([] if has_eof else ["missing_eof"])
-        result.flags = flags
-        title = normalize_text((doc.metadata or {}).get("title"))
-        if not title or garbled_ratio(title) > params.max_garbled_ratio:
-            title = normalize_text(Path(result.rel_path).stem)  # mis-encoded titles are common
-        result.title = title
+        result.flags = (["repaired"] if repaired else []) + ([] if has_eof else ["missing_eof"])
+        result.title = _document_title(doc, result.rel_path, params)
 
         layouts: list[PageLayout] = []
-        page_tables: list[list[tuple[Box, list[list[str]]]]] = []
+        page_tables: list[_Tables] = []
         for index in range(doc.page_count):
             try:
                 page = doc.load_page(index)
@@ -580,9 +638,20 @@ def _extract_into(result: FileResult, path: str, params: ExtractParams, collecti
                 page_tables.append(find_page_tables(page, words) if params.tables else [])
             except RuntimeError as exc:  # MuPDF errors: broken page tree or content stream
                 raise _Rejected(broken, f"page {index + 1} cannot be read: {exc}{no_eof}") from None
+    return layouts, page_tables
 
-    had_text = [bool(layout.lines) for layout in layouts]
-    layouts, removed = remove_headers_footers(layouts, params.header_footer)
+
+def _document_title(doc: pymupdf.Document, rel_path: str, params: ExtractParams) -> str:
+    """The PDF's metadata title, or the file name's stem when it is missing or garbled."""
+    title = normalize_text((doc.metadata or {}).get("title"))
+    if not title or garbled_ratio(title) > params.max_garbled_ratio:
+        title = normalize_text(Path(rel_path).stem)  # mis-encoded titles are common
+    return title
+
+
+def _page_texts(layouts: Sequence[PageLayout], page_tables: Sequence[_Tables],
+                flags: list[str]) -> tuple[list[str], list[list[str]]]:
+    """Each page's body text in reading order (tables left out) and its sorted flags."""
     texts, page_flags = [], []
     for layout, tables in zip(layouts, page_tables):
         body = exclude_table_lines(layout.lines, [box for box, _ in tables])
@@ -594,17 +663,18 @@ def _extract_into(result: FileResult, path: str, params: ExtractParams, collecti
             these_flags.append("table_only")
         texts.append(text)
         page_flags.append(sorted(these_flags))
+    return texts, page_flags
 
-    total_chars = sum(len(t) for t in texts)
-    if total_chars < params.min_text_chars:
-        raise _Rejected("image_only", f"{total_chars} text characters in {result.page_count} pages "
-                                      f"< min_text_chars {params.min_text_chars}: no text layer "
-                                      "(scanned?)")
 
-    doc_id = result.doc_id
+def _emit_pages(result: FileResult,
+                pages: Iterable[tuple[str, _Tables, list[str], int, bool]],
+                params: ExtractParams, collection: str) -> Counter[str]:
+    """Add a record, or a page-level reject, to ``result`` per page; count the rejects by reason.
+
+    ``pages`` holds ``(text, tables, flags, header_footer_lines_removed, had_text)`` per page.
+    """
     reasons: Counter[str] = Counter()
-    for number, (text, tables, these_flags, removed_lines, any_text) in enumerate(
-            zip(texts, page_tables, page_flags, removed, had_text), start=1):
+    for number, (text, tables, these_flags, removed_lines, any_text) in enumerate(pages, start=1):
         item = f"{result.rel_path}#{number}"
         if not text:
             reasons["empty_page"] += 1
@@ -619,28 +689,31 @@ def _extract_into(result: FileResult, path: str, params: ExtractParams, collecti
                                          f"garbled_ratio {ratio:.4f} > max_garbled_ratio "
                                          f"{params.max_garbled_ratio}", raw=text[:200]))
             continue
-        meta = {"file_sha256": result.sha256, "page_count": result.page_count,
-                "garbled_ratio": round(ratio, 4), "header_footer_lines_removed": removed_lines,
-                "flags": these_flags}
-        record = {"id": content_id(doc_id, number), "source": collection, "doc_id": doc_id,
-                  "path": result.rel_path, "page": number, "title": result.title, "text": text,
-                  "tables": [rows for _, rows in tables],
-                  "meta": json.dumps(meta, ensure_ascii=False, sort_keys=True, separators=(",", ":"))}
-        problems = validate("document", record)
-        if problems:
-            raise ValueError(f"page {number} makes an invalid record: {'; '.join(problems)}")
+        record = _page_record(result, collection, number, text, tables, these_flags, ratio,
+                              removed_lines)
         result.pages.append(record)
         result.tables += len(record["tables"])
         result.header_footer_lines_removed += removed_lines
         result.chars += len(text)
-    result.pages_rejected = sum(reasons.values())
-    if not result.pages:
-        summary = ", ".join(f"{reason} ×{n}" for reason, n in sorted(reasons.items()))
-        page_rejects = result.rejects
-        _reject_file(result, collection, "no_usable_pages",
-                     f"all {result.page_count} pages rejected: {summary}")
-        result.rejects = page_rejects + result.rejects  # keep the per-page reasons too
-        result.pages_rejected = sum(reasons.values())
+    return reasons
+
+
+def _page_record(result: FileResult, collection: str, number: int, text: str,
+                 tables: _Tables, flags: list[str], ratio: float,
+                 removed_lines: int) -> dict[str, Any]:
+    """The validated ``document`` record of page ``number`` (1-based)."""
+    doc_id = result.doc_id
+    meta = {"file_sha256": result.sha256, "page_count": result.page_count,
+            "garbled_ratio": round(ratio, 4), "header_footer_lines_removed": removed_lines,
+            "flags": flags}
+    record = {"id": content_id(doc_id, number), "source": collection, "doc_id": doc_id,
+              "path": result.rel_path, "page": number, "title": result.title, "text": text,
+              "tables": [rows for _, rows in tables],
+              "meta": json.dumps(meta, ensure_ascii=False, sort_keys=True, separators=(",", ":"))}
+    problems = validate("document", record)
+    if problems:
+        raise ValueError(f"page {number} makes an invalid record: {'; '.join(problems)}")
+    return record
 
 
 def document_json(result: FileResult, collection: str) -> str:
@@ -817,7 +890,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     collection = args.collection
-    params: ExtractParams = read_declared(PARAMS, collection, path=args.params)["extract.{key}"]
+    params = load_params(collection, args.params)
+    root, files = _input_files(params, collection)
+
+    logger = setup_logging(args.log, f"extract@{collection}")
+    workers = resolve_workers(params.workers, len(files))
+    logger.info("%d files under %s, %d worker(s), tables %s", len(files), root, workers,
+                "on" if params.tables else "off")
+    timer, totals = Timer(), Totals()
+    tasks = [(str(root / rel), rel) for rel in files]
+    with atomic_path(args.out) as tmp_out, atomic_dir(args.json_dir) as tmp_json:
+        results = progress(run_files(tasks, params, collection, workers),
+                           desc=f"extract@{collection}", total=len(tasks))
+        rejects = _write_documents(results, tmp_out, tmp_json, totals, collection, logger)
+        # The rejects are written before the rate check so a failed run still shows why.
+        write_records(rejects, SCHEMAS["reject"], args.rejects)
+        seconds = timer.seconds
+        _log_totals(logger, totals, seconds)
+        try:
+            check_reject_rate(totals.files_rejected, totals.files, params.max_reject_rate,
+                              f"extract@{collection} (PDF files; rejects in {args.rejects})")
+        except StageError as exc:
+            logger.error("%s", exc)
+            raise
+    write_metrics(args.metrics, totals.as_metrics(seconds, workers))
+
+
+def _input_files(params: ExtractParams, collection: str) -> tuple[Path, list[str]]:
+    """The input directory and its files (see :func:`list_input_files`); a StageError if none."""
     root = Path(params.input)
     if not root.is_dir():
         what = "is not a directory" if root.exists() else "does not exist"
@@ -827,59 +927,61 @@ def main(argv: list[str] | None = None) -> None:
     if not files:
         raise StageError(f"extract.{collection}.input: no files in {str(root)!r} "
                          "(hidden files are ignored)")
+    return root, files
 
-    logger = setup_logging(args.log, f"extract@{collection}")
-    workers = resolve_workers(params.workers, len(files))
-    logger.info("%d files under %s, %d worker(s), tables %s", len(files), root, workers,
-                "on" if params.tables else "off")
-    timer, totals, seen = Timer(), Totals(), {}
+
+def _write_documents(results: Iterable[FileResult], out: Path, json_dir: Path, totals: Totals,
+                     collection: str, logger: logging.Logger) -> list[dict[str, str]]:
+    """Stream emitted pages into ``out`` and per-PDF JSON into ``json_dir``; return all rejects."""
+    seen: dict[str, str] = {}
     rejects: list[dict[str, str]] = []
-    tasks = [(str(root / rel), rel) for rel in files]
     schema = SCHEMAS["document"]
-    with atomic_path(args.out) as tmp_out, atomic_dir(args.json_dir) as tmp_json:
-        writer = open_parquet_writer(tmp_out, schema)
-        batch: list[dict[str, Any]] = []
-        try:
-            for result in progress(run_files(tasks, params, collection, workers),
-                                   desc=f"extract@{collection}", total=len(tasks)):
-                result = mark_duplicate(result, seen, collection)
-                totals.add(result)
-                rejects.extend(result.rejects)
-                for record in result.rejects:
-                    logger.warning("rejected %s: %s (%s)", record["item"], record["reason"],
-                                   record["detail"])
-                if result.warnings and result.flags:
-                    logger.info("%s: flags %s; MuPDF: %s", result.rel_path, result.flags,
-                                " / ".join(result.warnings[:3]))
-                if result.file_reject is not None:
-                    continue
-                with open(tmp_json / f"{result.doc_id}.json", "w", encoding="utf-8",
-                          newline="\n") as handle:
-                    handle.write(result.document_json)
-                batch.extend(result.pages)
-                while len(batch) >= WRITE_BATCH:
-                    writer.write_table(records_table(batch[:WRITE_BATCH], schema))
-                    del batch[:WRITE_BATCH]
-            while batch:  # fixed-size row groups, whatever the document sizes
-                writer.write_table(records_table(batch[:WRITE_BATCH], schema))
-                del batch[:WRITE_BATCH]
-        finally:
-            writer.close()
-        # The rejects are written before the rate check so a failed run still shows why.
-        write_records(rejects, SCHEMAS["reject"], args.rejects)
-        seconds = timer.seconds
-        logger.info("%d files → %d documents, %d pages (%d pages and %d files rejected: %s); "
-                    "%.1f s, %.1f pages/s", totals.files, totals.documents, totals.pages,
-                    totals.pages_rejected, totals.files_rejected,
-                    dict(sorted(totals.rejects_by_reason.items())), seconds,
-                    totals.pages_read / seconds if seconds else 0.0)
-        try:
-            check_reject_rate(totals.files_rejected, totals.files, params.max_reject_rate,
-                              f"extract@{collection} (PDF files; rejects in {args.rejects})")
-        except StageError as exc:
-            logger.error("%s", exc)
-            raise
-    write_metrics(args.metrics, totals.as_metrics(seconds, workers))
+    writer = open_parquet_writer(out, schema)
+    batch: list[dict[str, Any]] = []
+    try:
+        for result in results:
+            result = mark_duplicate(result, seen, collection)
+            totals.add(result)
+            rejects.extend(result.rejects)
+            _log_result(logger, result)
+            if result.file_reject is not None:
+                continue
+            with open(json_dir / f"{result.doc_id}.json", "w", encoding="utf-8",
+                      newline="\n") as handle:
+                handle.write(result.document_json)
+            batch.extend(result.pages)
+            _write_batches(writer, batch, schema)
+        _write_batches(writer, batch, schema, final=True)
+    finally:
+        writer.close()
+    return rejects
+
+
+def _write_batches(writer: pq.ParquetWriter, batch: list[dict[str, Any]], schema: pa.Schema, *,
+                   final: bool = False) -> None:
+    """Write and drop full :data:`WRITE_BATCH`-row groups from ``batch`` (all of it when ``final``)."""
+    # Fixed-size row groups, whatever the document sizes: deterministic bytes.
+    while len(batch) >= (1 if final else WRITE_BATCH):
+        writer.write_table(records_table(batch[:WRITE_BATCH], schema))
+        del batch[:WRITE_BATCH]
+
+
+def _log_result(logger: logging.Logger, result: FileResult) -> None:
+    """Log a file's rejects, and MuPDF's warnings for a file that was flagged."""
+    for record in result.rejects:
+        logger.warning("rejected %s: %s (%s)", record["item"], record["reason"], record["detail"])
+    if result.warnings and result.flags:
+        logger.info("%s: flags %s; MuPDF: %s", result.rel_path, result.flags,
+                    " / ".join(result.warnings[:3]))
+
+
+def _log_totals(logger: logging.Logger, totals: Totals, seconds: float) -> None:
+    """Log the run's one-line summary."""
+    logger.info("%d files → %d documents, %d pages (%d pages and %d files rejected: %s); "
+                "%.1f s, %.1f pages/s", totals.files, totals.documents, totals.pages,
+                totals.pages_rejected, totals.files_rejected,
+                dict(sorted(totals.rejects_by_reason.items())), seconds,
+                totals.pages_read / seconds if seconds else 0.0)
 
 
 if __name__ == "__main__":

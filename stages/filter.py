@@ -28,29 +28,74 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
+from stages.common.chunking import Chunk, Segment, chunk_segments
 from stages.common.io import read_records, write_records
-from stages.common.llm import LLMRequest, Result, run_batch
-from stages.common.params import ChunkingParams, FilterParams, PrefilterParams
+from stages.common.llm import LLMParams, LLMRequest, Result, read_llm_section, run_batch
+from stages.common.params import PARAMS_FILE, Strict
 from stages.common.prompts import lettered, render_template
-from stages.common.runlog import (StageError, begin_stage, check_reject_rate, stage_main, stage_parser,
-                                  write_metrics)
+from stages.common.runlog import (StageError, begin_stage, check_reject_rate, require_input,
+                                  stage_main, stage_parser, write_metrics)
 from stages.common.schema import SCHEMAS, reject, validate_table
-from stages.common.text import content_id, hangul_ratio, normalize_text
+from stages.common.text import content_id, hangul_ratio, normalize_text, unspaced
 
-PARAMS = ("filter.{key}",)
+PARAMS = ("filter.{key}", "llm_defaults")
 STAGE = "filter"
 TEMPLATES = ("filter_system.txt", "filter_user_mcq.txt", "filter_user_document.txt")
+
+
+# ---------------------------------------------------------------------------- params
+class PrefilterParams(Strict):
+    """The cheap local prefilter in front of the LLM judge (stages/filter.py)."""
+    keywords: dict[str, float] = Field(
+        min_length=1, description="lexicon term -> weight (negative: off-domain); each term counts "
+                                  "once, matched case- and spacing-insensitively (주식 시장 = 주식시장)")
+    min_score: float = Field(description="sum of matched weights an item needs to reach the judge")
+    min_chars: int = Field(ge=0, description="text shorter than this (spaces not counted) is too_short")
+    min_hangul_share: float = Field(ge=0, le=1, description="Hangul share of the letters below which "
+                                                            "text is not_korean")
+    max_digit_share: float = Field(ge=0, le=1, description="digit share of the non-space characters "
+                                                           "above which text is mostly_digits")
+
+
+class ChunkingParams(Strict):
+    size: int = Field(gt=0, description="characters per chunk at most (a longer sentence is cut)")
+    overlap: int = Field(ge=0, description="characters of whole trailing paragraphs/articles repeated "
+                                           "at the start of the next chunk, at most")
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> "ChunkingParams":
+        if self.overlap >= self.size:
+            raise ValueError("overlap must be smaller than size")
+        return self
+
+
+class FilterParams(Strict):
+    input: str = Field(description="parquet of mcq records (KMMLU) or document pages (extract@rules)")
+    splits: list[Literal["train", "dev"]] = Field(
+        default_factory=lambda: ["train"], min_length=1,
+        description="mcq splits used; never test (the evaluation set)")
+    criteria: str = Field(min_length=1, description="the domain's relevance criteria for the judge (Korean)")
+    prefilter: PrefilterParams
+    chunking: Optional[ChunkingParams] = Field(None, description="document inputs only: page text -> chunks")
+    max_reject_rate: float = Field(0.2, ge=0, le=1, description="judge errors / items judged")
+    llm: LLMParams
+
+
 # A new chunk starts at a statute article (제3조, 제3조의2), a chapter/section heading, or
 # the addenda (부칙) — the units a Korean enforcement rule is cited by.
 _HEADING = re.compile(r"^\s*(제\s*\d+\s*(조(의\s*\d+)?|장|절|관)(\s|\(|$)|부\s*칙)")
 _SENTENCE_END = re.compile(r"(?<=[.!?。])\s+")
 # The start of an article's 항 (①), 호 (1.) or 목 (가.): where a long article is cut first.
 _ITEM = re.compile(r"^\s*([\u2460-\u2473]|\d{1,2}\.\s|\d{1,2}\)|[가-하]\.\s)")
-_SPACES = re.compile(r"\s+")
+
+
+def load_params(key: str, path: str = PARAMS_FILE, cache_dir: str | None = None) -> FilterParams:
+    """``filter.<key>`` with ``llm_defaults`` merged under its ``llm``."""
+    return read_llm_section(PARAMS, FilterParams, key, path, cache_dir)
 
 
 class Verdict(BaseModel):
@@ -72,7 +117,7 @@ class Prefiltered:
 def _squash(text: str) -> str:
     """NFC, case-folded, without whitespace: the form lexicon terms are matched in, so that
     Korean spacing variants (주식 시장 / 주식시장) and ETF/etf match alike."""
-    return _SPACES.sub("", unicodedata.normalize("NFC", text)).casefold()
+    return unspaced(unicodedata.normalize("NFC", text)).casefold()
 
 
 def keyword_score(text: str, keywords: dict[str, float]) -> tuple[float, tuple[str, ...]]:
@@ -100,7 +145,7 @@ def quality_problem(text: str, params: PrefilterParams, length_text: Optional[st
                     ) -> Optional[tuple[str, str]]:
     """The first rule-based quality problem as ``(reason, detail)``, or None: ``too_short``
     (``length_text``, default ``text``), then ``not_korean`` and ``mostly_digits`` on ``text``."""
-    length = len(_SPACES.sub("", length_text if length_text is not None else text))
+    length = len(unspaced(length_text if length_text is not None else text))
     if length < params.min_chars:
         return "too_short", f"{length} characters < min_chars {params.min_chars}"
     share = hangul_letter_share(text)
@@ -135,12 +180,6 @@ def item_text(record: dict[str, Any]) -> tuple[str, str]:
 
 
 # ---------------------------------------------------------------------------- chunking
-@dataclass(frozen=True)
-class Segment:
-    page: int
-    text: str
-
-
 def segments(pages: Sequence[tuple[int, str]]) -> list[Segment]:
     """Paragraph/article units of a document's pages, in order: a unit starts at an article
     or chapter heading line (제N조, 제N장, 부칙) or after a blank line; lines wrapped by the
@@ -205,43 +244,11 @@ def _split_long(unit: Segment, size: int) -> list[Segment]:
     return [Segment(unit.page, piece.strip()) for piece in _pack(pieces, size, "\n") if piece.strip()]
 
 
-@dataclass(frozen=True)
-class Chunk:
-    index: int
-    text: str
-    pages: tuple[int, ...]
-
-
 def chunk_units(units: Sequence[Segment], params: ChunkingParams) -> list[Chunk]:
-    """Greedy packing of units into chunks of at most ``size`` characters; the next chunk
-    starts with the whole trailing units of the previous one that fit in ``overlap``."""
+    """Units packed into chunks of at most ``size`` characters (joined by a newline); the next
+    chunk starts with the whole trailing units of the previous one that fit in ``overlap``."""
     pieces = [piece for unit in units for piece in _split_long(unit, params.size)]
-    chunks: list[Chunk] = []
-    current: list[Segment] = []
-    fresh = 0  # units in ``current`` not already emitted in the previous chunk
-
-    def emit() -> None:
-        chunks.append(Chunk(len(chunks), "\n".join(u.text for u in current),
-                            tuple(sorted({u.page for u in current}))))
-
-    def length(units_: Sequence[Segment]) -> int:
-        return sum(len(u.text) for u in units_) + max(0, len(units_) - 1)
-
-    for piece in pieces:
-        if current and length([*current, piece]) > params.size:
-            if fresh:
-                emit()
-            carried: list[Segment] = []
-            for unit in reversed(current):
-                if length([unit, *carried]) > params.overlap or length([unit, *carried, piece]) > params.size:
-                    break
-                carried.insert(0, unit)
-            current, fresh = carried, 0
-        current.append(piece)
-        fresh += 1
-    if current and fresh:
-        emit()
-    return chunks
+    return chunk_segments(pieces, lambda u: len(u.text), params.size, "\n", 1, params.overlap)
 
 
 def chunk_documents(pages: list[dict[str, Any]], params: ChunkingParams, source: str
@@ -337,8 +344,7 @@ def apply_verdicts(survivors: list[tuple[dict[str, Any], Prefiltered]], results:
 def load_items(params: FilterParams, key: str) -> tuple[str, list[dict[str, Any]], Counter]:
     """(kind, records to filter, counts): mcq of the wanted splits, or chunks of pages."""
     path = Path(params.input)
-    if not path.is_file():
-        raise StageError(f"filter@{key}: input {path} does not exist (params filter.{key}.input)")
+    require_input(path, f"filter.{key}.input", "run its collect/extract stage first")
     records = read_records(path)
     if not records:
         raise StageError(f"filter@{key}: input {path} has no records")
@@ -363,13 +369,11 @@ def load_items(params: FilterParams, key: str) -> tuple[str, list[dict[str, Any]
 
 @stage_main
 def main(argv: list[str] | None = None) -> None:
-    parser = stage_parser(__doc__, "domain")
+    parser = stage_parser(__doc__, "domain", cache_dir=True)
     args = parser.parse_args(argv)
     key = args.domain
-    params: FilterParams
-    params, log, timer = begin_stage(args, "filter", PARAMS, key)
-    # The cache dir is a DVC out: it must exist even when nothing reaches the judge.
-    Path(params.llm.cache_dir).mkdir(parents=True, exist_ok=True)
+    params, log, timer = begin_stage(args, "filter", key,
+                                     lambda k, path: load_params(k, path, args.cache_dir))
 
     kind, records, counts = load_items(params, key)
     survivors, rejects, prefilter_counts = select_candidates(records, params, key)

@@ -41,7 +41,7 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
-from stages.common.params import TrainDefaults, TrainVersion, resolve_train
+from stages.common.params import ParamsError
 from stages.common.runlog import StageError, stage_main
 from stages.common.text import file_sha256, path_sha256
 
@@ -296,10 +296,11 @@ class Tracer:
         info["first_commit"] = None
         recorded = lineage.get("params")
         try:
-            resolved = resolve_train(TrainDefaults.model_validate(lock_params["train_defaults"]),
-                                     TrainVersion.model_validate(lock_params[f"train.{version}"]))
+            from stages.train import resolve_train  # the one merge train@ itself uses
+            resolved = resolve_train(lock_params["train_defaults"],
+                                     lock_params[f"versions.{version}.train"], version)
             same = json.loads(json.dumps(resolved.model_dump())) == json.loads(json.dumps(recorded))
-        except (KeyError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+        except (KeyError, ValueError, ParamsError) as exc:  # ValidationError is a ValueError
             same = None
             self.check("warning", stage, f"{stage} params in {LOCK_FILE} cannot be resolved "
                        f"({str(exc).splitlines()[0]})")
@@ -495,56 +496,75 @@ def _render_mixture(report: dict[str, Any], path: str, indent: str, lines: list[
 
 def render(report: dict[str, Any]) -> str:
     """The human-readable chain (the --json report holds the same facts)."""
-    git = report["git"]
-    lines = [f"Lineage of {report['model']}  ({report['root']})"]
-    if not git["repo"]:
-        lines.append("git: no git")
-    elif git["dvc_lock_commit"] is None:
-        lines.append(f"git: HEAD {(git['head'] or 'none')[:10]}; dvc.lock not committed")
-    else:
-        lines.append(f"git: dvc.lock last committed in {git['dvc_lock_commit']} "
-                     f"({git['dvc_lock_commit_date']}); work tree dvc.lock "
-                     f"{'MODIFIED since' if git['dvc_lock_modified'] else 'same as that commit'}")
+    lines = [f"Lineage of {report['model']}  ({report['root']})", _git_line(report["git"])]
     lines.append("chain: " + " -> ".join(report["chain"]) + " -> base")
     lines.append("(sha256: recorded by the stages in lineage.json / manifests; md5: recorded by DVC "
                  "in dvc.lock; ok = the file on disk has it)")
     shown: set[str] = set()
     for node in report["models"]:
         lines.append("")
-        adapter = node["adapter"]
-        lines.append(f"[{node['version']}] {node['path']}")
-        lines.append(f"  adapter   {adapter['path']}  sha256 {short(adapter['sha256'])}  "
-                     f"lineage.json {_mark(adapter['sha256'] == adapter['recorded_sha256'] if adapter['sha256'] else None)}")
-        lock = node.get("dvc_lock")
-        if lock:
-            out = lock["outs"].get(node["path"], {})
-            commit = lock.get("first_commit")
-            lines.append(f"  dvc.lock  {lock['stage']} out md5 {short(out.get('lock_md5'))} "
-                         f"{_mark(out.get('same'))}"
-                         + (f" · first committed in {commit[:10]}" if commit else
-                            " · not in any commit" if git["repo"] else ""))
-            deps = [f"{p} {short(r['lock_md5'])} {_mark(r['same'])}" for p, r in lock["deps"].items()
-                    if not p.startswith(CODE_PREFIXES)]
-            lines.append("  deps      " + "; ".join(deps))
-            lines.append(f"  params    {_params_line(node.get('params'))}  "
-                         f"(dvc.lock {' + '.join(lock['params'])} vs lineage.json: "
-                         f"{_mark(lock.get('params_match_lineage'))})")
-        else:
-            lines.append(f"  dvc.lock  no train@{node['version']} entry")
-            lines.append(f"  params    {_params_line(node.get('params'))}  (lineage.json)")
-        base = node["base_model"]
-        lines.append(f"  base      {base['model']} @ {base['revision']}  {base['base_json']} sha256 "
-                     f"{short(base['sha256'])} {_mark(base['sha256'] == base['recorded_sha256'] if base['sha256'] and base['recorded_sha256'] else None)}")
-        parent = node.get("parent")
-        if parent:
-            same = None if parent["adapter_sha256"] is None else parent["adapter_sha256"] == parent["recorded_adapter_sha256"]
-            lines.append(f"  parent    {parent['version']} ({parent['path']}), trained from its adapter sha256 "
-                         f"{short(parent['recorded_adapter_sha256'])} {_mark(same)}")
-        else:
-            lines.append("  parent    none (a new adapter on the base model)")
-        if node.get("mixture"):
-            _render_mixture(report, node["mixture"], "  ", lines, shown)
+        _render_model(report, node, lines, shown)
     lines.append("")
+    _render_result(report, lines)
+    return "\n".join(lines)
+
+
+def _git_line(git: dict[str, Any]) -> str:
+    """Where dvc.lock stands in git."""
+    if not git["repo"]:
+        return "git: no git"
+    if git["dvc_lock_commit"] is None:
+        return f"git: HEAD {(git['head'] or 'none')[:10]}; dvc.lock not committed"
+    return (f"git: dvc.lock last committed in {git['dvc_lock_commit']} "
+            f"({git['dvc_lock_commit_date']}); work tree dvc.lock "
+            f"{'MODIFIED since' if git['dvc_lock_modified'] else 'same as that commit'}")
+
+
+def _render_model(report: dict[str, Any], node: dict[str, Any], lines: list[str],
+                  shown: set[str]) -> None:
+    """Append one model's block: adapter, dvc.lock entry, params, base, parent, mixture."""
+    adapter = node["adapter"]
+    lines.append(f"[{node['version']}] {node['path']}")
+    lines.append(f"  adapter   {adapter['path']}  sha256 {short(adapter['sha256'])}  "
+                 f"lineage.json {_mark(adapter['sha256'] == adapter['recorded_sha256'] if adapter['sha256'] else None)}")
+    _render_model_lock(node, bool(report["git"]["repo"]), lines)
+    base = node["base_model"]
+    lines.append(f"  base      {base['model']} @ {base['revision']}  {base['base_json']} sha256 "
+                 f"{short(base['sha256'])} {_mark(base['sha256'] == base['recorded_sha256'] if base['sha256'] and base['recorded_sha256'] else None)}")
+    parent = node.get("parent")
+    if parent:
+        same = None if parent["adapter_sha256"] is None else parent["adapter_sha256"] == parent["recorded_adapter_sha256"]
+        lines.append(f"  parent    {parent['version']} ({parent['path']}), trained from its adapter sha256 "
+                     f"{short(parent['recorded_adapter_sha256'])} {_mark(same)}")
+    else:
+        lines.append("  parent    none (a new adapter on the base model)")
+    if node.get("mixture"):
+        _render_mixture(report, node["mixture"], "  ", lines, shown)
+
+
+def _render_model_lock(node: dict[str, Any], in_git: bool, lines: list[str]) -> None:
+    """Append a model's dvc.lock lines (out, deps, params), or say it has no train@ entry."""
+    lock = node.get("dvc_lock")
+    if not lock:
+        lines.append(f"  dvc.lock  no train@{node['version']} entry")
+        lines.append(f"  params    {_params_line(node.get('params'))}  (lineage.json)")
+        return
+    out = lock["outs"].get(node["path"], {})
+    commit = lock.get("first_commit")
+    lines.append(f"  dvc.lock  {lock['stage']} out md5 {short(out.get('lock_md5'))} "
+                 f"{_mark(out.get('same'))}"
+                 + (f" · first committed in {commit[:10]}" if commit else
+                    " · not in any commit" if in_git else ""))
+    deps = [f"{p} {short(r['lock_md5'])} {_mark(r['same'])}" for p, r in lock["deps"].items()
+            if not p.startswith(CODE_PREFIXES)]
+    lines.append("  deps      " + "; ".join(deps))
+    lines.append(f"  params    {_params_line(node.get('params'))}  "
+                 f"(dvc.lock {' + '.join(lock['params'])} vs lineage.json: "
+                 f"{_mark(lock.get('params_match_lineage'))})")
+
+
+def _render_result(report: dict[str, Any], lines: list[str]) -> None:
+    """Append the warnings and the verdict: consistent, or each problem."""
     for item in report["warnings"]:
         lines.append(f"warning: {item['message']}")
     if report["consistent"]:
@@ -554,7 +574,6 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"Result: BROKEN — {len(report['problems'])} problem(s):")
         for item in report["problems"]:
             lines.append(f"  {item['status']}: {item['message']}")
-    return "\n".join(lines)
 
 
 @stage_main

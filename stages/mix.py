@@ -43,6 +43,7 @@ import resource
 import tempfile
 from array import array
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -50,20 +51,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.common.evalsets import items_from_records, load_local_set
+from stages.common.evalsets import (EvalCollectedSet, EvalItem, EvalLocalSet, items_from_records,
+                                    load_local_set)
 from stages.common.io import (atomic_path, iter_record_batches, open_parquet_writer, read_records,
                               write_json)
-from stages.common.params import (MIX_FORMATS, EvalCollectedSet, EvalLocalSet, MixParams,
-                                  read_declared)
-from stages.common.runlog import StageError, Timer, progress, setup_logging, stage_main, stage_parser, write_metrics
+from stages.common.params import PARAMS_FILE, load_raw, lookup, merged_section, validate_params
+from stages.common.runlog import (StageError, Timer, progress, require_input, setup_logging, stage_main,
+                                  stage_parser, write_metrics)
 from stages.common.schema import SCHEMAS, reject, validate
 from stages.common.text import content_id, file_sha256, path_sha256
 from stages.mixing.formats import (FORMATTERS, Budget, FormatError, check_filter_fields,
                                    count_tokens, load_templates, passes_filters)
-from stages.mixing.hashing import (EvalIndex, EvalItem, exact_duplicates, exact_key, mix_keys,
+from stages.mixing.hashing import (EvalIndex, exact_duplicates, exact_key, mix_keys,
                                    minhash_signatures, near_duplicates, text_key)
+from stages.mixing.recipe import MIX_FORMATS, MixParams
 
-PARAMS = ("mix.{key}", "evaluate.settings.collected", "evaluate.settings.local")
+PARAMS = ("versions.{key}.mix", "mix_defaults", "evaluate.collected", "evaluate.local")
 STAGE = "mix"
 PERCENTILES = (50, 90, 95, 99)
 # Rejects that say nothing bad about the input: they do not count towards max_reject_rate.
@@ -106,25 +109,48 @@ def read_batches(path: str, batch_size: int) -> Batches:
         yield record_batch.to_pylist()
 
 
+def load_params(key: str, path: str = PARAMS_FILE
+                ) -> tuple[MixParams, dict[str, EvalCollectedSet], dict[str, EvalLocalSet]]:
+    """The recipe (``mix_defaults`` + ``versions.<key>.mix``) and the evaluation sets it is
+    decontaminated against (``evaluate.collected`` / ``evaluate.local``)."""
+    raw = load_raw(path)
+    where = PARAMS[0].format(key=key)
+    recipe = validate_params(MixParams, merged_section(raw, where, PARAMS[1]), where)
+    collected = {name: validate_params(EvalCollectedSet, spec, f"{PARAMS[2]}.{name}")
+                 for name, spec in (lookup(raw, PARAMS[2]) or {}).items()}
+    local = {name: validate_params(EvalLocalSet, spec, f"{PARAMS[3]}.{name}")
+             for name, spec in (lookup(raw, PARAMS[3]) or {}).items()}
+    return recipe, collected, local
+
+
+def check_declared_inputs(recipe: MixParams, declared: list[str], version: str) -> None:
+    """DVC must track exactly the recipe's files, or a changed source would not re-mix."""
+    wanted, got = set(recipe.source_inputs().values()), set(declared)
+    if wanted != got:
+        raise StageError(f"versions.{version}.mix: dvc.yaml tracks {sorted(got)} but the recipe "
+                         f"reads {sorted(wanted)}; run `python -m stages.dvc_vars` (dvc.vars.yaml "
+                         "is derived from params.yaml)")
+
+
 def load_eval_items(collected: dict[str, EvalCollectedSet],
                     local: dict[str, EvalLocalSet]) -> tuple[list[EvalItem], dict[str, dict]]:
-    """Every evaluation item of ``evaluate.settings``, read by evaluation's own reader
+    """Every evaluation item of ``evaluate``, read by evaluation's own reader
     (:mod:`stages.common.evalsets`): the same items, ids and choice texts as ``evaluate@``
     scores, uncapped (``max_items_per_set`` limits scoring, not decontamination)."""
     items: list[EvalItem] = []
     info: dict[str, dict] = {}
     for name, spec in collected.items():
         if not os.path.isfile(spec.input):
-            raise StageError(f"evaluate.settings.collected.{name}.input: {spec.input} does not exist")
+            raise StageError(f"evaluate.collected.{name}.input: {spec.input} does not exist")
         got, _ = items_from_records(name, read_records(spec.input), spec.split)
-        items += [EvalItem(f"{name}/{item.id}", (item.question, *item.choices)) for item in got]
+        items += got
         info[name] = {"path": spec.input, "split": spec.split, "items": len(got),
                       "sha256": file_sha256(spec.input)}
     for name, spec in local.items():
         if not os.path.isfile(spec.input):
-            raise StageError(f"evaluate.settings.local.{name}.input: {spec.input} does not exist")
+            raise StageError(f"evaluate.local.{name}.input: {spec.input} does not exist")
         got, _ = load_local_set(name, spec)
-        items += [EvalItem(f"{name}/{item.id}", (item.question, *item.choices)) for item in got]
+        items += got
         info[name] = {"path": spec.input, "items": len(got), "sha256": file_sha256(spec.input)}
     return items, info
 
@@ -273,234 +299,316 @@ def _phase(log: Any, message: str) -> None:
         log.info("%s (peak RSS so far %.0f MiB)", message, peak)
 
 
+@dataclass
+class _Build:
+    """The state the four passes of one build share: the recipe, the per-example columns,
+    the per-source counters and the rejects writer; the arrays are set after pass 1."""
+    version: str
+    recipe: MixParams
+    tokenizer: Any
+    eval_index: EvalIndex
+    log: Any
+    rejects: _RejectWriter
+    names: list[str]
+    stats: dict[str, Counter]
+    cols: _Columns = field(default_factory=_Columns)
+    parent_split: dict[int, str] = field(default_factory=dict)
+    groups: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    sources: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    exact: dict[int, int] = field(default_factory=dict)
+    near: dict[int, tuple[int, float]] = field(default_factory=dict)
+    copies: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    is_dev: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+
+
 def build_mixture(version: str, recipe: MixParams, tokenizer: Any, eval_index: EvalIndex,
                   open_source: Callable[[str], tuple[str, Batches]], out_path: str | os.PathLike,
                   rejects_path: str | os.PathLike, log: Any = None) -> dict[str, Any]:
     """Build the mixture into ``out_path`` and the rejects into ``rejects_path`` (both plain
     paths: the caller makes them atomic). ``open_source(name)`` gives ``(kind, batches)``.
     Returns the statistics the manifest and metrics are made of."""
-    templates = load_templates()
-    budget = Budget(tokenizer, recipe.max_length)
-    rejects = _RejectWriter(rejects_path, recipe.batch_size)
-    cols = _Columns()
     names = list(recipe.sources)
-    stats: dict[str, Counter] = {name: Counter() for name in names}
-    parent_split: dict[int, str] = {}
-    threshold_note = recipe.decontamination.threshold
-
+    build = _Build(version, recipe, tokenizer, eval_index, log,
+                   _RejectWriter(rejects_path, recipe.batch_size), names,
+                   {name: Counter() for name in names})
     with tempfile.TemporaryDirectory(prefix=".mix-spill-", dir=Path(out_path).parent) as spill_dir:
         spill_path = Path(spill_dir) / "spill.parquet"
-        spill = pq.ParquetWriter(spill_path, _SPILL_SCHEMA)
-
-        def process(source_index: int, name: str, pending: list[dict[str, Any]]) -> None:
-            texts = [example_text(e["prompt"], e["completion"]) for e in pending]
-            matches = eval_index.match(texts)
-            kept = []
-            for e, m in zip(pending, matches):
-                if m is not None:
-                    stats[name]["eval_contamination"] += 1
-                    rejects.add(name, example_id(e["prompt"], e["completion"]), "eval_contamination",
-                                f"eval_id={m[0]} overlap={m[1]:.2f} (threshold {threshold_note})",
-                                {"prompt": e["prompt"], "completion": e["completion"]})
-                else:
-                    kept.append(e)
-            lengths = count_tokens(tokenizer, [e["prompt"] + e["completion"] for e in kept])
-            final, final_lengths = [], []
-            for e, n in zip(kept, lengths):
-                if n > recipe.max_length:
-                    eid = example_id(e["prompt"], e["completion"])
-                    if recipe.overlength == "drop":
-                        stats[name]["overlength_dropped"] += 1
-                        rejects.add(name, eid, "overlength", f"{n} tokens > max_length {recipe.max_length}",
-                                    {"prompt": e["prompt"], "completion": e["completion"]})
-                        continue
-                    completion, n_new = truncate_completion(tokenizer, e["prompt"], e["completion"],
-                                                            recipe.max_length)
-                    if completion is None:
-                        stats[name]["overlength_dropped"] += 1
-                        rejects.add(name, eid, "prompt_too_long",
-                                    f"prompt uses {n_new} of max_length {recipe.max_length} tokens",
-                                    {"prompt": e["prompt"], "completion": e["completion"]})
-                        continue
-                    stats[name]["overlength_truncated"] += 1
-                    e = {**e, "completion": completion}
-                    n = n_new
-                final.append(e)
-                final_lengths.append(n)
-            if not final:
-                return
-            texts = [example_text(e["prompt"], e["completion"]) for e in final]
-            signatures = minhash_signatures(texts, recipe.dedup.shingle_chars, recipe.dedup.num_perm)
-            rows = []
-            for e, text, n in zip(final, texts, final_lengths):
-                eid = e.get("id") or example_id(e["prompt"], e["completion"])
-                if "split" in e:
-                    parent_split[len(cols)] = e["split"]
-                cols.ids.append(int(eid.split("~", 1)[0], 16))
-                cols.groups.append(text_key(f"{name}\x1f{e['group']}"))
-                cols.exact.append(exact_key(text))
-                cols.source.append(source_index)
-                cols.tokens.append(n)
-                rows.append({"id": eid, "source": e.get("source", name),
-                             "parent_split": e.get("split", ""), "prompt": e["prompt"],
-                             "completion": e["completion"]})
-            cols.signatures.append(signatures)
-            spill.write_table(pa.Table.from_pylist(rows, schema=_SPILL_SCHEMA))
-            stats[name]["formatted_kept"] += len(rows)
-
-        # ---- pass 1: format, decontaminate, count, MinHash
-        for source_index, name in enumerate(names):
-            spec = recipe.sources[name]
-            kind, batches = open_source(name)
-            if MIX_FORMATS[spec.format] != kind:
-                raise StageError(f"mix.{version}.sources.{name}.format: {spec.format} formats "
-                                 f"{MIX_FORMATS[spec.format]} records, but {name} holds {kind}")
-            fields = SCHEMAS[kind].names if kind in SCHEMAS else ["doc_id", "title", "path", "source"]
-            unknown = check_filter_fields(fields, spec.include, spec.exclude)
-            if unknown:
-                raise StageError(f"mix.{version}.sources.{name}: include/exclude name fields "
-                                 f"{unknown} that {kind} records do not have ({list(fields)})")
-            formatter = FORMATTERS[spec.format]
-            pending: list[dict[str, Any]] = []
-            for batch in progress(batches, desc=f"mix@{version} {name}"):
-                for record in batch:
-                    stats[name]["records_read"] += 1
-                    item = str(record.get("id") or record.get("doc_id") or stats[name]["records_read"])
-                    if kind in SCHEMAS:
-                        problems = validate(kind, record)
-                        if problems:
-                            stats[name]["invalid_record"] += 1
-                            rejects.add(name, item, "invalid_record", "; ".join(problems), record)
-                            continue
-                    if not passes_filters(record, spec.include, spec.exclude):
-                        stats[name]["filtered_out"] += 1
-                        continue
-                    try:
-                        made = formatter(record, templates, budget)
-                    except FormatError as exc:
-                        stats[name][exc.reason] += 1
-                        rejects.add(name, item, exc.reason, exc.detail, record)
-                        continue
-                    stats[name]["examples_formatted"] += len(made)
-                    pending.extend(made)
-                    if len(pending) >= recipe.batch_size:
-                        process(source_index, name, pending)
-                        pending = []
-            if pending:
-                process(source_index, name, pending)
-        spill.close()
-
-        n = len(cols)
-        groups = np.frombuffer(cols.groups, dtype=np.uint64) if n else np.zeros(0, np.uint64)
-        sources = np.frombuffer(cols.source, dtype=np.int64) if n else np.zeros(0, np.int64)
-        tokens = np.frombuffer(cols.tokens, dtype=np.int64) if n else np.zeros(0, np.int64)
-        ids = np.frombuffer(cols.ids, dtype=np.uint64) if n else np.zeros(0, np.uint64)
-
-        _phase(log, f"pass 1 done: {len(cols)} examples formatted and hashed")
-        # ---- pass 2: exact, then near-duplicate removal across the sources
-        exact = exact_duplicates(np.frombuffer(cols.exact, dtype=np.uint64), groups) if n else {}
-        alive = np.ones(n, dtype=bool)
-        alive[list(exact)] = False
-        near = near_duplicates(cols.signatures, groups, alive, recipe.dedup.bands,
-                               recipe.dedup.near_threshold) if n else {}
-        cols.signatures = []
-        alive[list(near)] = False
-
-        _phase(log, f"pass 2 done: {len(exact)} exact, {len(near)} near duplicates")
-        # ---- pass 3: selection per source, then the dev split
-        copies = np.zeros(n, dtype=np.int64)
-        is_dev = np.zeros(n, dtype=bool)
-        for source_index, name in enumerate(names):
-            spec = recipe.sources[name]
-            members = np.flatnonzero((sources == source_index) & alive)
-            stats[name]["available"] = len(members)
-            copies[members] = selection(len(members), mix_keys(groups[members], recipe.seed),
-                                        spec.count, spec.fraction, spec.upsample,
-                                        f"mix.{version}.sources.{name}")
-            chosen = members[copies[members] > 0]
-            if spec.format == "example":
-                is_dev[chosen] = [parent_split.get(int(i)) == "dev" for i in chosen]
-            else:
-                is_dev[chosen] = dev_groups(groups[chosen], recipe.dev_size, recipe.seed + 1)
-
+        format_sources(build, open_source, spill_path)
+        _phase(log, f"pass 1 done: {len(build.cols)} examples formatted and hashed")
+        remove_duplicates(build)
+        _phase(log, f"pass 2 done: {len(build.exact)} exact, {len(build.near)} near duplicates")
+        select_examples(build)
         _phase(log, "pass 3 done: selection and dev split")
-        # ---- pass 4: stream the spill into the output, dedup rejects with their text
-        writer = open_parquet_writer(out_path, SCHEMAS["example"])
-        buffer: list[dict[str, Any]] = []
-        emitted_sources: Counter = Counter()
-        index = 0
-        for record_batch in iter_record_batches(spill_path, recipe.batch_size):
-            for row in record_batch.to_pylist():
-                name = names[sources[index]]
-                if index in exact or index in near:
-                    reason = "exact_duplicate" if index in exact else "near_duplicate"
-                    kept = exact[index] if index in exact else near[index][0]
-                    detail = f"same as {int(ids[kept]):016x}" if index in exact else \
-                        f"similar to {int(ids[kept]):016x} (estimated Jaccard {near[index][1]:.2f})"
-                    stats[name][reason] += 1
-                    rejects.add(name, row["id"], reason, detail,
-                                {"prompt": row["prompt"], "completion": row["completion"]})
-                split = "dev" if is_dev[index] else "train"
-                for copy in range(int(copies[index])):
-                    buffer.append({"id": row["id"] if copy == 0 else f"{row['id']}~{version}.{copy}",
-                                   "version": version, "source": row["source"], "split": split,
-                                   "prompt": row["prompt"], "completion": row["completion"]})
-                    emitted_sources[row["source"]] += 1
-                    if len(buffer) >= recipe.batch_size:
-                        writer.write_table(pa.Table.from_pylist(buffer, schema=SCHEMAS["example"]))
-                        buffer = []
-                index += 1
-        if buffer:
-            writer.write_table(pa.Table.from_pylist(buffer, schema=SCHEMAS["example"]))
-        writer.close()
+        emitted = write_output(build, spill_path, out_path)
         _phase(log, "pass 4 done: mixture written")
-    rejects.close()
+    build.rejects.close()
+    banned = sorted(set(emitted) & set(recipe.exclude_sources))
+    if banned:  # recipes naming them are refused on load; this guards the data itself
+        raise StageError(f"versions.{version}.mix: excluded sources {banned} reached the mixture")
+    return summarize_build(build)
 
-    banned = sorted(set(emitted_sources) & set(recipe.exclude_sources))
-    if banned:  # the params validator already refuses such recipes; this guards the data
-        raise StageError(f"mix.{version}: excluded sources {banned} reached the mixture")
 
-    per_source: dict[str, Any] = {}
-    for source_index, name in enumerate(names):
-        member = sources == source_index
-        c = copies[member]
-        t = tokens[member]
-        d = is_dev[member]
-        s = stats[name]
-        per_source[name] = {
-            "records_read": s["records_read"], "filtered_out": s["filtered_out"],
-            "examples_formatted": s["examples_formatted"],
-            "eval_contamination": s["eval_contamination"],
-            "overlength_truncated": s["overlength_truncated"],
-            "overlength_dropped": s["overlength_dropped"],
-            "exact_duplicates": s["exact_duplicate"], "near_duplicates": s["near_duplicate"],
-            "format_rejects": dict(sorted((k, v) for k, v in rejects.by_source.get(name, {}).items()
-                                          if k not in REMOVALS)),
-            "available": s["available"], "examples": int(c.sum()),
-            "distinct_examples": int((c > 0).sum()), "upsampled_copies": int((c - (c > 0)).sum()),
-            "train": int(c[~d].sum()), "dev": int(c[d].sum()),
-            "tokens": int((c * t).sum()), "tokens_train": int((c * t)[~d].sum()),
-            "tokens_dev": int((c * t)[d].sum()),
-        }
-    weighted = np.repeat(tokens, copies)
-    malformed = sum(n for r, n in rejects.reasons.items() if r not in REMOVALS)
-    records_read = sum(s["records_read"] for s in stats.values())
+# ---- pass 1: format, decontaminate, count, MinHash
+def format_sources(build: _Build, open_source: Callable[[str], tuple[str, Batches]],
+                   spill_path: Path) -> None:
+    """Every source, batch by batch, into the spill file and the in-memory columns."""
+    templates = load_templates()
+    budget = Budget(build.tokenizer, build.recipe.max_length)
+    spill = pq.ParquetWriter(spill_path, _SPILL_SCHEMA)
+    for source_index, name in enumerate(build.names):
+        kind, batches = open_source(name)
+        check_source_fits(build, name, kind)
+        pending: list[dict[str, Any]] = []
+        for batch in progress(batches, desc=f"mix@{build.version} {name}"):
+            for record in batch:
+                pending.extend(format_record(build, name, kind, record, templates, budget))
+                if len(pending) >= build.recipe.batch_size:
+                    keep_examples(build, source_index, name, pending, spill)
+                    pending = []
+        if pending:
+            keep_examples(build, source_index, name, pending, spill)
+    spill.close()
+    n = len(build.cols)
+    if n:
+        build.groups = np.frombuffer(build.cols.groups, dtype=np.uint64)
+        build.sources = np.frombuffer(build.cols.source, dtype=np.int64)
+        build.tokens = np.frombuffer(build.cols.tokens, dtype=np.int64)
+        build.ids = np.frombuffer(build.cols.ids, dtype=np.uint64)
+
+
+def check_source_fits(build: _Build, name: str, kind: str) -> None:
+    spec = build.recipe.sources[name]
+    where = f"versions.{build.version}.mix.sources.{name}"
+    if MIX_FORMATS[spec.format] != kind:
+        raise StageError(f"{where}.format: {spec.format} formats {MIX_FORMATS[spec.format]} "
+                         f"records, but {name} holds {kind}")
+    fields = SCHEMAS[kind].names if kind in SCHEMAS else ["doc_id", "title", "path", "source"]
+    unknown = check_filter_fields(fields, spec.include, spec.exclude)
+    if unknown:
+        raise StageError(f"{where}: include/exclude name fields {unknown} that {kind} records "
+                         f"do not have ({list(fields)})")
+
+
+def format_record(build: _Build, name: str, kind: str, record: dict[str, Any],
+                  templates: dict[str, Any], budget: Budget) -> list[dict[str, Any]]:
+    """One source record -> its examples ([] when it is invalid, filtered out or unformattable)."""
+    spec, stats = build.recipe.sources[name], build.stats[name]
+    stats["records_read"] += 1
+    item = str(record.get("id") or record.get("doc_id") or stats["records_read"])
+    if kind in SCHEMAS:
+        problems = validate(kind, record)
+        if problems:
+            stats["invalid_record"] += 1
+            build.rejects.add(name, item, "invalid_record", "; ".join(problems), record)
+            return []
+    if not passes_filters(record, spec.include, spec.exclude):
+        stats["filtered_out"] += 1
+        return []
+    try:
+        made = FORMATTERS[spec.format](record, templates, budget)
+    except FormatError as exc:
+        stats[exc.reason] += 1
+        build.rejects.add(name, item, exc.reason, exc.detail, record)
+        return []
+    stats["examples_formatted"] += len(made)
+    return made
+
+
+def keep_examples(build: _Build, source_index: int, name: str, pending: list[dict[str, Any]],
+                  spill: pq.ParquetWriter) -> None:
+    """Decontaminate, fit to max_length, hash and spill one batch of formatted examples."""
+    kept = decontaminate(build, name, pending)
+    final, lengths = fit_lengths(build, name, kept)
+    if not final:
+        return
+    texts = [example_text(e["prompt"], e["completion"]) for e in final]
+    dedup = build.recipe.dedup
+    signatures = minhash_signatures(texts, dedup.shingle_chars, dedup.num_perm)
+    cols, rows = build.cols, []
+    for e, text, n in zip(final, texts, lengths):
+        eid = e.get("id") or example_id(e["prompt"], e["completion"])
+        if "split" in e:
+            build.parent_split[len(cols)] = e["split"]
+        cols.ids.append(int(eid.split("~", 1)[0], 16))
+        cols.groups.append(text_key(f"{name}\x1f{e['group']}"))
+        cols.exact.append(exact_key(text))
+        cols.source.append(source_index)
+        cols.tokens.append(n)
+        rows.append({"id": eid, "source": e.get("source", name), "parent_split": e.get("split", ""),
+                     "prompt": e["prompt"], "completion": e["completion"]})
+    cols.signatures.append(signatures)
+    spill.write_table(pa.Table.from_pylist(rows, schema=_SPILL_SCHEMA))
+    build.stats[name]["formatted_kept"] += len(rows)
+
+
+def _raw(example: dict[str, Any]) -> dict[str, Any]:
+    return {"prompt": example["prompt"], "completion": example["completion"]}
+
+
+def decontaminate(build: _Build, name: str, pending: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The examples that overlap no evaluation item; the others become rejects naming it."""
+    texts = [example_text(e["prompt"], e["completion"]) for e in pending]
+    kept = []
+    for e, match in zip(pending, build.eval_index.match(texts)):
+        if match is None:
+            kept.append(e)
+            continue
+        build.stats[name]["eval_contamination"] += 1
+        build.rejects.add(name, example_id(e["prompt"], e["completion"]), "eval_contamination",
+                          f"eval_id={match[0]} overlap={match[1]:.2f} "
+                          f"(threshold {build.recipe.decontamination.threshold})", _raw(e))
+    return kept
+
+
+def fit_lengths(build: _Build, name: str, examples: list[dict[str, Any]]
+                ) -> tuple[list[dict[str, Any]], list[int]]:
+    """Token counts; an example over max_length is truncated or dropped (``overlength``)."""
+    recipe, stats = build.recipe, build.stats[name]
+    lengths = count_tokens(build.tokenizer, [e["prompt"] + e["completion"] for e in examples])
+    final, final_lengths = [], []
+    for e, n in zip(examples, lengths):
+        if n > recipe.max_length:
+            eid = example_id(e["prompt"], e["completion"])
+            if recipe.overlength == "drop":
+                stats["overlength_dropped"] += 1
+                build.rejects.add(name, eid, "overlength",
+                                  f"{n} tokens > max_length {recipe.max_length}", _raw(e))
+                continue
+            completion, n = truncate_completion(build.tokenizer, e["prompt"], e["completion"],
+                                                recipe.max_length)
+            if completion is None:
+                stats["overlength_dropped"] += 1
+                build.rejects.add(name, eid, "prompt_too_long",
+                                  f"prompt uses {n} of max_length {recipe.max_length} tokens", _raw(e))
+                continue
+            stats["overlength_truncated"] += 1
+            e = {**e, "completion": completion}
+        final.append(e)
+        final_lengths.append(n)
+    return final, final_lengths
+
+
+# ---- pass 2: exact, then near-duplicate removal across the sources
+def remove_duplicates(build: _Build) -> None:
+    n = len(build.cols)
+    if not n:
+        return
+    build.exact = exact_duplicates(np.frombuffer(build.cols.exact, dtype=np.uint64), build.groups)
+    alive = np.ones(n, dtype=bool)
+    alive[list(build.exact)] = False
+    build.near = near_duplicates(build.cols.signatures, build.groups, alive,
+                                 build.recipe.dedup.bands, build.recipe.dedup.near_threshold)
+    build.cols.signatures = []
+
+
+# ---- pass 3: selection per source, then the dev split
+def select_examples(build: _Build) -> None:
+    recipe, n = build.recipe, len(build.cols)
+    alive = np.ones(n, dtype=bool)
+    alive[list(build.exact)] = False
+    alive[list(build.near)] = False
+    build.copies = np.zeros(n, dtype=np.int64)
+    build.is_dev = np.zeros(n, dtype=bool)
+    for source_index, name in enumerate(build.names):
+        spec = recipe.sources[name]
+        members = np.flatnonzero((build.sources == source_index) & alive)
+        build.stats[name]["available"] = len(members)
+        build.copies[members] = selection(
+            len(members), mix_keys(build.groups[members], recipe.seed), spec.count,
+            spec.fraction, spec.upsample, f"versions.{build.version}.mix.sources.{name}")
+        chosen = members[build.copies[members] > 0]
+        if spec.format == "example":
+            build.is_dev[chosen] = [build.parent_split.get(int(i)) == "dev" for i in chosen]
+        else:
+            build.is_dev[chosen] = dev_groups(build.groups[chosen], recipe.dev_size, recipe.seed + 1)
+
+
+# ---- pass 4: stream the spill into the output, dedup rejects with their text
+def write_output(build: _Build, spill_path: Path, out_path: str | os.PathLike) -> Counter:
+    """The mixture file; returns the examples written per source."""
+    writer = open_parquet_writer(out_path, SCHEMAS["example"])
+    buffer: list[dict[str, Any]] = []
+    emitted: Counter = Counter()
+    index = 0
+    for record_batch in iter_record_batches(spill_path, build.recipe.batch_size):
+        for row in record_batch.to_pylist():
+            reject_duplicate(build, index, row)
+            split = "dev" if build.is_dev[index] else "train"
+            for copy in range(int(build.copies[index])):
+                buffer.append({"id": row["id"] if copy == 0 else f"{row['id']}~{build.version}.{copy}",
+                               "version": build.version, "source": row["source"], "split": split,
+                               "prompt": row["prompt"], "completion": row["completion"]})
+                emitted[row["source"]] += 1
+                if len(buffer) >= build.recipe.batch_size:
+                    writer.write_table(pa.Table.from_pylist(buffer, schema=SCHEMAS["example"]))
+                    buffer = []
+            index += 1
+    if buffer:
+        writer.write_table(pa.Table.from_pylist(buffer, schema=SCHEMAS["example"]))
+    writer.close()
+    return emitted
+
+
+def reject_duplicate(build: _Build, index: int, row: dict[str, Any]) -> None:
+    """The reject of a removed duplicate, written with its text now that the spill is read."""
+    if index not in build.exact and index not in build.near:
+        return
+    name = build.names[build.sources[index]]
+    if index in build.exact:
+        reason, detail = "exact_duplicate", f"same as {int(build.ids[build.exact[index]]):016x}"
+    else:
+        kept, similarity = build.near[index]
+        reason = "near_duplicate"
+        detail = f"similar to {int(build.ids[kept]):016x} (estimated Jaccard {similarity:.2f})"
+    build.stats[name][reason] += 1
+    build.rejects.add(name, row["id"], reason, detail, _raw(row))
+
+
+# ---- the statistics of the manifest and metrics
+def source_summary(build: _Build, source_index: int, name: str) -> dict[str, Any]:
+    member = build.sources == source_index
+    c, t, d = build.copies[member], build.tokens[member], build.is_dev[member]
+    s = build.stats[name]
+    return {
+        "records_read": s["records_read"], "filtered_out": s["filtered_out"],
+        "examples_formatted": s["examples_formatted"],
+        "eval_contamination": s["eval_contamination"],
+        "overlength_truncated": s["overlength_truncated"],
+        "overlength_dropped": s["overlength_dropped"],
+        "exact_duplicates": s["exact_duplicate"], "near_duplicates": s["near_duplicate"],
+        "format_rejects": dict(sorted((k, v) for k, v in build.rejects.by_source.get(name, {}).items()
+                                      if k not in REMOVALS)),
+        "available": s["available"], "examples": int(c.sum()),
+        "distinct_examples": int((c > 0).sum()), "upsampled_copies": int((c - (c > 0)).sum()),
+        "train": int(c[~d].sum()), "dev": int(c[d].sum()),
+        "tokens": int((c * t).sum()), "tokens_train": int((c * t)[~d].sum()),
+        "tokens_dev": int((c * t)[d].sum()),
+    }
+
+
+def summarize_build(build: _Build) -> dict[str, Any]:
+    copies, tokens, is_dev, recipe = build.copies, build.tokens, build.is_dev, build.recipe
+    per_source = {name: source_summary(build, i, name) for i, name in enumerate(build.names)}
+    reasons = build.rejects.reasons
     totals = {
         "examples": int(copies.sum()), "train": int(copies[~is_dev].sum()),
         "dev": int(copies[is_dev].sum()), "tokens": int((copies * tokens).sum()),
         "tokens_train": int((copies * tokens)[~is_dev].sum()),
         "tokens_dev": int((copies * tokens)[is_dev].sum()),
-        "records_read": records_read, "malformed_rejects": malformed,
+        "records_read": sum(s["records_read"] for s in build.stats.values()),
+        "malformed_rejects": sum(n for r, n in reasons.items() if r not in REMOVALS),
         "over_max_length": int(sum(s["overlength_truncated"] + s["overlength_dropped"]
-                                   for s in stats.values())),
+                                   for s in build.stats.values())),
         "overlength_policy": recipe.overlength, "max_length": recipe.max_length,
     }
-    if log is not None:
-        log.info("mix@%s: %d examples (%d train, %d dev), %d tokens; rejects %s", version,
-                 totals["examples"], totals["train"], totals["dev"], totals["tokens"],
-                 dict(sorted(rejects.reasons.items())))
-    return {"sources": per_source, "totals": totals, "length": length_stats(weighted),
-            "rejects_by_reason": dict(sorted(rejects.reasons.items()))}
+    if build.log is not None:
+        build.log.info("mix@%s: %d examples (%d train, %d dev), %d tokens; rejects %s",
+                       build.version, totals["examples"], totals["train"], totals["dev"],
+                       totals["tokens"], dict(sorted(reasons.items())))
+    return {"sources": per_source, "totals": totals, "length": length_stats(np.repeat(tokens, copies)),
+            "rejects_by_reason": dict(sorted(reasons.items()))}
 
 
 # ------------------------------------------------------------------------------ main
@@ -542,18 +650,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__, "version")
     parser.add_argument("--tokenizer", required=True, help="directory for AutoTokenizer")
     parser.add_argument("--manifest", required=True)
+    parser.add_argument("--inputs", nargs="+", required=True,
+                        help="the files dvc.yaml tracks for this recipe (dvc.vars.yaml's slots)")
     args = parser.parse_args(argv)
     version = args.version
     timer = Timer()
-    declared = read_declared(PARAMS, version, path=args.params)
-    recipe: MixParams = declared["mix.{key}"]
+    recipe, collected, local = load_params(version, args.params)
+    check_declared_inputs(recipe, args.inputs, version)
     log = setup_logging(args.log, f"mix@{version}")
 
     inputs = {}
     for name, path in recipe.source_inputs().items():
-        if not os.path.exists(path):
-            raise StageError(f"mix.{version}.sources.{name}: input {path} does not exist "
-                             "(run the stage that writes it)")
+        require_input(path, f"versions.{version}.mix.sources.{name}", "run the stage that writes it")
         inputs[name] = {"path": path, "sha256": path_sha256(path)}
     if not os.path.isdir(args.tokenizer):
         raise StageError(f"--tokenizer {args.tokenizer} is not a directory (run base_model)")
@@ -561,8 +669,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     if not tokenizer.chat_template:
         raise StageError(f"--tokenizer {args.tokenizer}: no chat template")
-    items, eval_sets = load_eval_items(declared["evaluate.settings.collected"] or {},
-                                       declared["evaluate.settings.local"] or {})
+    items, eval_sets = load_eval_items(collected, local)
     index = EvalIndex(items, recipe.decontamination.ngram_chars, recipe.decontamination.threshold)
     log.info("decontaminating against %d eval items of %s", len(index), sorted(eval_sets))
 

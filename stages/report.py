@@ -1,7 +1,7 @@
 """report: one page comparing every version -> reports/index.html + PNG figures.
 
 Contract:
-- inputs (paths from the dvc.yaml cmd; the versions and the baseline from ``params.report``):
+- inputs (paths from the dvc.yaml cmd; the versions from ``--versions``, the baseline from ``params.report``):
   ``<eval-dir>/<key>.json`` (evaluate metrics, baseline included), ``<mixtures-dir>/<v>.json``
   (mix manifests: per-source examples/tokens, mixture and input sha256s),
   ``<models-dir>/<v>/lineage.json`` (train: parent, mixture hash, base model, loss, time),
@@ -25,12 +25,27 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from stages.common.io import atomic_dir, write_text
-from stages.common.params import ReportParams, read_declared
+from stages.common.params import PARAMS_FILE, Strict, read_section
 from stages.common.runlog import StageError, Timer, setup_logging, stage_main, stage_parser, write_metrics
 
 PARAMS = ("report",)
 STAGE = "report"
+
+
+# ---------------------------------------------------------------------------- params
+class ReportParams(Strict):
+    """``report``. The versions shown (in params.yaml's ``versions`` order) come from the
+    command line, which dvc.yaml writes from the generated ``dvc.vars.yaml``."""
+    baseline: str = Field("base", description="the evaluate key every version is compared with")
+    figure_dpi: int = Field(ge=50, le=300)
+
+
+def load_params(key: None = None, path: str = PARAMS_FILE) -> ReportParams:
+    return read_section(PARAMS, ReportParams, path=path)
+
 FIGURES = ("composition.png", "loss.png", "accuracy.png")
 LOSS_TSV = Path("plots") / "metrics" / "loss.tsv"
 
@@ -60,14 +75,14 @@ def read_loss_tsv(path: Path) -> list[tuple[float, float]]:
     return sorted(points)
 
 
-def load_inputs(params: ReportParams, eval_dir: str, train_dir: str, mixtures_dir: str,
-                models_dir: str, live_dir: str) -> dict[str, Any]:
+def load_inputs(params: ReportParams, versions: list[str], eval_dir: str, train_dir: str,
+                mixtures_dir: str, models_dir: str, live_dir: str) -> dict[str, Any]:
     """Everything the page shows, read from the pipeline's outputs."""
-    data: dict[str, Any] = {"baseline": params.baseline, "versions": list(params.versions),
+    data: dict[str, Any] = {"baseline": params.baseline, "versions": list(versions),
                             "eval": {}, "manifests": {}, "lineage": {}, "train": {}, "loss": {}}
-    for key in [params.baseline, *params.versions]:
+    for key in [params.baseline, *versions]:
         data["eval"][key] = _read_json(Path(eval_dir) / f"{key}.json")
-    for version in params.versions:
+    for version in versions:
         data["manifests"][version] = _read_json(Path(mixtures_dir) / f"{version}.json")
         data["lineage"][version] = _read_json(Path(models_dir) / version / "lineage.json")
         data["train"][version] = _read_json(Path(train_dir) / f"{version}.json")
@@ -297,31 +312,11 @@ def render_html(data: dict[str, Any], figures: list[str]) -> str:
     versions, baseline = data["versions"], data["baseline"]
     acc = accuracy_rows(data["eval"], baseline, versions)
     sets = sorted({name for row in acc for name in row["by_set"]})
-    acc_rows = []
-    for row in acc:
-        delta = row["delta"]
-        cls = "" if delta is None else ("up" if delta > 0 else "down" if delta < 0 else "")
-        name = html.escape(row["key"]) + (" (baseline)" if row["key"] == baseline else "")
-        acc_rows.append([name, _fmt(row["items"]), _pct(row["micro"]),
-                         f"<span class='{cls}'>{_signed(delta)}</span>", _pct(row["macro"]),
-                         _pct(row["shuffled_micro"]), _pct(row["choices_4"]), _pct(row["choices_7"]),
-                         *[_pct(row["by_set"].get(s)) for s in sets]])
+    acc_rows = _accuracy_cells(acc, baseline, sets)
     scoring = sorted({str(r["scoring"]) for r in acc if r["scoring"]})
-    train = training_rows(data["lineage"], data["train"], data["manifests"], versions)
-    train_rows = [[html.escape(r["version"]), _fmt(r["examples"]), _fmt(r["tokens"]),
-                   _fmt(r["final_loss"], 4), _fmt(r["eval_loss"], 4), _fmt(r["steps"]),
-                   _fmt(r["train_seconds"], 1), f"<span class='l'>{html.escape(str(r['tokenizer'] or '–'))}</span>"]
-                  for r in train]
-    lineage = lineage_rows(data["lineage"], data["manifests"], versions)
-    lineage_html = []
-    for r in lineage:
-        sources = "<br>".join(f"{html.escape(name)}: <code>{html.escape(str(path))}</code> {_short(sha)}"
-                              for name, path, sha in r["sources"]) or "–"
-        lineage_html.append([html.escape(r["version"]), html.escape(r["parent"] or "– (base)"),
-                             f"{html.escape(str(r['base']))}<br><span class='note'>"
-                             f"{html.escape(str(r['base_revision']))}</span>",
-                             f"<code>{html.escape(str(r['mixture']))}</code><br>{_short(r['mixture_sha256'])}",
-                             _short(r["manifest_sha256"]), _short(r["adapter_sha256"]), sources])
+    train_rows = _training_cells(training_rows(data["lineage"], data["train"], data["manifests"],
+                                               versions))
+    lineage_html = _lineage_cells(lineage_rows(data["lineage"], data["manifests"], versions))
     sources, table = composition(data["manifests"], versions)
     comp_rows = [[html.escape(v)] + [_fmt(table[v].get(s)) if s in table[v] else "" for s in sources]
                  + [_fmt(sum(table[v].values()))] for v in versions]
@@ -358,6 +353,42 @@ def render_html(data: dict[str, Any], figures: list[str]) -> str:
     return "\n".join(parts) + "\n"
 
 
+def _accuracy_cells(acc: list[dict[str, Any]], baseline: str, sets: list[str]) -> list[list[str]]:
+    """The accuracy table's HTML cells, the delta coloured by its sign."""
+    acc_rows = []
+    for row in acc:
+        delta = row["delta"]
+        cls = "" if delta is None else ("up" if delta > 0 else "down" if delta < 0 else "")
+        name = html.escape(row["key"]) + (" (baseline)" if row["key"] == baseline else "")
+        acc_rows.append([name, _fmt(row["items"]), _pct(row["micro"]),
+                         f"<span class='{cls}'>{_signed(delta)}</span>", _pct(row["macro"]),
+                         _pct(row["shuffled_micro"]), _pct(row["choices_4"]), _pct(row["choices_7"]),
+                         *[_pct(row["by_set"].get(s)) for s in sets]])
+    return acc_rows
+
+
+def _training_cells(train: list[dict[str, Any]]) -> list[list[str]]:
+    """The training table's HTML cells."""
+    return [[html.escape(r["version"]), _fmt(r["examples"]), _fmt(r["tokens"]),
+             _fmt(r["final_loss"], 4), _fmt(r["eval_loss"], 4), _fmt(r["steps"]),
+             _fmt(r["train_seconds"], 1), f"<span class='l'>{html.escape(str(r['tokenizer'] or '–'))}</span>"]
+            for r in train]
+
+
+def _lineage_cells(lineage: list[dict[str, Any]]) -> list[list[str]]:
+    """The lineage table's HTML cells: names, then short hashes (full ones on hover)."""
+    lineage_html = []
+    for r in lineage:
+        sources = "<br>".join(f"{html.escape(name)}: <code>{html.escape(str(path))}</code> {_short(sha)}"
+                              for name, path, sha in r["sources"]) or "–"
+        lineage_html.append([html.escape(r["version"]), html.escape(r["parent"] or "– (base)"),
+                             f"{html.escape(str(r['base']))}<br><span class='note'>"
+                             f"{html.escape(str(r['base_revision']))}</span>",
+                             f"<code>{html.escape(str(r['mixture']))}</code><br>{_short(r['mixture_sha256'])}",
+                             _short(r["manifest_sha256"]), _short(r["adapter_sha256"]), sources])
+    return lineage_html
+
+
 def report_metrics(data: dict[str, Any], figures: list[str]) -> dict[str, Any]:
     rows = accuracy_rows(data["eval"], data["baseline"], data["versions"])
     versions = [r for r in rows if r["key"] != data["baseline"] and r["micro"] is not None]
@@ -378,19 +409,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mixtures-dir", required=True)
     parser.add_argument("--models-dir", required=True)
     parser.add_argument("--live-dir", required=True)
+    parser.add_argument("--versions", required=True, nargs="+", help="the versions, in order")
     args = parser.parse_args(argv)
     timer = Timer()
-    params: ReportParams = read_declared(PARAMS, path=args.params)["report"]
+    params = load_params(None, args.params)
     log = setup_logging(args.log, STAGE)
 
-    data = load_inputs(params, args.eval_dir, args.train_dir, args.mixtures_dir,
+    data = load_inputs(params, args.versions, args.eval_dir, args.train_dir, args.mixtures_dir,
                        args.models_dir, args.live_dir)
     with atomic_dir(args.out) as tmp:
         figures = render_figures(data, Path(tmp), params.figure_dpi)
         write_text(render_html(data, figures), Path(tmp) / "index.html")
     metrics = {**report_metrics(data, figures), "seconds": timer.seconds}
     write_metrics(args.metrics, metrics)
-    log.info("report for %d versions (baseline %s) -> %s/index.html (%.1fs)", len(params.versions),
+    log.info("report for %d versions (baseline %s) -> %s/index.html (%.1fs)", len(args.versions),
              params.baseline, args.out, timer.seconds)
 
 

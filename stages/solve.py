@@ -31,6 +31,7 @@ Contract:
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import logging
@@ -41,22 +42,58 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, field_validator
 
 from stages.common.io import read_records, write_json, write_records
-from stages.common.llm import CacheMissError, LLMClient
-from stages.common.params import SolveParams
+from stages.common.llm import CacheMissError, LLMClient, LLMParams, read_llm_section, run_all
+from stages.common.params import PARAMS_FILE, Strict
 from stages.common.prompts import (LETTERS, letter, letter_index, load_template,
                                    mcq_question_block, step1_prompt, step2_prompt)
-from stages.common.runlog import (StageError, begin_stage, check_reject_rate, progress,
+from stages.common.runlog import (StageError, begin_stage, check_reject_rate, require_input,
                                   stage_main, stage_parser, write_metrics)
 from stages.common.schema import SCHEMAS, reject, validate_table
 from stages.common.text import content_id
 
-PARAMS = ("solve.{key}",)
+PARAMS = ("solve.{key}", "llm_defaults")
 STAGE = "solve"
 TEMPLATES = ("solve_system.txt", "solve_user.txt", "solve_quality_system.txt",
              "solve_quality_user.txt")
+
+
+# ---------------------------------------------------------------------------- params
+class SolveInputs(Strict):
+    """mcq parquet files to solve; ``rules`` (no transform) repeats ``synthesized``."""
+    transformed: str
+    synthesized: str
+
+
+class QualityParams(Strict):
+    enabled: bool = Field(False, description="LLM quality score (0-5) + hallucination flag per item")
+    min_score: int = Field(3, ge=0, le=5, description="items scored below this are rejected")
+    reject_hallucination: bool = True
+
+
+class SolveParams(Strict):
+    inputs: SolveInputs
+    target_pairs: Optional[int] = Field(
+        description="pairs wanted, exactly (2 per question); null = every question that verifies")
+    max_resamples: int = Field(2, ge=0, description="re-samples (sample_index 1..k) after a wrong first solution")
+    quality: QualityParams = Field(default_factory=QualityParams)
+    max_reject_rate: float = Field(0.5, ge=0, le=1, description="of the questions attempted")
+    llm: LLMParams
+
+    @field_validator("target_pairs")
+    @classmethod
+    def _even(cls, value: Optional[int]) -> Optional[int]:
+        if value is not None and (value < 0 or value % 2):
+            raise ValueError("target_pairs must be a non-negative even number (2 pairs per question)")
+        return value
+
+
+def load_params(key: str | None, path: str = PARAMS_FILE, cache_dir: str | None = None) -> SolveParams:
+    """``solve.<key>`` with ``llm_defaults`` merged under its ``llm``."""
+    return read_llm_section(PARAMS, SolveParams, key, path, cache_dir)
+
 
 Letter = Literal["A", "B", "C", "D", "E", "F", "G"]
 
@@ -245,16 +282,7 @@ async def solve_questions(candidates: Sequence[dict[str, Any]], llm: LLMClient,
         take = len(candidates) - cursor if wanted is None else wanted - verified
         wave = candidates[cursor:cursor + take]
         cursor += len(wave)
-        tasks = [asyncio.create_task(solve_one(q, llm, params, templates)) for q in wave]
-        try:
-            for done in progress(asyncio.as_completed(tasks), desc=f"solve@{key}", total=len(tasks)):
-                await done
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
-        results = [t.result() for t in tasks]
+        results = await run_all([solve_one(q, llm, params, templates) for q in wave], f"solve@{key}")
         missing = [m for r in results for m in r.missing]
         if missing:
             raise CacheMissError(missing, llm.cache.root)
@@ -297,41 +325,77 @@ def write_exports(directory: str | Path, stamp: str, pairs: Sequence[dict[str, A
 
 @stage_main
 def main(argv: list[str] | None = None) -> None:
-    parser = stage_parser(__doc__, "domain", out_help="questions.parquet")
+    parser = stage_parser(__doc__, "domain", out_help="questions.parquet", cache_dir=True)
     parser.add_argument("--pairs", required=True, help="pairs.parquet")
     parser.add_argument("--exports", required=True, help="directory for the original-format files")
     args = parser.parse_args(argv)
     key = args.domain
-    params: SolveParams
-    params, log, timer = begin_stage(args, "solve", PARAMS, key)
+    params, log, timer = begin_stage(args, "solve", key,
+                                     lambda k, path: load_params(k, path, args.cache_dir))
     stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
-    export_log = Path(args.exports) / f"processing_{stamp}.log"
-    export_log.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(export_log, mode="w", encoding="utf-8")
-    handler.setFormatter(log.handlers[0].formatter)
-    log.addHandler(handler)
+    export_log, handler = _add_export_log(log, args.exports, stamp)
 
-    inputs = []
-    for path in dict.fromkeys([params.inputs.transformed, params.inputs.synthesized]):
-        if not Path(path).is_file():
-            raise StageError(f"input {path} does not exist (params solve.{key}.inputs)")
-        records = read_records(path)
-        validate_table("mcq", records)
-        inputs.append(records)
-        log.info("%d questions from %s", len(records), path)
+    inputs = _read_inputs(params, key, log)
     candidates, input_rejects, duplicates = select_candidates(inputs, key)
     if not candidates:
         raise StageError(f"solve@{key}: no questions in {params.inputs.transformed} / "
                          f"{params.inputs.synthesized}")
     templates = {name: load_template(name) for name in TEMPLATES}
+    outcomes, unused, accounting = asyncio.run(_solve_all(candidates, params, templates, key, log))
 
-    async def run() -> tuple[list[Outcome], int, dict[str, Any]]:
-        async with LLMClient(params.llm, logger=log) as llm:
-            outcomes, unused = await solve_questions(candidates, llm, params, templates,
-                                                     key=key, log=log)
-            return outcomes, unused, llm.accounting.as_metrics()
-    outcomes, unused, accounting = asyncio.run(run())
+    questions, pairs, rejects = _write_outputs(args, key, params, outcomes, input_rejects, log)
+    target = params.target_pairs
+    short = 0 if target is None else target - len(pairs)
+    if short:
+        log.warning("solve@%s: %d pairs short of the target %d (%d candidates, %d verified); "
+                    "not padded", key, short, target, len(candidates), len(questions))
+    metrics = _metrics(candidates, duplicates, outcomes, unused, questions, pairs, rejects,
+                       target, short, accounting, timer.seconds)
+    write_metrics(args.metrics, metrics)
+    written = write_exports(args.exports, stamp, pairs, metrics)
+    log.info("%d questions verified -> %d pairs (%s) -> %s, %s; exports: %s (%.1fs)",
+             len(questions), len(pairs), f"{short} short" if short else "target met",
+             args.out, args.pairs, ", ".join(str(p) for p in written + [export_log]), timer.seconds)
+    handler.close()
+    log.removeHandler(handler)
 
+
+def _add_export_log(log: logging.Logger, exports: str, stamp: str) -> tuple[Path, logging.FileHandler]:
+    """Also log to ``<exports>/processing_<stamp>.log`` (the original pipeline's log file)."""
+    export_log = Path(exports) / f"processing_{stamp}.log"
+    export_log.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(export_log, mode="w", encoding="utf-8")
+    handler.setFormatter(log.handlers[0].formatter)
+    log.addHandler(handler)
+    return export_log, handler
+
+
+def _read_inputs(params: SolveParams, key: str, log: logging.Logger) -> list[list[dict[str, Any]]]:
+    """The records of each distinct input file, validated as ``mcq``."""
+    inputs = []
+    for path in dict.fromkeys([params.inputs.transformed, params.inputs.synthesized]):
+        require_input(path, f"solve.{key}.inputs")
+        records = read_records(path)
+        validate_table("mcq", records)
+        inputs.append(records)
+        log.info("%d questions from %s", len(records), path)
+    return inputs
+
+
+async def _solve_all(candidates: Sequence[dict[str, Any]], params: SolveParams,
+                     templates: dict[str, str], key: str, log: logging.Logger
+                     ) -> tuple[list[Outcome], int, dict[str, Any]]:
+    """:func:`solve_questions` with a client of its own; also returns the LLM accounting."""
+    async with LLMClient(params.llm, logger=log) as llm:
+        outcomes, unused = await solve_questions(candidates, llm, params, templates,
+                                                 key=key, log=log)
+        return outcomes, unused, llm.accounting.as_metrics()
+
+
+def _write_outputs(args: argparse.Namespace, key: str, params: SolveParams, outcomes: Sequence[Outcome],
+                   input_rejects: list[dict[str, str]], log: logging.Logger
+                   ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, str]]]:
+    """Write rejects, check the reject rate, then write questions and pairs; return all three."""
     questions, pairs, rejects = build_outputs(outcomes, key)
     rejects = input_rejects + rejects
     for r in rejects:
@@ -343,29 +407,24 @@ def main(argv: list[str] | None = None) -> None:
     validate_table("qa", pairs)
     write_records(questions, SCHEMAS["mcq"], args.out)
     write_records(pairs, SCHEMAS["qa"], args.pairs)
+    return questions, pairs, rejects
 
-    target = params.target_pairs
-    short = 0 if target is None else target - len(pairs)
-    if short:
-        log.warning("solve@%s: %d pairs short of the target %d (%d candidates, %d verified); "
-                    "not padded", key, short, target, len(candidates), len(questions))
-    metrics = {"candidates": len(candidates), "duplicates": duplicates,
-               "attempted": len(outcomes), "not_needed": unused, "records": len(questions),
-               "pairs": len(pairs), "target_pairs": target, "short_pairs": short,
-               "rejected": len(rejects),
-               "rejects_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
-               "accepted_at_sample": {str(k): v for k, v in sorted(
-                   Counter(o.sample_index for o in outcomes if o.ok).items())},
-               "answer_letters": dict(sorted(Counter(letter(q["answer"]) for q in questions).items())),
-               "by_source": dict(sorted(Counter(q["source"] for q in questions).items())),
-               "llm": accounting, "seconds": timer.seconds}
-    write_metrics(args.metrics, metrics)
-    written = write_exports(args.exports, stamp, pairs, metrics)
-    log.info("%d questions verified -> %d pairs (%s) -> %s, %s; exports: %s (%.1fs)",
-             len(questions), len(pairs), f"{short} short" if short else "target met",
-             args.out, args.pairs, ", ".join(str(p) for p in written + [export_log]), timer.seconds)
-    handler.close()
-    log.removeHandler(handler)
+
+def _metrics(candidates: Sequence[dict[str, Any]], duplicates: int, outcomes: Sequence[Outcome],
+             unused: int, questions: Sequence[dict[str, Any]], pairs: Sequence[dict[str, Any]],
+             rejects: Sequence[dict[str, str]], target: Optional[int], short: int,
+             accounting: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """The stage's metrics (also written to the exports' processing_stats file)."""
+    return {"candidates": len(candidates), "duplicates": duplicates,
+            "attempted": len(outcomes), "not_needed": unused, "records": len(questions),
+            "pairs": len(pairs), "target_pairs": target, "short_pairs": short,
+            "rejected": len(rejects),
+            "rejects_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
+            "accepted_at_sample": {str(k): v for k, v in sorted(
+                Counter(o.sample_index for o in outcomes if o.ok).items())},
+            "answer_letters": dict(sorted(Counter(letter(q["answer"]) for q in questions).items())),
+            "by_source": dict(sorted(Counter(q["source"] for q in questions).items())),
+            "llm": accounting, "seconds": seconds}
 
 
 if __name__ == "__main__":

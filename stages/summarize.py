@@ -75,20 +75,40 @@ from typing import Any, Iterable, Optional, Sequence
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
+from stages.common.chunking import Chunk, Segment, chunk_segments
 from stages.common.io import write_records
-from stages.common.llm import Accounting, LLMClient, LLMRequest, Result
-from stages.common.params import SummarizeParams, read_declared
+from stages.common.llm import Accounting, LLMClient, LLMParams, LLMRequest, Result, read_llm_section
+from stages.common.params import PARAMS_FILE, Strict
 from stages.common.prompts import load_template
 from stages.common.runlog import (StageError, Timer, check_reject_rate, setup_logging, stage_main, stage_parser,
                                   write_metrics)
 from stages.common.schema import SCHEMAS, reject, validate, validate_table
-from stages.common.text import content_id
+from stages.common.text import content_id, unspaced
 
-PARAMS = ("summarize",)
+PARAMS = ("summarize", "llm_defaults")
 STAGE = "summarize"
 OUTPUT_SOURCE = "report_summaries"
 TEMPLATES = ("summarize_map_system.txt", "summarize_map_user.txt",
              "summarize_reduce_system.txt", "summarize_reduce_user.txt")
+
+
+# ---------------------------------------------------------------------------- params
+class SummarizeParams(Strict):
+    """LLM summaries of the KRX company reports (map over chunks, reduce when needed)."""
+    max_chunk_tokens: int = Field(ge=200, description="report text per map call (estimated "
+                                                       "tokens); also the budget of a merge call's partials")
+    tokens_per_char: float = Field(1.0, gt=0, le=4, description="token estimate per character "
+                                   "(1.0 over-estimates Hangul in GPT-4o-class tokenizers)")
+    min_report_chars: int = Field(20, ge=0, description="reports with fewer non-space characters "
+                                                        "of text and tables are rejected empty_report")
+    max_reject_rate: float = Field(0.2, ge=0, le=1, description="of the reports")
+    llm: LLMParams
+
+
+def load_params(key: str | None, path: str = PARAMS_FILE, cache_dir: str | None = None) -> SummarizeParams:
+    """``summarize`` with ``llm_defaults`` merged under its ``llm``."""
+    return read_llm_section(PARAMS, SummarizeParams, key, path, cache_dir)
+
 
 
 # ---------------------------------------------------------------------------- the structure
@@ -136,31 +156,6 @@ class Report:
     title: str
     pages: tuple[Page, ...]
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
-
-
-@dataclass(frozen=True)
-class Segment:
-    """A page, or part ``part`` of ``parts`` of a page too long for one chunk."""
-    page: int
-    part: int
-    parts: int
-    text: str
-
-
-@dataclass(frozen=True)
-class Chunk:
-    doc_id: str
-    index: int
-    segments: tuple[Segment, ...]
-    tokens: int
-
-    @property
-    def pages(self) -> tuple[int, ...]:
-        return tuple(dict.fromkeys(s.page for s in self.segments))
-
-    @property
-    def text(self) -> str:
-        return "\n\n".join(s.text for s in self.segments)
 
 
 def group_reports(records: Iterable[dict[str, Any]]) -> list[Report]:
@@ -244,14 +239,14 @@ def page_segments(page: Page, max_tokens: int, tokens_per_char: float) -> list[S
     body = page_body(page)
     whole = f"{_marker(page.page, 1, 1)}\n{body}"
     if estimate_tokens(whole, tokens_per_char) <= max_tokens:
-        return [Segment(page.page, 1, 1, whole)]
+        return [Segment(page.page, whole)]
     # Room for the longest marker this page can get, "[12쪽 (10/11)]" plus a newline.
     reserve = len(_marker(page.page, 10 ** 6, 10 ** 6)) + 1
     budget_chars = math.floor(max_tokens / tokens_per_char) - reserve
     if budget_chars < 1:
         raise ValueError(f"max_chunk_tokens {max_tokens} leaves no room for text")
     pieces = _split_long(body, budget_chars)
-    return [Segment(page.page, i, len(pieces), f"{_marker(page.page, i, len(pieces))}\n{piece}")
+    return [Segment(page.page, f"{_marker(page.page, i, len(pieces))}\n{piece}", i, len(pieces))
             for i, piece in enumerate(pieces, 1)]
 
 
@@ -260,28 +255,10 @@ def chunk_report(report: Report, max_tokens: int, tokens_per_char: float) -> lis
 
     Segments are joined by a blank line, which is counted. Pages with no text and no
     tables contribute nothing. See the module docstring for the guarantees."""
-    separator = estimate_tokens("\n\n", tokens_per_char)
-    chunks: list[Chunk] = []
-    current: list[Segment] = []
-    tokens = 0
-
-    def close() -> None:
-        nonlocal current, tokens
-        if current:
-            chunks.append(Chunk(report.doc_id, len(chunks), tuple(current), tokens))
-        current, tokens = [], 0
-
-    for page in report.pages:
-        if not page_body(page):
-            continue
-        for segment in page_segments(page, max_tokens, tokens_per_char):
-            cost = estimate_tokens(segment.text, tokens_per_char)
-            if current and tokens + separator + cost > max_tokens:
-                close()
-            tokens += (separator if current else 0) + cost
-            current.append(segment)
-    close()
-    return chunks
+    segments = [segment for page in report.pages if page_body(page)
+                for segment in page_segments(page, max_tokens, tokens_per_char)]
+    return chunk_segments(segments, lambda s: estimate_tokens(s.text, tokens_per_char), max_tokens,
+                          "\n\n", estimate_tokens("\n\n", tokens_per_char))
 
 
 # ---------------------------------------------------------------------------- prompts
@@ -362,7 +339,6 @@ _MAGNITUDES = {"천만": 10 ** 7, "백만": 10 ** 6, "십만": 10 ** 5, "천억"
                "백억": 10 ** 10, "십억": 10 ** 9, "만": 10 ** 4, "억": 10 ** 8, "조": 10 ** 12,
                "천": 10 ** 3}
 _MAGNITUDE = re.compile(r"\s*(" + "|".join(sorted(_MAGNITUDES, key=len, reverse=True)) + ")")
-_SPACE = re.compile(r"\s+")
 
 
 def _canonical(text: str) -> str:
@@ -418,7 +394,7 @@ def figure_numbers(value: str, unit: Optional[str]) -> Optional[set[Decimal]]:
 
 
 def _squash(text: str) -> str:
-    return _SPACE.sub("", _canonical(text))
+    return unspaced(_canonical(text))
 
 
 def value_in_source(value: str, unit: Optional[str], numbers: set[Decimal], squashed: str) -> bool:
@@ -500,24 +476,48 @@ async def summarize_reports(reports: Sequence[Report], params: SummarizeParams, 
     Returns one :class:`Outcome` per report, in input order; raises only what the LLM
     layer raises (fatal errors, offline cache misses)."""
     log = log or logging.getLogger(__name__)
-    outcomes = []
-    for report in reports:
-        chunks = chunk_report(report, params.max_chunk_tokens, params.tokens_per_char)
-        outcome = Outcome(report, chunks)
-        chars = sum(len(s.text) for c in chunks for s in c.segments)
-        body_chars = len(_SPACE.sub("", report_source_text(report)))
-        if not chunks or body_chars < params.min_report_chars:
-            outcome.reject_reason = "empty_report"
-            outcome.reject_detail = (f"{body_chars} characters of text and tables in "
-                                     f"{len(report.pages)} page(s) < min_report_chars "
-                                     f"{params.min_report_chars}")
-        else:
-            log.info("%s (%s): %d page(s), %d chunk(s), %d chars", report.doc_id, report.path,
-                     len(report.pages), len(chunks), chars)
-        outcomes.append(outcome)
+    outcomes = [_chunk_outcome(report, params, log) for report in reports]
 
     # Map: every chunk of every report at once (the client bounds concurrency).
     active = [o for o in outcomes if o.reject_reason is None]
+    partials = await _map_chunks(active, llm, prompts)
+
+    # Reduce: merge level by level while a report has more than one partial.
+    pending = {id(o): o for o in active if o.reject_reason is None and len(partials[id(o)]) > 1}
+    level = 1
+    while pending:
+        await _merge_level(pending, partials, level, params, llm, prompts)
+        pending = {k: o for k, o in pending.items()
+                   if o.reject_reason is None and len(partials[k]) > 1}
+        level += 1
+
+    for outcome in outcomes:
+        if outcome.reject_reason is None:
+            (final,) = partials[id(outcome)]
+            _validate_final(outcome, final, log)
+    return outcomes
+
+
+def _chunk_outcome(report: Report, params: SummarizeParams, log: logging.Logger) -> Outcome:
+    """The report's chunks as a fresh :class:`Outcome`, rejected ``empty_report`` when too short."""
+    chunks = chunk_report(report, params.max_chunk_tokens, params.tokens_per_char)
+    outcome = Outcome(report, chunks)
+    chars = sum(len(s.text) for c in chunks for s in c.segments)
+    body_chars = len(unspaced(report_source_text(report)))
+    if not chunks or body_chars < params.min_report_chars:
+        outcome.reject_reason = "empty_report"
+        outcome.reject_detail = (f"{body_chars} characters of text and tables in "
+                                 f"{len(report.pages)} page(s) < min_report_chars "
+                                 f"{params.min_report_chars}")
+    else:
+        log.info("%s (%s): %d page(s), %d chunk(s), %d chars", report.doc_id, report.path,
+                 len(report.pages), len(chunks), chars)
+    return outcome
+
+
+async def _map_chunks(active: Sequence[Outcome], llm: LLMClient,
+                      prompts: Prompts) -> dict[int, list[ReportSummary]]:
+    """Run one map call per chunk of every active report; return the partials by ``id(outcome)``."""
     requests, owners = [], []
     for outcome in active:
         for chunk in outcome.chunks:
@@ -533,57 +533,53 @@ async def summarize_reports(reports: Sequence[Report], params: SummarizeParams, 
             partials[id(outcome)].append(result.parsed)  # type: ignore[arg-type]
         else:
             _failed(outcome, result, "map call")
+    return partials
 
-    # Reduce: merge level by level while a report has more than one partial.
-    pending = {id(o): o for o in active if o.reject_reason is None and len(partials[id(o)]) > 1}
-    level = 1
-    while pending:
-        requests, slots = [], []
-        plans: dict[int, list[Any]] = {}  # per report: a request index or a carried partial
-        for key, outcome in pending.items():
-            current = partials[key]
-            plan: list[Any] = []
-            for number, group in enumerate(group_partials(current, params.max_chunk_tokens,
-                                                          params.tokens_per_char)):
-                if len(group) == 1:
-                    plan.append(current[group[0]])
-                    continue
-                plan.append(len(requests))
-                requests.append(reduce_request(outcome.report, [current[i] for i in group],
-                                               level, number, prompts))
-                slots.append(key)
-            plans[key] = plan
-        results = await llm.run_many(requests, desc=f"summarize merge {level}")
-        for key, result in zip(slots, results):
-            outcome = pending[key]
-            outcome.results.append(result)
-            outcome.reduce_calls += 1
-            if outcome.reject_reason is None and not result.ok:
-                _failed(outcome, result, f"merge call, level {level}")
-        for key, plan in plans.items():
-            if pending[key].reject_reason is None:
-                partials[key] = [results[step].parsed if isinstance(step, int) else step
-                                 for step in plan]
-        pending = {k: o for k, o in pending.items()
-                   if o.reject_reason is None and len(partials[k]) > 1}
-        level += 1
 
-    for outcome in outcomes:
-        if outcome.reject_reason is not None:
-            continue
-        (final,) = partials[id(outcome)]
-        validation = validate_summary(final, report_source_text(outcome.report))
-        outcome.validation = validation
-        if validation.summary is None:
-            outcome.reject_reason = validation.problem
-            outcome.reject_detail = "the final summary is empty"
-        else:
-            outcome.final = validation.summary
-        if validation.dropped:
-            log.info("%s: dropped %d figure(s) not found in the report: %s",
-                     outcome.report.doc_id, len(validation.dropped),
-                     "; ".join(f"{f['name']}={f['value']}" for f in validation.dropped))
-    return outcomes
+async def _merge_level(pending: dict[int, Outcome], partials: dict[int, list[ReportSummary]],
+                       level: int, params: SummarizeParams, llm: LLMClient, prompts: Prompts) -> None:
+    """Merge each pending report's partials one level up, replacing them in ``partials``."""
+    requests, slots = [], []
+    plans: dict[int, list[Any]] = {}  # per report: a request index or a carried partial
+    for key, outcome in pending.items():
+        current = partials[key]
+        plan: list[Any] = []
+        for number, group in enumerate(group_partials(current, params.max_chunk_tokens,
+                                                      params.tokens_per_char)):
+            if len(group) == 1:
+                plan.append(current[group[0]])
+                continue
+            plan.append(len(requests))
+            requests.append(reduce_request(outcome.report, [current[i] for i in group],
+                                           level, number, prompts))
+            slots.append(key)
+        plans[key] = plan
+    results = await llm.run_many(requests, desc=f"summarize merge {level}")
+    for key, result in zip(slots, results):
+        outcome = pending[key]
+        outcome.results.append(result)
+        outcome.reduce_calls += 1
+        if outcome.reject_reason is None and not result.ok:
+            _failed(outcome, result, f"merge call, level {level}")
+    for key, plan in plans.items():
+        if pending[key].reject_reason is None:
+            partials[key] = [results[step].parsed if isinstance(step, int) else step
+                             for step in plan]
+
+
+def _validate_final(outcome: Outcome, final: ReportSummary, log: logging.Logger) -> None:
+    """Validate a report's final summary against its source: set ``final`` or the reject."""
+    validation = validate_summary(final, report_source_text(outcome.report))
+    outcome.validation = validation
+    if validation.summary is None:
+        outcome.reject_reason = validation.problem
+        outcome.reject_detail = "the final summary is empty"
+    else:
+        outcome.final = validation.summary
+    if validation.dropped:
+        log.info("%s: dropped %d figure(s) not found in the report: %s",
+                 outcome.report.doc_id, len(validation.dropped),
+                 "; ".join(f"{f['name']}={f['value']}" for f in validation.dropped))
 
 
 def summary_record(outcome: Outcome) -> dict[str, Any]:
@@ -668,7 +664,7 @@ def read_reports(path: str) -> list[Report]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = stage_parser(__doc__, out_help="one summary record per report (Parquet)")
+    parser = stage_parser(__doc__, out_help="one summary record per report (Parquet)", cache_dir=True)
     parser.add_argument("--input", required=True, help="page records of the reports (Parquet)")
     return parser.parse_args(argv)
 
@@ -676,7 +672,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @stage_main
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    params: SummarizeParams = read_declared(PARAMS, path=args.params)["summarize"]
+    params = load_params(None, args.params, args.cache_dir)
     cache_dir = params.llm.cache_dir
     timer = Timer()
     log = setup_logging(args.log, STAGE)

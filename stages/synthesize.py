@@ -37,20 +37,61 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, field_validator
 
 from stages.common.io import read_records, write_records
-from stages.common.llm import LLMClient, LLMRequest, Result
-from stages.common.params import SynthesizeParams
-from stages.common.prompts import LETTERS, letter, letter_index, load_template
-from stages.common.runlog import (StageError, begin_stage, check_reject_rate,
+from stages.common.llm import LLMClient, LLMParams, LLMRequest, Result, read_llm_section
+from stages.common.params import PARAMS_FILE, Strict
+from stages.common.prompts import LETTERS, letter, letter_index, load_template, place_answer
+from stages.common.runlog import (StageError, begin_stage, check_reject_rate, require_input,
                                   stage_main, stage_parser, write_metrics)
 from stages.common.schema import SCHEMAS, reject, validate, validate_table
-from stages.common.text import content_id, normalize_text
+from stages.common.text import content_id, normalize_text, unspaced
 
-PARAMS = ("synthesize.{key}",)
+PARAMS = ("synthesize.{key}", "llm_defaults")
 STAGE = "synthesize"
 TEMPLATES = ("synthesize_system.txt", "synthesize_user.txt", "synthesize_grounded_user.txt")
+
+
+# ---------------------------------------------------------------------------- params
+class SynthesizeInputs(Strict):
+    """Parquet files read; mcq records are existing questions (near-duplicate reference),
+    document records are the chunks a grounded domain writes from. Two fixed slots because
+    dvc.yaml deps cannot take a list; a domain without a transform repeats ``filtered``."""
+    filtered: str
+    transformed: str
+
+
+class SynthesizeParams(Strict):
+    domain_description: str = Field(min_length=1, description="the domain, in Korean, for the prompt")
+    grounded: bool = Field(False, description="write each question from a document chunk (rules)")
+    inputs: SynthesizeInputs
+    fewshot: str = Field(description="YAML file of example questions (at least one per option count)")
+    fewshot_per_prompt: int = Field(1, ge=1, description="examples shown per request (same option count)")
+    target: int = Field(ge=0, description="questions wanted, exactly; a shortfall is reported, never padded")
+    topics: list[str] = Field(min_length=1, description="topics, balanced round robin over slots")
+    choice_counts: list[int] = Field(default_factory=lambda: [4, 5, 6, 7],
+                                     description="option counts cycled over slots (4-7)")
+    max_rounds: int = Field(5, ge=1, description="generation rounds; a rejected slot is re-asked next round")
+    near_duplicate_threshold: float = Field(0.6, gt=0, le=1,
+                                            description="char n-gram Jaccard at or above which a question is a near-duplicate")
+    ngram: int = Field(3, ge=1, le=8, description="character n-gram size for the near-duplicate check")
+    min_quote_chars: int = Field(10, ge=1, description="grounded: shortest supporting quote accepted")
+    max_reject_rate: float = Field(0.5, ge=0, le=1, description="of all draws")
+    llm: LLMParams
+
+    @field_validator("choice_counts")
+    @classmethod
+    def _counts(cls, value: list[int]) -> list[int]:
+        if not value or any(not 4 <= n <= 7 for n in value):
+            raise ValueError("choice_counts must be a non-empty list of numbers in 4..7")
+        return value
+
+
+def load_params(key: str | None, path: str = PARAMS_FILE, cache_dir: str | None = None) -> SynthesizeParams:
+    """``synthesize.<key>`` with ``llm_defaults`` merged under its ``llm``."""
+    return read_llm_section(PARAMS, SynthesizeParams, key, path, cache_dir)
+
 
 Letter = Literal["A", "B", "C", "D", "E", "F", "G"]
 _CHOICE_PREFIX = re.compile(r"^\(?[A-Ga-g]\s*[.):]\s+")
@@ -165,7 +206,7 @@ def build_messages(slot: Slot, params: SynthesizeParams, examples: Sequence[Exam
 # ------------------------------------------------------------------------ checks
 def squeeze(text: str) -> str:
     """NFC without any whitespace: PDF line breaks and Korean spacing never decide a match."""
-    return "".join(unicodedata.normalize("NFC", text).split())
+    return unspaced(unicodedata.normalize("NFC", text))
 
 
 def quote_is_grounded(quote: str, chunk_text: str, min_chars: int) -> bool:
@@ -235,14 +276,12 @@ class CandidateError(Exception):
         self.reason, self.detail = reason, detail
 
 
-def place_answer(question: str, choices: list[str], answer: int) -> tuple[list[str], int]:
+def balance_answer(question: str, choices: list[str], answer: int) -> tuple[list[str], int]:
     """Move the correct choice to a position drawn from a hash of the content (not of the
     generator's letter: models favour some letters), keeping the other choices' order."""
     seed = int(content_id("answer-position", question, sorted(choices)), 16)
     target = random.Random(seed).randrange(len(choices))
-    rest = [c for i, c in enumerate(choices) if i != answer]
-    placed = rest[:target] + [choices[answer]] + rest[target:]
-    return placed, target
+    return place_answer(choices, answer, target), target
 
 
 def to_record(parsed: GeneratedMCQ, slot: Slot, key: str, sample_index: int,
@@ -271,7 +310,7 @@ def to_record(parsed: GeneratedMCQ, slot: Slot, key: str, sample_index: int,
                                                f"{slot.chunk['id']}: {quote[:80]!r}")
         meta.update(chunk_id=slot.chunk["id"], doc_id=slot.chunk.get("doc_id", ""),
                     page=slot.chunk.get("page", 0), supporting_quote=quote)
-    choices, answer = place_answer(question, choices, answer)
+    choices, answer = balance_answer(question, choices, answer)
     record = {"id": content_id("mcq", question, choices, answer), "source": f"{STAGE}_{key}",
               "domain": key, "split": "train", "question": question, "choices": choices,
               "answer": answer, "category": slot.topic,
@@ -347,8 +386,7 @@ def read_inputs(paths: Sequence[str]) -> tuple[list[dict[str, Any]], list[dict[s
     questions: list[dict[str, Any]] = []
     chunks: list[dict[str, Any]] = []
     for path in dict.fromkeys(paths):
-        if not Path(path).is_file():
-            raise StageError(f"input {path} does not exist (params synthesize.<domain>.inputs)")
+        require_input(path, "synthesize.<domain>.inputs")
         records = read_records(path)
         if not records:
             continue
@@ -363,11 +401,11 @@ def read_inputs(paths: Sequence[str]) -> tuple[list[dict[str, Any]], list[dict[s
 
 @stage_main
 def main(argv: list[str] | None = None) -> None:
-    parser = stage_parser(__doc__, "domain")
+    parser = stage_parser(__doc__, "domain", cache_dir=True)
     args = parser.parse_args(argv)
     key = args.domain
-    params: SynthesizeParams
-    params, log, timer = begin_stage(args, "synthesize", PARAMS, key)
+    params, log, timer = begin_stage(args, "synthesize", key,
+                                     lambda k, path: load_params(k, path, args.cache_dir))
 
     existing, chunks = read_inputs([params.inputs.filtered, params.inputs.transformed])
     if params.grounded and not chunks:

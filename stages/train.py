@@ -36,23 +36,127 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Optional
+
+from pydantic import Field, model_validator
 
 from stages.common.io import atomic_dir, dumps_json, read_records, write_json, write_records, write_text
-from stages.common.params import TrainParams, resolve_train, read_declared
+from stages.common.params import (PARAMS_FILE, ParamsError, Strict, deep_merge, load_raw, lookup,
+                                  validate_params)
 from stages.common.runlog import (StageError, Timer, check_reject_rate, setup_logging, stage_main, stage_parser,
                                   write_metrics)
 from stages.common.schema import SCHEMAS, reject, validate
 from stages.common.text import file_sha256
 
-PARAMS = ("train.{key}", "train_defaults")
+PARAMS = ("versions.{key}.train", "train_defaults")
 STAGE = "train"
 RUN_FILE = "run.json"          # fingerprint of the run the checkpoints belong to
 COMPLETE_MARKER = "COMPLETE"   # written after a checkpoint is fully saved
 ADAPTER_FILE = "adapter_model.safetensors"
 LAUNCHED_ENV = "KRX_TRAIN_LAUNCHED"  # set for the processes `accelerate launch` starts
 SPLITS = ("train", "dev")
+
+
+# ------------------------------------------------------------------------ params
+class QuantParams(Strict):
+    """-> ``transformers.BitsAndBytesConfig(**quant)``; ``load_in_4bit: false`` trains in
+    full precision (no bitsandbytes needed for the weights)."""
+    load_in_4bit: bool
+    bnb_4bit_quant_type: Literal["nf4", "fp4"]
+    bnb_4bit_use_double_quant: bool
+    bnb_4bit_compute_dtype: Literal["bfloat16", "float16", "float32"]
+    bnb_4bit_quant_storage: Literal["uint8", "bfloat16"] = Field(
+        description="bfloat16 for FSDP-QLoRA (shards must share the dtype)")
+
+
+class LoraParams(Strict):
+    """-> ``peft.LoraConfig(**lora)``."""
+    r: int = Field(gt=0)
+    lora_alpha: int = Field(gt=0)
+    lora_dropout: float = Field(ge=0, lt=1)
+    target_modules: list[str] = Field(min_length=1)
+    bias: Literal["none", "all", "lora_only"] = "none"
+    task_type: Literal["CAUSAL_LM"] = "CAUSAL_LM"
+
+
+class SftParams(Strict):
+    """-> ``trl.SFTConfig(**sft)`` (plus output_dir and reporting, set by the stage)."""
+    per_device_train_batch_size: int = Field(gt=0)
+    per_device_eval_batch_size: int = Field(gt=0)
+    gradient_accumulation_steps: int = Field(gt=0)
+    learning_rate: float = Field(gt=0)
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup",
+                               "cosine_with_min_lr", "polynomial", "inverse_sqrt"]
+    warmup_steps: float = Field(ge=0, description="int: steps; float in [0, 1): ratio of total steps")
+    num_train_epochs: float = Field(gt=0)
+    max_steps: int = Field(-1, description="> 0 overrides num_train_epochs")
+    max_length: int = Field(gt=0)
+    optim: str = Field(description="adamw_8bit needs bitsandbytes")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    bf16: bool
+    gradient_checkpointing: bool
+    gradient_checkpointing_kwargs: dict[str, bool] = Field(
+        default_factory=lambda: {"use_reentrant": False})
+    logging_steps: int = Field(gt=0)
+    save_steps: int = Field(gt=0, description="checkpoint every N steps (resume points)")
+    save_total_limit: int = Field(gt=0)
+    eval_strategy: Literal["no", "steps", "epoch"] = "no"
+    eval_steps: Optional[int] = None
+    seed: int
+    packing: bool = False
+    padding_free: bool = False
+    completion_only_loss: bool = Field(description="loss on the completion (answer) only")
+    ddp_find_unused_parameters: Optional[bool] = False
+    dataloader_num_workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _non_reentrant(self) -> "SftParams":
+        if self.gradient_checkpointing and self.gradient_checkpointing_kwargs.get("use_reentrant", True):
+            raise ValueError("gradient_checkpointing_kwargs.use_reentrant must be false "
+                             "(reentrant checkpointing drops LoRA gradients on frozen 4-bit inputs)")
+        return self
+
+
+class TrainParams(Strict):
+    """One version's training settings: ``train_defaults`` with ``versions.<v>.train`` merged
+    over it key by key (an override of one ``sft`` key keeps the others). ``quant``, ``lora``
+    and ``sft`` map one-to-one onto BitsAndBytesConfig, LoraConfig and trl's SFTConfig."""
+    init_from: str = Field(description="base (a root version) or the parent version whose "
+                                       "adapter this version continues training")
+    accelerate_config: str = Field(description="accelerate config used when processes > 1 "
+                                               "(train_defaults only: dvc.yaml tracks that path)")
+    quant: QuantParams
+    lora: LoraParams
+    sft: SftParams
+    resume: bool = Field(True, description="resume from the last complete checkpoint of an "
+                                           "interrupted run with the same inputs and params")
+    processes: int = Field(1, ge=1, description="> 1: relaunched under `accelerate launch`")
+    max_reject_rate: float = Field(0.1, ge=0, le=1)
+
+    @property
+    def parent(self) -> Optional[str]:
+        """The parent version, None for a root version."""
+        return None if self.init_from == BASE else self.init_from
+
+
+BASE = "base"
+
+
+def resolve_train(defaults: Any, version: Any, key: str) -> TrainParams:
+    """The one place ``train_defaults`` and a version's overrides are merged, then validated
+    as a whole: a typo in an override is an error naming ``versions.<key>.train``."""
+    if isinstance(version, dict) and "accelerate_config" in version:
+        raise ParamsError(f"versions.{key}.train.accelerate_config: set it in train_defaults "
+                          "(dvc.yaml tracks that one file for every version)")
+    return validate_params(TrainParams, deep_merge(defaults, version or {}), f"versions.{key}.train")
+
+
+def load_params(key: str, path: str = PARAMS_FILE) -> TrainParams:
+    raw = load_raw(path)
+    return resolve_train(lookup(raw, PARAMS[1]), lookup(raw, PARAMS[0].format(key=key)), key)
 
 
 # ------------------------------------------------------------------------ small helpers
@@ -174,12 +278,12 @@ def check_bitsandbytes(params: TrainParams, cuda: bool, key: str) -> None:
     try:
         import bitsandbytes
     except Exception as exc:  # noqa: BLE001 - import errors of native libs vary
-        raise StageError(f"train.{key}: {', '.join(needs)} needs bitsandbytes, which cannot be "
+        raise StageError(f"train@{key}: {', '.join(needs)} needs bitsandbytes, which cannot be "
                          f"imported ({exc}); install bitsandbytes>=0.50 or set "
                          "quant.load_in_4bit: false / sft.optim: adamw_torch") from None
     from packaging.version import Version
     if not cuda and Version(bitsandbytes.__version__) < Version("0.50"):
-        raise StageError(f"train.{key}: {', '.join(needs)} on CPU needs bitsandbytes>=0.50 "
+        raise StageError(f"train@{key}: {', '.join(needs)} on CPU needs bitsandbytes>=0.50 "
                          f"(installed {bitsandbytes.__version__})")
 
 
@@ -194,7 +298,7 @@ def load_base_model(base_dir: str, info: dict[str, Any], params: TrainParams, ke
     revision = None if info.get("built") else (info.get("resolved_revision") or info.get("revision"))
     if os.path.isabs(weights) or weights.startswith(("./", "../", "models/")):
         if not os.path.isdir(weights):
-            raise StageError(f"train.{key}: base weights {weights} (from {base_dir}/base.json) do not exist")
+            raise StageError(f"train@{key}: base weights {weights} (from {base_dir}/base.json) do not exist")
         revision = None
     kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if params.sft.bf16 else torch.float32}
     if params.quant.load_in_4bit:
@@ -204,7 +308,7 @@ def load_base_model(base_dir: str, info: dict[str, Any], params: TrainParams, ke
     try:
         return AutoModelForCausalLM.from_pretrained(weights, revision=revision, **kwargs)
     except OSError as exc:
-        raise StageError(f"train.{key}: cannot load base weights {weights!r} (revision {revision}): "
+        raise StageError(f"train@{key}: cannot load base weights {weights!r} (revision {revision}): "
                          f"{str(exc).splitlines()[0]}") from None
 
 
@@ -221,19 +325,19 @@ def attach_adapter(model: Any, params: TrainParams, init_from: str, key: str) ->
     else:
         config_path = Path(init_from) / "adapter_config.json"
         if not config_path.is_file():
-            raise StageError(f"train.{key}.init_from: {init_from} has no adapter "
+            raise StageError(f"versions.{key}.train.init_from: {init_from} has no adapter "
                              f"(train@{params.parent} must run first)")
         parent = json.loads(config_path.read_text(encoding="utf-8"))
         mismatched = [f for f in ("r", "lora_alpha") if parent.get(f) != getattr(params.lora, f)]
         if sorted(parent.get("target_modules") or []) != sorted(params.lora.target_modules):
             mismatched.append("target_modules")
         if mismatched:
-            raise StageError(f"train.{key}.lora: {mismatched} differ from the parent adapter in "
+            raise StageError(f"versions.{key}.train.lora: {mismatched} differ from the parent adapter in "
                              f"{init_from} (a continued version keeps its parent's LoRA shape)")
         peft_model = PeftModel.from_pretrained(model, init_from, is_trainable=True)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     if trainable <= 0:
-        raise StageError(f"train.{key}: the adapter from {init_from} has no trainable parameters")
+        raise StageError(f"train@{key}: the adapter from {init_from} has no trainable parameters")
     return peft_model
 
 
@@ -303,51 +407,40 @@ def peak_memory_mb() -> tuple[float, str]:
 
 
 # ------------------------------------------------------------------------ what a version leaves
+CARD_TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
+
+
 def model_card(lineage: dict[str, Any]) -> str:
-    """README.md for people: the same facts as lineage.json."""
-    base, p = lineage["base_model"], lineage["params"]
-    parent = lineage["parent"]
-    lines = [
-        "---", "library_name: peft", f"base_model: {base['model']}",
-        "tags: [lora, qlora, sft, trl, krx, finance, korean]", "---", "",
-        f"# KRX financial LLM — {lineage['version']}", "",
-        f"LoRA adapter for `{base['model']}` (revision `{base.get('resolved_revision') or base['revision']}`), "
-        "trained with trl SFT on prompt → answer pairs, loss on the answers only.", "",
-        "## Lineage", "",
-        "| | |", "|---|---|",
-        f"| base model | `{base['model']}` @ `{base['revision']}` |",
-        f"| continues from | {'`' + parent['version'] + '` (adapter sha256 `' + parent['adapter_sha256'][:16] + '…`)' if parent else 'the base model (new adapter)'} |",
-        f"| mixture | `{lineage['mixture']['path']}` (sha256 `{lineage['mixture']['sha256'][:16]}…`) |",
-        f"| mixture manifest | `{lineage['mixture']['manifest']}` (sha256 `{lineage['mixture']['manifest_sha256'][:16]}…`) |",
-        f"| adapter sha256 | `{lineage['adapter_sha256']}` |", "",
-        "## Training", "",
-        "| setting | value |", "|---|---|",
-        f"| quantization | {'4-bit ' + p['quant']['bnb_4bit_quant_type'] + (' + double quant' if p['quant']['bnb_4bit_use_double_quant'] else '') + ', compute ' + p['quant']['bnb_4bit_compute_dtype'] if p['quant']['load_in_4bit'] else 'none'} |",
-        f"| LoRA | r={p['lora']['r']}, alpha={p['lora']['lora_alpha']}, dropout={p['lora']['lora_dropout']}, targets {', '.join(p['lora']['target_modules'])} |",
-        f"| optimizer | {p['sft']['optim']}, lr {p['sft']['learning_rate']}, {p['sft']['lr_scheduler_type']}, warmup {p['sft']['warmup_steps']} |",
-        f"| batch | {p['sft']['per_device_train_batch_size']} × {p['sft']['gradient_accumulation_steps']} accumulation × {lineage['processes']} process(es) |",
-        f"| max length | {p['sft']['max_length']} |",
-        f"| epochs / max steps | {p['sft']['num_train_epochs']} / {p['sft']['max_steps']} |",
-        f"| seed | {p['sft']['seed']} |", "",
-        "## Results", "",
-        "| | |", "|---|---|",
-        f"| final training loss | {lineage['final_loss']:.4f} |",
-        f"| eval loss (dev split) | {lineage['eval_loss'] if lineage['eval_loss'] is None else round(lineage['eval_loss'], 4)} |",
-        f"| steps | {lineage['steps']} |",
-        f"| training time | {lineage['train_seconds']:.1f} s |",
-        f"| tokens seen | {lineage['tokens_seen']} |",
-        f"| dataset size | {lineage['dataset_tokens']} tokens ({lineage['completion_tokens']} in answers), "
-        f"{lineage['examples']['train']} train / {lineage['examples']['dev']} dev examples; "
-        f"tokenizer: {lineage['tokenizer']} |", "",
-        "## Use", "", "```python",
-        "from peft import PeftModel",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f"base = AutoModelForCausalLM.from_pretrained(\"{base['model']}\")",
-        f"model = PeftModel.from_pretrained(base, \"models/{lineage['version']}\")",
-        f"tokenizer = AutoTokenizer.from_pretrained(\"models/{lineage['version']}\")  # Qwen2 chat template",
-        "```", "",
-    ]
-    return "\n".join(lines)
+    """README.md for people: the same facts as lineage.json, in stages/templates/model_card.md."""
+    base, p, parent = lineage["base_model"], lineage["params"], lineage["parent"]
+    quant, lora, sft = p["quant"], p["lora"], p["sft"]
+    quantization = "none"
+    if quant["load_in_4bit"]:
+        quantization = (f"4-bit {quant['bnb_4bit_quant_type']}"
+                        + (" + double quant" if quant["bnb_4bit_use_double_quant"] else "")
+                        + f", compute {quant['bnb_4bit_compute_dtype']}")
+    continues = (f"`{parent['version']}` (adapter sha256 `{parent['adapter_sha256'][:16]}…`)"
+                 if parent else "the base model (new adapter)")
+    eval_loss = lineage["eval_loss"]
+    return CARD_TEMPLATE.read_text(encoding="utf-8").format(
+        version=lineage["version"], base_model=base["model"], revision=base["revision"],
+        resolved_revision=base.get("resolved_revision") or base["revision"],
+        continues_from=continues, mixture_path=lineage["mixture"]["path"],
+        mixture_sha=lineage["mixture"]["sha256"][:16], manifest_path=lineage["mixture"]["manifest"],
+        manifest_sha=lineage["mixture"]["manifest_sha256"][:16],
+        adapter_sha256=lineage["adapter_sha256"], quantization=quantization,
+        lora_r=lora["r"], lora_alpha=lora["lora_alpha"], lora_dropout=lora["lora_dropout"],
+        lora_targets=", ".join(lora["target_modules"]), optim=sft["optim"],
+        learning_rate=sft["learning_rate"], scheduler=sft["lr_scheduler_type"],
+        warmup=sft["warmup_steps"], batch=sft["per_device_train_batch_size"],
+        accumulation=sft["gradient_accumulation_steps"], processes=lineage["processes"],
+        max_length=sft["max_length"], epochs=sft["num_train_epochs"], max_steps=sft["max_steps"],
+        seed=sft["seed"], final_loss=lineage["final_loss"],
+        eval_loss=eval_loss if eval_loss is None else round(eval_loss, 4),
+        steps=lineage["steps"], train_seconds=lineage["train_seconds"],
+        tokens_seen=lineage["tokens_seen"], dataset_tokens=lineage["dataset_tokens"],
+        completion_tokens=lineage["completion_tokens"], train_examples=lineage["examples"]["train"],
+        dev_examples=lineage["examples"]["dev"], tokenizer=lineage["tokenizer"])
 
 
 def write_version(out_dir: str, peft_model: Any, tokenizer: Any, lineage_wo_adapter: dict[str, Any],
@@ -367,7 +460,7 @@ def write_version(out_dir: str, peft_model: Any, tokenizer: Any, lineage_wo_adap
 def relaunch(argv: list[str], params: TrainParams, key: str) -> None:
     """Run this stage again under ``accelerate launch`` with ``params.processes`` processes."""
     if not Path(params.accelerate_config).is_file():
-        raise StageError(f"train.{key}.accelerate_config: {params.accelerate_config} does not exist")
+        raise StageError(f"train_defaults.accelerate_config: {params.accelerate_config} does not exist")
     with socket.socket() as probe:  # a free port: parallel runs must not share a rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -380,119 +473,180 @@ def relaunch(argv: list[str], params: TrainParams, key: str) -> None:
                          f"exited {done.returncode}")
 
 
-def train_version(key: str, params: TrainParams, args: argparse.Namespace, log: Any) -> dict[str, Any]:
-    """The whole run for one version; returns the metrics. Rank 0 writes every output."""
-    import torch
-    from accelerate import PartialState
-    from transformers import AutoTokenizer, set_seed
+@dataclass
+class _Run:
+    """One training run's inputs, as the phases of :func:`train_version` fill them in."""
+    key: str
+    params: TrainParams
+    args: argparse.Namespace
+    log: Any
+    main_process: bool = field(default_factory=is_main_process)
+    base_info: dict[str, Any] = field(default_factory=dict)
+    tokenizer: Any = None
+    train_rows: list[dict[str, Any]] = field(default_factory=list)
+    dev_rows: list[dict[str, Any]] = field(default_factory=list)
+    rejects: list[dict[str, str]] = field(default_factory=list)
+    train_counts: dict[str, int] = field(default_factory=dict)
+    inputs: dict[str, str] = field(default_factory=dict)
+    parent_sha: Optional[str] = None
+    fingerprint: str = ""
+    resume_from: Optional[Path] = None
 
+
+def train_version(key: str, params: TrainParams, args: argparse.Namespace, log: Any) -> dict[str, Any]:
+    """The whole run for one version; returns the metrics. Rank 0 writes every output.
+    Phases as in alignment-handbook's sft.py: data, run state, model, training, save + card."""
     timer = Timer()
-    main_process = is_main_process()
+    run = _Run(key, params, args, log)
+    load_data(run)                     # the tokenizer and the mixture, measured and checked
+    decide_resume(run)                 # input hashes, fingerprint, resume or a fresh start
+    peft_model = load_peft_model(run)  # the 4-bit base with a new or the parent's adapter
+    trainer, outcome = train(run, peft_model)
+    if not run.main_process:
+        return {}
+    lineage = save_version(run, trainer, outcome)
+    return train_metrics(run, lineage, outcome, sum(
+        p.numel() for p in peft_model.parameters() if p.requires_grad), timer.seconds)
+
+
+# ---- data
+def load_data(run: _Run) -> None:
+    from transformers import AutoTokenizer
+
+    key, args, max_length = run.key, run.args, run.params.sft.max_length
     for path, what in ((args.mixture, "mixture"), (args.manifest, "mixture manifest")):
         if not Path(path).is_file():
             raise StageError(f"train@{key}: {what} {path} does not exist (run mix@{key} first)")
-    base_info = read_base_info(args.base)
-    tokenizer = AutoTokenizer.from_pretrained(args.base)
+    run.base_info = read_base_info(args.base)
+    run.tokenizer = tokenizer = AutoTokenizer.from_pretrained(args.base)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise StageError(f"train@{key}: tokenizer in {args.base} has pad == eos; "
                          "the eos token would be masked out of the loss")
-
     train_rows, dev_rows, rejects = split_examples(read_records(args.mixture), key)
-    train_rows, too_long, train_counts = measure_examples(tokenizer, train_rows, params.sft.max_length, key)
-    dev_rows, dev_too_long, _ = measure_examples(tokenizer, dev_rows, params.sft.max_length, key)
-    rejects += too_long + dev_too_long
-    total = len(train_rows) + len(dev_rows) + len(rejects)
-    if main_process:
-        write_records(rejects, SCHEMAS["reject"], args.rejects)
-    check_reject_rate(len(rejects), total, params.max_reject_rate, f"train@{key}")
-    if not train_rows:
+    run.train_rows, too_long, run.train_counts = measure_examples(tokenizer, train_rows, max_length, key)
+    run.dev_rows, dev_too_long, _ = measure_examples(tokenizer, dev_rows, max_length, key)
+    run.rejects = rejects + too_long + dev_too_long
+    total = len(run.train_rows) + len(run.dev_rows) + len(run.rejects)
+    if run.main_process:
+        write_records(run.rejects, SCHEMAS["reject"], args.rejects)
+    check_reject_rate(len(run.rejects), total, run.params.max_reject_rate, f"train@{key}")
+    if not run.train_rows:
         raise StageError(f"train@{key}: no training examples in {args.mixture}")
 
-    parent_sha = None
+
+# ---- run state: resume only a run with the same inputs and params
+def decide_resume(run: _Run) -> None:
+    from accelerate import PartialState
+
+    args, params = run.args, run.params
     if params.parent is not None:
         adapter = Path(args.init_from) / ADAPTER_FILE
         if not adapter.is_file():
-            raise StageError(f"train.{key}.init_from: {args.init_from} has no {ADAPTER_FILE} "
-                             f"(train@{params.parent} must run first)")
-        parent_sha = file_sha256(adapter)
-    inputs = {"mixture": file_sha256(args.mixture), "manifest": file_sha256(args.manifest),
-              "base": file_sha256(Path(args.base) / "base.json"), "parent_adapter": parent_sha or ""}
-    fingerprint = run_fingerprint(params, inputs)
-    resume_from = find_resume_checkpoint(args.checkpoints, fingerprint) if params.resume else None
+            raise StageError(f"versions.{run.key}.train.init_from: {args.init_from} has no "
+                             f"{ADAPTER_FILE} (train@{params.parent} must run first)")
+        run.parent_sha = file_sha256(adapter)
+    run.inputs = {"mixture": file_sha256(args.mixture), "manifest": file_sha256(args.manifest),
+                  "base": file_sha256(Path(args.base) / "base.json"),
+                  "parent_adapter": run.parent_sha or ""}
+    run.fingerprint = run_fingerprint(params, run.inputs)
+    run.resume_from = find_resume_checkpoint(args.checkpoints, run.fingerprint) if params.resume else None
     state = PartialState()  # joins the process group under accelerate; a no-op otherwise
     state.wait_for_everyone()  # every rank decided on resume_from before rank 0 cleans
-    if main_process and resume_from is None:
-        reset_checkpoint_dir(args.checkpoints, fingerprint)
+    if run.main_process and run.resume_from is None:
+        reset_checkpoint_dir(args.checkpoints, run.fingerprint)
     state.wait_for_everyone()
-    if resume_from is not None:
-        log.info("resuming from %s", resume_from)
+    if run.resume_from is not None:
+        run.log.info("resuming from %s", run.resume_from)
 
-    set_seed(params.sft.seed)
-    model = load_base_model(args.base, base_info, params, key)
-    peft_model = attach_adapter(model, params, args.init_from, key)
-    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+
+# ---- model
+def load_peft_model(run: _Run) -> Any:
+    from transformers import set_seed
+
+    set_seed(run.params.sft.seed)
+    model = load_base_model(run.args.base, run.base_info, run.params, run.key)
+    return attach_adapter(model, run.params, run.args.init_from, run.key)
+
+
+# ---- training loop
+def train(run: _Run, peft_model: Any) -> tuple[Any, dict[str, Any]]:
+    import torch
+    from accelerate import PartialState
+
     callbacks = [CheckpointMarker()]
-    if main_process:
-        callbacks.append(live_callback(args.live_dir, resume=resume_from is not None))
-    trainer = build_trainer(peft_model, tokenizer, train_rows, dev_rows, params, args.checkpoints,
-                            callbacks)
+    if run.main_process:
+        callbacks.append(live_callback(run.args.live_dir, resume=run.resume_from is not None))
+    trainer = build_trainer(peft_model, run.tokenizer, run.train_rows, run.dev_rows, run.params,
+                            run.args.checkpoints, callbacks)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    eval_loss = trainer.evaluate()["eval_loss"] if dev_rows else None
+    timer = Timer()
+    result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+    eval_loss = trainer.evaluate()["eval_loss"] if run.dev_rows else None
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    final_loss = float(losses[-1]) if losses else float(result.training_loss)
-    runtime = float(result.metrics.get("train_runtime", timer.seconds))
-    tokens_seen = int(trainer.state.num_input_tokens_seen)
     peak, peak_kind = peak_memory_mb()
-    state.wait_for_everyone()
-    if not main_process:
-        return {}
+    PartialState().wait_for_everyone()
+    return trainer, {
+        "final_loss": float(losses[-1]) if losses else float(result.training_loss),
+        "mean_train_loss": float(result.training_loss),
+        "eval_loss": None if eval_loss is None else float(eval_loss),
+        "runtime": float(result.metrics.get("train_runtime", timer.seconds)),
+        "tokens_seen": int(trainer.state.num_input_tokens_seen),
+        "steps": int(trainer.state.global_step), "peak": peak, "peak_kind": peak_kind}
 
+
+# ---- save model and create model card
+def save_version(run: _Run, trainer: Any, outcome: dict[str, Any]) -> dict[str, Any]:
+    key, args, params, base_info = run.key, run.args, run.params, run.base_info
     lineage = {
         "version": key,
         "base_model": {"model": base_info["model"], "revision": base_info.get("revision"),
                        "resolved_revision": base_info.get("resolved_revision"),
                        "built": bool(base_info.get("built")), "path": args.base,
-                       "base_json_sha256": inputs["base"]},
-        "parent": ({"version": params.parent, "path": args.init_from, "adapter_sha256": parent_sha}
+                       "base_json_sha256": run.inputs["base"]},
+        "parent": ({"version": params.parent, "path": args.init_from, "adapter_sha256": run.parent_sha}
                    if params.parent else None),
-        "mixture": {"path": args.mixture, "sha256": inputs["mixture"], "manifest": args.manifest,
-                    "manifest_sha256": inputs["manifest"]},
-        "params": params.model_dump(),
-        "processes": world_size(),
-        "train_seconds": round(runtime, 3),
-        "tokens_seen": tokens_seen,
-        "dataset_tokens": train_counts["tokens"],
-        "completion_tokens": train_counts["completion_tokens"],
+        "mixture": {"path": args.mixture, "sha256": run.inputs["mixture"], "manifest": args.manifest,
+                    "manifest_sha256": run.inputs["manifest"]},
+        "params": params.model_dump(), "processes": world_size(),
+        "train_seconds": round(outcome["runtime"], 3), "tokens_seen": outcome["tokens_seen"],
+        "dataset_tokens": run.train_counts["tokens"],
+        "completion_tokens": run.train_counts["completion_tokens"],
         "tokenizer": base_info.get("tokenizer", base_info["model"]),
-        "final_loss": final_loss,
-        "mean_train_loss": float(result.training_loss),
-        "eval_loss": None if eval_loss is None else float(eval_loss),
-        "steps": int(trainer.state.global_step),
-        "examples": {"train": len(train_rows), "dev": len(dev_rows), "rejected": len(rejects)},
-        "resumed_from": resume_from.name if resume_from else None,
+        "final_loss": outcome["final_loss"], "mean_train_loss": outcome["mean_train_loss"],
+        "eval_loss": outcome["eval_loss"], "steps": outcome["steps"],
+        "examples": {"train": len(run.train_rows), "dev": len(run.dev_rows), "rejected": len(run.rejects)},
+        "resumed_from": run.resume_from.name if run.resume_from else None,
     }
     training_config = {"version": key, "init_from": args.init_from, "resolved_params": params.model_dump(),
                        "sft_config": {k: v for k, v in trainer.args.to_dict().items()
                                       if isinstance(v, (str, int, float, bool, list, dict, type(None)))}}
-    lineage = write_version(args.out, trainer.model, tokenizer, lineage, training_config)
-    finish_checkpoint_dir(args.checkpoints, fingerprint)
-    log.info("train@%s: %d steps, final loss %.4f, %d tokens seen in %.1fs -> %s", key,
-             lineage["steps"], final_loss, tokens_seen, runtime, args.out)
+    lineage = write_version(args.out, trainer.model, run.tokenizer, lineage, training_config)
+    finish_checkpoint_dir(args.checkpoints, run.fingerprint)
+    run.log.info("train@%s: %d steps, final loss %.4f, %d tokens seen in %.1fs -> %s", key,
+                 lineage["steps"], outcome["final_loss"], outcome["tokens_seen"], outcome["runtime"],
+                 args.out)
+    return lineage
+
+
+def train_metrics(run: _Run, lineage: dict[str, Any], outcome: dict[str, Any], trainable: int,
+                  seconds: float) -> dict[str, Any]:
+    runtime, tokens_seen = outcome["runtime"], outcome["tokens_seen"]
     return {
-        "final_loss": final_loss, "mean_train_loss": lineage["mean_train_loss"],
+        "final_loss": outcome["final_loss"], "mean_train_loss": lineage["mean_train_loss"],
         "eval_loss": lineage["eval_loss"], "steps": lineage["steps"],
         "train_seconds": lineage["train_seconds"],
         "tokens_seen": tokens_seen,
         "tokens_per_second": round(tokens_seen / runtime, 1) if runtime > 0 else None,
-        "peak_memory_mb": peak, "peak_memory_kind": peak_kind,
-        "dataset_tokens": train_counts["tokens"], "completion_tokens": train_counts["completion_tokens"],
-        "truncated_examples": train_counts["truncated"],
+        "peak_memory_mb": outcome["peak"], "peak_memory_kind": outcome["peak_kind"],
+        "dataset_tokens": run.train_counts["tokens"],
+        "completion_tokens": run.train_counts["completion_tokens"],
+        "truncated_examples": run.train_counts["truncated"],
         "tokenizer": lineage["tokenizer"], "trainable_parameters": trainable,
-        "examples_train": len(train_rows), "examples_dev": len(dev_rows), "rejected": len(rejects),
-        "processes": world_size(), "resumed_from": lineage["resumed_from"],
-        "adapter_sha256": lineage["adapter_sha256"], "seconds": timer.seconds,
+        "examples_train": len(run.train_rows), "examples_dev": len(run.dev_rows),
+        "rejected": len(run.rejects), "processes": world_size(),
+        "resumed_from": lineage["resumed_from"], "adapter_sha256": lineage["adapter_sha256"],
+        "seconds": seconds,
     }
 
 
@@ -512,16 +666,13 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     key = args.version
-    raw = read_declared(PARAMS, key, path=args.params)
-    if raw["train_defaults"] is None:
-        raise StageError(f"{args.params} has no train_defaults section")
-    params = resolve_train(raw["train_defaults"], raw["train.{key}"])
-    if os.path.normpath(args.init_from) != os.path.normpath(params.init_from):
-        raise StageError(f"train@{key}: --init-from {args.init_from} != train.{key}.init_from "
-                         f"{params.init_from}")
+    params = load_params(key, args.params)
+    if Path(args.init_from).name != params.init_from:
+        raise StageError(f"train@{key}: --init-from {args.init_from} is not "
+                         f"versions.{key}.train.init_from ({params.init_from})")
     if params.processes > 1 and world_size() == 1:
         if os.environ.get(LAUNCHED_ENV):  # never relaunch from a launched child
-            raise StageError(f"train.{key}.accelerate_config: {params.accelerate_config} started "
+            raise StageError(f"train_defaults.accelerate_config: {params.accelerate_config} started "
                              "single processes (no WORLD_SIZE); use a config whose launcher starts "
                              f"{params.processes} processes (e.g. MULTI_GPU, with use_cpu on CPU)")
         relaunch(argv, params, key)

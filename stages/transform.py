@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import unicodedata
 from collections import Counter
 from pathlib import Path
@@ -36,18 +35,31 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from stages.common.io import read_records, write_records
-from stages.common.llm import LLMRequest, Result, run_batch
-from stages.common.params import TransformParams
-from stages.common.prompts import LETTERS, letter, letter_index, lettered, render_template
-from stages.common.runlog import (StageError, begin_stage, check_reject_rate, stage_main, stage_parser,
-                                  write_metrics)
+from stages.common.llm import LLMParams, LLMRequest, Result, read_llm_section, run_batch
+from stages.common.params import PARAMS_FILE, Strict
+from stages.common.prompts import LETTERS, letter, letter_index, lettered, place_answer, render_template
+from stages.common.runlog import (StageError, begin_stage, check_reject_rate, require_input,
+                                  stage_main, stage_parser, write_metrics)
 from stages.common.schema import SCHEMAS, reject, validate_table
-from stages.common.text import content_id, normalize_text
+from stages.common.text import content_id, normalize_text, unspaced
 
-PARAMS = ("transform.{key}",)
+PARAMS = ("transform.{key}", "llm_defaults")
 STAGE = "transform"
 N_CHOICES = 7
 TEMPLATES = ("transform_system.txt", "transform_user.txt")
+
+
+# ---------------------------------------------------------------------------- params
+class TransformParams(Strict):
+    input: str = Field(description="filtered mcq parquet (4 choices)")
+    context: str = Field(min_length=1, description="the setting the 7-choice rewrite is placed in (Korean)")
+    max_reject_rate: float = Field(0.3, ge=0, le=1, description="rejects / items sent")
+    llm: LLMParams
+
+
+def load_params(key: str, path: str = PARAMS_FILE, cache_dir: str | None = None) -> TransformParams:
+    """``transform.<key>`` with ``llm_defaults`` merged under its ``llm``."""
+    return read_llm_section(PARAMS, TransformParams, key, path, cache_dir)
 
 
 class TransformedChoice(BaseModel):
@@ -73,7 +85,7 @@ class TransformReject(Exception):
 
 def _fold(text: str) -> str:
     """Comparison form: NFC, case-folded, whitespace removed, final period dropped."""
-    return "".join(unicodedata.normalize("NFC", text).casefold().split()).rstrip(".")
+    return unspaced(unicodedata.normalize("NFC", text).casefold()).rstrip(".")
 
 
 # ---------------------------------------------------------------------------- pure steps
@@ -143,14 +155,6 @@ def balanced_targets(item_ids: list[str]) -> dict[str, int]:
     return {item: rank % N_CHOICES for rank, item in enumerate(ranked)}
 
 
-def place_answer(choices: list[str], correct: int, target: int, seed: str) -> list[str]:
-    """``choices`` re-ordered so that ``choices[correct]`` is at ``target``; the distractors
-    shuffled by a RNG seeded with ``seed`` (the item id): deterministic per item."""
-    distractors = [c for i, c in enumerate(choices) if i != correct]
-    random.Random(_hash_int(seed)).shuffle(distractors)
-    return distractors[:target] + [choices[correct]] + distractors[target:]
-
-
 def build_records(records: list[dict[str, Any]], results: list[Result], key: str
                   ) -> tuple[list[dict[str, Any]], list[dict[str, str]], Counter]:
     """LLM results -> (7-choice records, rejects, model-letter counts). Pure."""
@@ -173,7 +177,8 @@ def build_records(records: list[dict[str, Any]], results: list[Result], key: str
     out = []
     for record, result, question, choices, correct in accepted:
         target = targets[record["id"]]
-        placed = place_answer(choices, correct, target, record["id"])
+        # the distractors shuffled by a RNG seeded with the item id: deterministic per item
+        placed = place_answer(choices, correct, target, shuffle_seed=_hash_int(record["id"]))
         meta = {"source_id": record["id"],
                 "original": {"question": record["question"], "choices": record["choices"],
                              "answer": record["answer"]},
@@ -194,16 +199,14 @@ def letter_histogram(records: list[dict[str, Any]]) -> dict[str, int]:
 
 @stage_main
 def main(argv: list[str] | None = None) -> None:
-    parser = stage_parser(__doc__, "domain")
+    parser = stage_parser(__doc__, "domain", cache_dir=True)
     args = parser.parse_args(argv)
     key = args.domain
-    params: TransformParams
-    params, log, timer = begin_stage(args, "transform", PARAMS, key)
-    Path(params.llm.cache_dir).mkdir(parents=True, exist_ok=True)  # a DVC out: must exist
+    params, log, timer = begin_stage(args, "transform", key,
+                                     lambda k, path: load_params(k, path, args.cache_dir))
 
     path = Path(params.input)
-    if not path.is_file():
-        raise StageError(f"transform@{key}: input {path} does not exist (params transform.{key}.input)")
+    require_input(path, f"transform.{key}.input", "run filter first")
     records = read_records(path)
     try:
         validate_table("mcq", records)

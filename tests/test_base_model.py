@@ -85,7 +85,7 @@ def test_tiny_model_is_seeded_and_sized_for_the_tokenizer(tokenizer):
 
 def test_params_build_spec_reaches_the_model_config(tokenizer):
     from stages.base_model import tiny_model_kwargs
-    from stages.common.params import TinyModelSpec
+    from stages.base_model import TinyModelSpec
     spec = TinyModelSpec(vocab_size=400, hidden_size=32, layers=2, heads=4, kv_heads=2,
                          intermediate=64, max_position_embeddings=256, initializer_range=0.3)
     model = build_tiny_model(tokenizer, **tiny_model_kwargs(spec))

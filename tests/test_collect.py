@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from stages.collect import RowError, build_records, parse_answer
-from stages.common.params import SourceParams
+from stages.sources.records import RowError, build_records, parse_answer
+from stages.sources.spec import SourceParams
 from stages.common.runlog import StageError
 from stages.common.schema import validate
 from stages.sources.hub import load_hub

@@ -5,8 +5,11 @@ For every resolved stage (foreach expanded by DVC itself):
   functions), is a dep — so editing a helper re-runs the stages that use it;
 - every params key the stage reads (its module's ``PARAMS`` templates, the only way
   ``stages.common.params.read_declared`` hands out params) is covered by its ``params:``;
-- every path the command writes (``--out``, ``--json-dir``, ``--rejects``, ``--log``) is an out
-  and ``--metrics`` is a metric: nothing is written outside declared outs.
+- every path the command writes (``--out``, ``--json-dir``, ``--rejects``, ``--log``,
+  ``--cache-dir``) is an out and ``--metrics`` is a metric: nothing is written outside declared
+  outs;
+- and the converse, which costs money when it fails: editing one stage's schema, or a helper a
+  stage does not import, leaves that stage up to date (``dvc status`` in a temp project).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from dvc.repo import Repo
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = str(Path(sys.executable).parent / "dvc")
-OUTPUT_FLAGS = ("--out", "--json-dir", "--rejects", "--log")
+OUTPUT_FLAGS = ("--out", "--json-dir", "--rejects", "--log", "--cache-dir")
 
 
 def module_path(root: Path, module: str) -> Path | None:
@@ -111,6 +114,22 @@ def test_every_stage_declares_its_modules_params_and_outputs():
     assert check_declarations(ROOT) == []
 
 
+def test_dvc_vars_is_derived_from_params():
+    from stages.dvc_vars import is_current
+    assert is_current(ROOT), "dvc.vars.yaml is out of date: run `python -m stages.dvc_vars`"
+
+
+def test_common_imports_no_stage():
+    for path in (ROOT / "stages" / "common").glob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            for name in names:
+                parts = name.split(".")
+                assert parts[0] != "stages" or parts[1] in ("common", "sources"), (path, name)
+
+
 def test_every_stage_module_exists_and_has_params():
     with Repo(str(ROOT)) as repo:
         modules = {shlex.split(s.cmd)[2] for s in repo.index.stages}
@@ -153,3 +172,65 @@ def test_check_catches_an_undeclared_output(copy_of_project: Path):
                         encoding="utf-8")
     problems = check_declarations(copy_of_project)
     assert any("(--rejects) but it is not an out" in p for p in problems)
+
+
+# ---------------------------------------------------------------------------- coupling
+def _project_with_a_lock(tmp_path: Path) -> Path:
+    """A git + DVC copy of the project whose dvc.lock records train@* and evaluate@* as up to
+    date: their deps and outs are stand-in files, committed with ``dvc commit``."""
+    dst = tmp_path / "proj"
+    shutil.copytree(ROOT, dst, ignore=shutil.ignore_patterns(
+        ".venv", "quickstart", ".git", "data", "__pycache__", ".dvc", "models", "metrics"))
+    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
+    subprocess.run([DVC, "init", "-q"], cwd=dst, check=True)
+    with Repo(str(dst)) as repo:
+        stages = [s for s in repo.index.stages if s.name.split("@")[0] in ("train", "evaluate")]
+        for stage in stages:
+            for item in [*stage.deps, *stage.outs]:
+                if type(item).__name__ == "ParamsDependency":
+                    continue
+                path = dst / item.def_path
+                if path.exists():
+                    continue
+                if item.def_path.startswith(("models/", "checkpoints/", "dvclive/")) or \
+                        item.def_path.endswith("eval"):
+                    path.mkdir(parents=True, exist_ok=True)
+                    (path / "stand-in.txt").write_text(item.def_path, encoding="utf-8")
+                else:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(item.def_path, encoding="utf-8")
+    names = [s.name for s in stages]
+    subprocess.run([DVC, "commit", "-f", "-q", *names], cwd=dst, check=True)
+    return dst
+
+
+def _stale(project: Path) -> set[str]:
+    out = subprocess.run([DVC, "status", "--json"], cwd=project, check=True,
+                         capture_output=True, text=True).stdout
+    import json
+    return {name for name in json.loads(out or "{}")
+            if name.split("@")[0] in ("train", "evaluate")}
+
+
+@pytest.mark.slow
+def test_editing_another_stages_schema_or_helper_leaves_training_up_to_date(tmp_path):
+    project = _project_with_a_lock(tmp_path)
+    assert _stale(project) == set()
+    # another stage's schema (a field description) and helpers train does not import
+    for rel, old, new in (
+            ("stages/mixing/recipe.py", "records become examples", "records become training examples"),
+            ("stages/extract.py", "processes; 0 = one per core", "worker processes; 0 = one per core"),
+            ("stages/common/llm.py", "requests in flight at most", "requests in flight, at most"),
+            ("stages/mixing/hashing.py", "Vectorised hashing", "Vectorised (numpy) hashing")):
+        path = project / rel
+        text = path.read_text(encoding="utf-8")
+        assert old in text, rel
+        path.write_text(text.replace(old, new), encoding="utf-8")
+    assert _stale(project) == set()
+    # the control: an edit to train's own schema does make every train@ (and nothing else) stale
+    path = project / "stages/train.py"
+    text = path.read_text(encoding="utf-8")
+    path.write_text(text.replace("resume from the last complete checkpoint",
+                                 "resume from the newest complete checkpoint"), encoding="utf-8")
+    assert _stale(project) == {f"train@{v}" for v in ("v1", "v2", "v3", "v4", "v5_1", "v5_2",
+                                                       "v5_3", "v6")}

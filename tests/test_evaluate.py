@@ -18,15 +18,16 @@ import yaml
 
 from stages.base_model import build_tiny_model, build_tokenizer
 from stages.common.io import read_records, write_records
-from stages.common.params import EvaluateSettings, load_params
+from stages.common.params import load_raw
 from stages.common.prompts import LETTERS, step1_prompt
 from stages.common.runlog import StageError
 from stages.common.evalsets import EvalItem, items_from_records, load_sets, strip_labels
 from stages.common.schema import SCHEMAS
 from stages.common.text import content_id
-from stages.evaluate import (chat_text, evaluate_items, generate_texts, letter_logprobs,
+from stages.evaluate import (EvaluateSettings, chat_text, evaluate_items, generate_texts, letter_logprobs,
                              letter_token_ids, load_model, parse_letter, permutation,
                              score_generate, score_loglik, shuffle_item, summarize, unshuffle)
+from stages.evaluate import load_params as load_evaluate
 from stages.evaluate import main as evaluate_main
 from tests.conftest import ROOT, run_stage
 
@@ -246,7 +247,7 @@ def test_collected_sets_use_only_the_held_out_split():
 
 
 def _settings(**overrides) -> EvaluateSettings:
-    params = load_params(ROOT / "params.yaml").evaluate.settings.model_dump()
+    params = load_evaluate(None, ROOT / "params.yaml").model_dump()
     local = params["local"]
     for name, spec in local.items():
         spec["input"] = str(SAMPLES / Path(spec["input"]).name)
@@ -306,17 +307,18 @@ def test_every_eval_set_in_params_is_a_dep_of_every_evaluate_stage(tmp_path: Pat
     with Repo(str(ROOT)) as repo:
         stages = [s for s in repo.index.stages if s.addressing.startswith("evaluate@")]
         deps = {s.addressing: {d.def_path for d in s.deps} for s in stages}
-    production = load_params(ROOT / "params.yaml").evaluate
-    assert set(deps) == {f"evaluate@{k}" for k in production.models}
-    assert {"base", "v1", "v2", "v3", "v4", "v5_1", "v5_2", "v5_3", "v6"} == set(production.models)
-    for settings in (production.settings, _quickstart_settings(tmp_path)):
+    production = load_evaluate(None, ROOT / "params.yaml")
+    keys = ["base", *load_raw(ROOT / "params.yaml")["versions"]]
+    assert set(deps) == {f"evaluate@{k}" for k in keys}
+    assert {"base", "v1", "v2", "v3", "v4", "v5_1", "v5_2", "v5_3", "v6"} == set(keys)
+    for settings in (production, _quickstart_settings(tmp_path)):
         wanted = [s.input for s in settings.collected.values()]
         for stage, paths in deps.items():
             for path in wanted:
                 assert path in paths, f"{stage}: eval set {path} is not a dep"
             assert "models/base" in paths
-    for key, spec in production.models.items():
-        assert spec.model in deps[f"evaluate@{key}"]
+    for key in keys:
+        assert f"models/{key}" in deps[f"evaluate@{key}"]
 
 
 def _quickstart_settings(tmp_path: Path) -> EvaluateSettings:
@@ -325,7 +327,7 @@ def _quickstart_settings(tmp_path: Path) -> EvaluateSettings:
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(quickstart.quickstart_params(ROOT), allow_unicode=True),
                     encoding="utf-8")
-    settings = load_params(path).evaluate.settings
+    settings = load_evaluate(None, path)
     assert settings.local_dir == "data/samples/eval" and settings.scoring == "loglik"
     return settings
 
@@ -364,24 +366,21 @@ def workspace(tmp_path_factory, tokenizer) -> Path:
                         "choices": choices, "answer": answer, "category": "Economics", "meta": "{}"})
     write_records(records, SCHEMAS["mcq"], ws / "data" / "collected" / "kmmlu_economics.parquet")
     shutil.copytree(SAMPLES, ws / "data" / "samples" / "eval")
-    params = load_params(ROOT / "params.yaml").evaluate.model_dump()
-    settings = params["settings"]
+    settings = load_evaluate(None, ROOT / "params.yaml").model_dump()
     settings["collected"] = {"kmmlu_economics": {"input": "data/collected/kmmlu_economics.parquet",
                                                  "split": "test"}}
     settings["local_dir"] = "data/samples/eval"
     for name, spec in settings["local"].items():
         spec["input"] = f"data/samples/eval/{Path(spec['input']).name}"
     settings["batch_size"] = 4
-    params["models"] = {"base": {"model": "models/base"}, "v1": {"model": "models/v1"},
-                        "v2": {"model": "models/v2"}}
-    (ws / "params.yaml").write_text(yaml.safe_dump({"evaluate": params}, allow_unicode=True),
+    (ws / "params.yaml").write_text(yaml.safe_dump({"evaluate": settings}, allow_unicode=True),
                                     encoding="utf-8")
     return ws
 
 
 def _args(key: str) -> list[str]:
     """The arguments dvc.yaml's evaluate cmd passes."""
-    return [key, "--base", "models/base", "--out", f"data/eval/{key}.parquet",
+    return [key, "--base", "models/base", "--model", f"models/{key}", "--out", f"data/eval/{key}.parquet",
             "--rejects", f"data/rejects/evaluate/{key}.parquet",
             "--metrics", f"metrics/eval/{key}.json", "--log", f"logs/evaluate/{key}.log"]
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 import stages.extract as extract
-from stages.common.params import ExtractParams, HeaderFooterParams
+from stages.extract import ExtractParams, HeaderFooterParams
 from stages.common.schema import validate
 from stages.common.text import garbled_ratio
 from stages.extract import (FileResult, Line, PageLayout, cell_texts, extract_pdf, lines_from_words,

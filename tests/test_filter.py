@@ -22,7 +22,8 @@ import yaml
 from stages.common.io import read_records, write_records
 from stages.common.llm import LLMParams, response_format_for
 from stages.common.llm_cache import ResponseCache, cache_key
-from stages.common.params import ChunkingParams, ExtractParams, FilterParams, PrefilterParams
+from stages.extract import ExtractParams
+from stages.filter import ChunkingParams, FilterParams, PrefilterParams
 from stages.common.schema import SCHEMAS, validate_table
 from stages.common.text import content_id
 from stages.filter import (Verdict, apply_verdicts, chunk_documents, chunk_units, hangul_letter_share,
@@ -232,7 +233,7 @@ def write_project(tmp: Path, records: list[dict[str, Any]], server: LLMTestServe
 
 
 ARGS = ["fm", "--out", "out.parquet", "--rejects", "rejects.parquet", "--metrics", "metrics.json",
-        "--log", "filter.log"]
+        "--log", "filter.log", "--cache-dir", "cache"]
 
 
 def outputs(tmp: Path) -> tuple[list[dict], list[dict], dict]:

@@ -26,8 +26,8 @@ ENV = dict(os.environ, PYTHONPATH=str(ROOT), GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMA
 MAKE = r'''
 import json, os, sys
 import yaml
-from stages.common.params import TrainDefaults, TrainVersion, resolve_train
 from stages.common.text import file_sha256
+from stages.train import resolve_train
 
 def write(path, data):
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -53,14 +53,14 @@ elif kind == "mix":
         "mixture": {"path": out, "sha256": file_sha256(out), "examples": 3, "tokens": 42},
         "inputs": inputs, "tokenizer": {"path": "models/base", "vocab_size": 64}}, sort_keys=True))
 elif kind == "train":
-    spec = params["train"][key]
-    resolved = resolve_train(TrainDefaults.model_validate(params["train_defaults"]),
-                             TrainVersion.model_validate(spec))
+    spec = params["versions"][key]["train"]
+    resolved = resolve_train(params["train_defaults"], spec, key)
     mixture, manifest = f"data/mixtures/{key}.parquet", f"data/mixtures/{key}.json"
     parent = None
     if resolved.parent:
-        parent = {"version": resolved.parent, "path": spec["init_from"],
-                  "adapter_sha256": file_sha256(spec["init_from"] + "/adapter_model.safetensors")}
+        path = "models/" + spec["init_from"]
+        parent = {"version": resolved.parent, "path": path,
+                  "adapter_sha256": file_sha256(path + "/adapter_model.safetensors")}
     out = f"models/{key}"
     adapter = f"adapter {key} lr {resolved.sft.learning_rate} {file_sha256(mixture)} {parent}"
     write(f"{out}/adapter_model.safetensors", adapter)
@@ -102,12 +102,12 @@ stages:
     foreach:
       v5_1: {{init_from: models/base}}
       v5_2: {{init_from: models/v5_1}}
-      v5_3: {{init_from: models/v5_2}}
+      v5_3: {{init_from: models/v5_2}}  # as dvc.yaml writes models/${{item.train.init_from}}
     do:
       cmd: {py} scripts/make_fake.py train ${{key}}
       deps: [scripts/make_fake.py, "data/mixtures/${{key}}.parquet", "data/mixtures/${{key}}.json",
              models/base, "${{item.init_from}}"]
-      params: ["train.${{key}}", train_defaults]
+      params: ["versions.${{key}}.train", train_defaults]
       outs: ["models/${{key}}"]
 """
 
@@ -146,10 +146,9 @@ def project(tmp_path_factory) -> Path:
     real = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     params = {
         "train_defaults": real["train_defaults"],
-        "train": {"v5_1": {"init_from": "models/base", "accelerate_config": "configs/ddp.yaml"},
-                  "v5_2": {"init_from": "models/v5_1", "accelerate_config": "configs/ddp.yaml",
-                           "sft": {"learning_rate": 5.0e-5}},
-                  "v5_3": {"init_from": "models/v5_2", "accelerate_config": "configs/ddp.yaml"}},
+        "versions": {"v5_1": {"train": {"init_from": "base"}},
+                     "v5_2": {"train": {"init_from": "v5_1", "sft": {"learning_rate": 5.0e-5}}},
+                     "v5_3": {"train": {"init_from": "v5_2"}}},
         "mix": {"v5_1": {"seed": 1, "sources": {"metamath": "data/collected/metamath.parquet"}},
                 "v5_2": {"seed": 2, "sources": {"mixture_v5_1": "data/mixtures/v5_1.parquet",
                                                 "qa_rules": "data/collected/qa_rules.parquet"}},
@@ -197,7 +196,7 @@ def test_v5_3_chain_has_three_levels_with_the_right_hashes(project):
         assert lock["stage"] == f"train@{version}"
         assert lock["outs"][f"models/{version}"]["same"] is True
         assert lock["params_match_lineage"] is True
-        assert set(lock["params"]) == {f"train.{version}", "train_defaults"}
+        assert set(lock["params"]) == {f"versions.{version}.train", "train_defaults"}
     assert models["v5_2"]["params"]["sft"]["learning_rate"] == 5.0e-5
     assert models["v5_3"]["parent"]["version"] == "v5_2"
     assert models["v5_3"]["parent"]["recorded_adapter_sha256"] == models["v5_2"]["adapter"]["sha256"]
@@ -264,11 +263,11 @@ def test_a_changed_source_file_is_reported_as_modified(copy):
 
 def test_params_edited_after_training_is_a_warning_not_a_break(copy, capsys):
     params = yaml.safe_load((copy / "params.yaml").read_text(encoding="utf-8"))
-    params["train"]["v5_2"]["sft"]["learning_rate"] = 1.0e-3
+    params["versions"]["v5_2"]["train"]["sft"]["learning_rate"] = 1.0e-3
     (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     code, out, _ = cli(capsys, copy, "models/v5_3")
     assert code == 0
-    assert "warning: params.yaml train.v5_2 changed since train@v5_2 ran" in out
+    assert "warning: params.yaml versions.v5_2.train changed since train@v5_2 ran" in out
 
 
 def test_without_git_says_no_git_and_a_missing_model_is_a_usage_error(copy, capsys):

@@ -17,17 +17,20 @@ from dvc.repo import Repo
 
 from stages.base_model import build_tokenizer
 from stages.common.io import write_records
-from stages.common.params import (MIX_INPUT_SLOTS, MixParams, ParamsError, load_params,
-                                  mix_source_input)
+from stages import check
+from stages.common.evalsets import EvalItem
+from stages.common.params import ParamsError, load_raw
 from stages.common.prompts import step1_prompt, step2_prompt
 from stages.common.runlog import StageError
 from stages.common.schema import SCHEMAS, validate
 from stages.common.text import content_id
 from stages.mix import build_mixture, count_tokens, dev_groups, selection, truncate_completion
+from stages.mix import load_params as load_mix
 from stages.mix import main as mix_main
 from stages.mixing.formats import (Budget, FormatError, format_report_json, format_raw_text,
                                    load_templates, markdown_table, FORMATTERS)
-from stages.mixing.hashing import (EvalIndex, EvalItem, minhash_signatures, near_duplicates,
+from stages.mixing.recipe import MixParams, mix_source_input
+from stages.mixing.hashing import (EvalIndex, minhash_signatures, near_duplicates,
                                    unspaced)
 from tests.conftest import ROOT, run_stage
 
@@ -82,11 +85,7 @@ def document(source: str, title: str, text: str, page: int = 0, doc_id: str = ""
 
 
 def recipe(sources: dict, **overrides) -> MixParams:
-    paths = list(dict.fromkeys(mix_source_input(n) for n in sources))
-    data = {"seed": 1, "sources": sources,
-            "inputs": {s: paths[i] if i < len(paths) else paths[0]
-                       for i, s in enumerate(MIX_INPUT_SLOTS)},
-            "dev_size": 0.0, "max_length": 512, "overlength": "truncate", "batch_size": 7,
+    data = {"seed": 1, "sources": sources, "dev_size": 0.0, "max_length": 512, "overlength": "truncate", "batch_size": 7,
             "max_reject_rate": 0.5,
             "dedup": {"near_threshold": 0.8, "shingle_chars": 5, "num_perm": 64, "bands": 16},
             "decontamination": {"ngram_chars": 13, "threshold": 0.5}}
@@ -100,7 +99,7 @@ EVAL_CHOICES = ["향후 경기 둔화와 정책금리 인하", "급격한 인플
 
 
 def eval_index(threshold: float = 0.5) -> EvalIndex:
-    return EvalIndex([EvalItem("kmmlu_economics/evalitem1", (EVAL_QUESTION, *EVAL_CHOICES))],
+    return EvalIndex([EvalItem("kmmlu_economics", "evalitem1", EVAL_QUESTION, tuple(EVAL_CHOICES), 0)],
                      13, threshold)
 
 
@@ -334,22 +333,20 @@ def test_planted_near_duplicate_is_removed_across_sources(tokenizer, tmp_path):
 def test_decontamination_reads_eval_sets_exactly_as_evaluation_does():
     """Labelled choices ("A. …") are stripped and ids re-derived as evaluate@ does, so the
     reject names the id evaluation reports and an unlabelled copy of a choice still matches."""
-    from stages.common.evalsets import load_local_set
-    from stages.common.params import EvaluateSettings
+    from stages.common.evalsets import EvalLocalSet, load_local_set
     from stages.mix import load_eval_items
 
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))["evaluate"]["settings"]
-    spec = dict(raw["local"]["fin_market_mcq"], input=str(ROOT / "data/samples/eval/fin_market_mcq.jsonl"))
-    settings = EvaluateSettings.model_validate(dict(raw, collected={}, local={"fin_market_mcq": spec},
-                                                    local_dir=str(ROOT / "data/samples/eval")))
-    items, info = load_eval_items({}, settings.local)
-    expected, _ = load_local_set("fin_market_mcq", settings.local["fin_market_mcq"])
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))["evaluate"]
+    spec = EvalLocalSet.model_validate(dict(raw["local"]["fin_market_mcq"],
+                                            input=str(ROOT / "data/samples/eval/fin_market_mcq.jsonl")))
+    items, info = load_eval_items({}, {"fin_market_mcq": spec})
+    expected, _ = load_local_set("fin_market_mcq", spec)
     assert info["fin_market_mcq"]["items"] == len(expected) == len(items) > 0
-    assert [item.label for item in items] == [f"fin_market_mcq/{e.id}" for e in expected]
+    assert [f"{item.set}/{item.id}" for item in items] == [f"fin_market_mcq/{e.id}" for e in expected]
     labelled = [json.loads(line)["options"] for line in
                 (ROOT / "data/samples/eval/fin_market_mcq.jsonl").read_text(encoding="utf-8").splitlines()]
     assert any(option.startswith("A.") for options in labelled for option in options)
-    assert not any(choice.startswith(("A.", "B.")) for item in items for choice in item.segments[1:])
+    assert not any(choice.startswith(("A.", "B.")) for item in items for choice in item.choices)
 
 
 def test_parquet_batches_hold_one_row_group_at_a_time(tmp_path):
@@ -409,28 +406,32 @@ def test_near_duplicates_over_row_chunks_equal_the_whole_matrix():
 
 
 # ------------------------------------------------------------------------------ params
-def test_v6_excludes_krx_sample_and_reports_directly_and_through_mixtures():
-    params = load_params(ROOT / "params.yaml")
-    v6 = params.mix["v6"]
+def write_params(tmp_path: Path, raw: dict) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def test_v6_excludes_krx_sample_and_reports_directly_and_through_mixtures(tmp_path):
+    v6, _, _ = load_mix("v6", ROOT / "params.yaml")
     assert {"krx_sample", "krx_reports", "krx_reports_json"} <= set(v6.exclude_sources)
     assert not set(v6.sources) & set(v6.exclude_sources)
     assert {"generated_financial_market", "generated_accounting", "generated_rules", "metamath",
             "enko_translation", "aihub_kozh", "table_qa", "top100_companies",
             "aihub_econ_calc", "qa_rules"} == set(v6.sources)
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
-    for added in ({"krx_sample": {"format": "prompt_answer", "fraction": 1.0, "upsample": False}},
-                  {"mixture_v1": {"format": "example", "fraction": 1.0, "upsample": False}}):
+    raw = load_raw(ROOT / "params.yaml")
+    with pytest.raises(ParamsError, match="are in exclude_sources"):  # directly: the stage refuses
         bad = copy.deepcopy(raw)
-        bad["mix"]["v6"]["sources"].update(added)
-        path = mix_source_input(next(iter(added)))
-        bad["mix"]["v6"]["inputs"]["l"] = path
-        with pytest.raises(Exception, match="excluded sources \\['krx_sample'\\]"):
-            from stages.common.params import ParamsFile
-            ParamsFile.model_validate(bad)
+        bad["versions"]["v6"]["mix"]["sources"]["krx_sample"] = {"format": "prompt_answer"}
+        load_mix("v6", write_params(tmp_path, bad))
+    bad = copy.deepcopy(raw)  # through another version's mixture: the whole-file check refuses
+    bad["versions"]["v6"]["mix"]["sources"]["mixture_v1"] = {"format": "example"}
+    assert any("excluded sources ['krx_sample']" in p
+               for p in check.check(write_params(tmp_path, bad)))
 
 
 def test_recipes_follow_the_mission_table():
-    mix = load_params(ROOT / "params.yaml").mix
+    mix = {v: load_mix(v, ROOT / "params.yaml")[0] for v in load_raw(ROOT / "params.yaml")["versions"]}
     assert list(mix) == ["v1", "v2", "v3", "v4", "v5_1", "v5_2", "v5_3", "v6"]
     assert set(mix["v1"].sources) == {"krx_sample"}
     assert set(mix["v2"].sources) == {"krx_sample", "financial_reports"}
@@ -443,40 +444,56 @@ def test_recipes_follow_the_mission_table():
 
 
 @pytest.mark.parametrize("mutate,message", [
-    (lambda v: v["sources"].update(metamth=v["sources"].pop("metamath")), "missing ['data/collected/metamth.parquet']"),
-    (lambda v: (v["sources"].update(metamth=v["sources"].pop("metamath")),
-                v.update(inputs={s: "data/collected/metamth.parquet" for s in v["inputs"]})),
-     "mix.v5_1.sources.metamth: unknown source"),
-    (lambda v: v["sources"]["metamath"].update(fracton=1.0), "mix.v5_1.sources.metamath.fracton: unknown key"),
-    (lambda v: v["sources"]["metamath"].update(count=3), "exactly one of count or fraction"),
-    (lambda v: v["sources"]["metamath"].pop("upsample"), "mix.v5_1.sources.metamath.upsample"),
+    (lambda v: v["sources"]["metamath"].update(fracton=1.0),
+     "versions.v5_1.mix.sources.metamath.fracton: unknown key"),
+    (lambda v: v["sources"]["metamath"].update(count=3, fraction=0.5), "one of count or fraction, not both"),
+    (lambda v: v["sources"]["metamath"].update(upsample="sometimes"), "versions.v5_1.mix.sources.metamath.upsample"),
     (lambda v: v["sources"]["metamath"].update(fraction=2.0), "needs upsample: true"),
-    (lambda v: v["inputs"].update(b="data/collected/krx_sample.parquet"), "inputs must name exactly"),
-    (lambda v: v.update(overlength="cut"), "mix.v5_1.overlength"),
+    (lambda v: v.update(overlength="cut"), "versions.v5_1.mix.overlength"),
+    (lambda v: v.update(dedup={"near_threshold": 1.5}), "versions.v5_1.mix.dedup.near_threshold"),
 ])
 def test_recipe_typos_and_bad_values_are_errors_naming_the_key(tmp_path, mutate, message):
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
-    mutate(raw["mix"]["v5_1"])
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    raw = load_raw(ROOT / "params.yaml")
+    mutate(raw["versions"]["v5_1"]["mix"])
     with pytest.raises(ParamsError, match=message.replace("[", "\\[")):
-        load_params(path)
+        load_mix("v5_1", write_params(tmp_path, raw))
+
+
+def test_an_unknown_source_name_is_reported_by_the_check(tmp_path):
+    raw = load_raw(ROOT / "params.yaml")
+    sources = raw["versions"]["v5_1"]["mix"]["sources"]
+    sources["metamth"] = sources.pop("metamath")
+    assert any("versions.v5_1.mix: unknown source 'metamth'" in p
+               for p in check.check(write_params(tmp_path, raw)))
+
+
+def test_mix_refuses_dep_slots_that_do_not_name_its_recipe_files(tmp_path, tokenizer_dir, capsys):
+    ws = _workspace(tmp_path, tokenizer_dir)
+    with pytest.raises(SystemExit):
+        mix_main(["v1", "--tokenizer", str(ws / "models/base"), "--inputs",
+                  "data/collected/krx_sample.parquet", "--out", str(ws / "o.parquet"),
+                  "--manifest", str(ws / "m.json"), "--rejects", str(ws / "r.parquet"),
+                  "--metrics", str(ws / "x.json"), "--log", str(ws / "l.log"),
+                  "--params", str(ws / "params.yaml")])
+    assert "run `python -m stages.dvc_vars`" in capsys.readouterr().err
 
 
 def test_each_mix_stage_depends_on_exactly_its_recipe_inputs():
-    params = load_params(ROOT / "params.yaml")
-    code = {"stages/__init__.py", "stages/collect.py", "stages/common/__init__.py",
+    raw = load_raw(ROOT / "params.yaml")
+    code = {"stages/__init__.py", "stages/common/__init__.py", "stages/common/chunking.py",
             "stages/common/evalsets.py", "stages/common/io.py", "stages/common/params.py", "stages/common/prompts.py",
             "stages/common/runlog.py", "stages/common/schema.py", "stages/common/text.py",
             "stages/mix.py", "stages/mixing/__init__.py", "stages/mixing/formats.py",
-            "stages/mixing/hashing.py", "stages/prompts/mix_formats.yaml",
-            "stages/sources/__init__.py", "stages/sources/hub.py", "stages/sources/local.py"}
-    settings = params.evaluate.settings
-    evals = {s.input for s in settings.collected.values()} | {settings.local_dir}
+            "stages/mixing/hashing.py", "stages/mixing/recipe.py", "stages/prompts/mix_formats.yaml",
+            "stages/sources/__init__.py", "stages/sources/local.py", "stages/sources/records.py",
+            "stages/sources/spec.py"}
+    settings = raw["evaluate"]
+    evals = {s["input"] for s in settings["collected"].values()} | {settings["local_dir"]}
     with Repo(str(ROOT)) as repo:
         stages = {s.addressing: s for s in repo.index.stages if s.addressing.startswith("mix@")}
-    assert set(stages) == {f"mix@{v}" for v in params.mix}
-    for version, r in params.mix.items():
+    assert set(stages) == {f"mix@{v}" for v in raw["versions"]}
+    for version in raw["versions"]:
+        r = load_mix(version, ROOT / "params.yaml")[0]
         stage = stages[f"mix@{version}"]
         deps = {d.def_path for d in stage.deps if type(d).__name__ == "Dependency"}
         assert deps == code | evals | {"models/base"} | set(r.source_inputs().values()), version
@@ -491,23 +508,18 @@ def _workspace(tmp_path: Path, tokenizer_dir: Path) -> Path:
     """A project dir laid out like the repo: params.yaml (production, with test recipes and
     eval sets), the contract input paths, models/base."""
     ws = tmp_path / "ws"
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
-    settings = raw["evaluate"]["settings"]
+    raw = load_raw(ROOT / "params.yaml")
+    settings = raw["evaluate"]
     settings["local_dir"] = "data/raw/eval"
     settings["local"] = {"fin_security": {**settings["local"]["fin_security"],
                                           "input": "data/raw/eval/fin_security.jsonl"}}
-    base = raw["mix"]["v1"]
     src1 = {"krx_sample": {"format": "prompt_answer", "fraction": 1.0, "upsample": False},
             "generated_financial_market": {"format": "prompt_answer", "count": 12, "upsample": True}}
     src2 = {"mixture_v1": {"format": "example", "fraction": 1.0, "upsample": False},
             "enko_translation": {"format": "translation", "count": 4, "upsample": False}}
-    raw["mix"] = {}
-    for version, sources in (("v1", src1), ("v2", src2)):
-        paths = list(dict.fromkeys(mix_source_input(n) for n in sources))
-        raw["mix"][version] = {**base, "seed": 5, "dev_size": 0.25, "max_length": 256,
-                               "sources": sources,
-                               "inputs": {s: paths[i] if i < len(paths) else paths[0]
-                                          for i, s in enumerate(MIX_INPUT_SLOTS)}}
+    raw["versions"] = {version: {"mix": {"seed": 5, "sources": sources}, "train": {"init_from": "base"}}
+                       for version, sources in (("v1", src1), ("v2", src2))}
+    raw["mix_defaults"].update(dev_size=0.25, max_length=256)
     ws.mkdir()
     (ws / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
     data = _mixed_sources()
@@ -527,8 +539,13 @@ def _workspace(tmp_path: Path, tokenizer_dir: Path) -> Path:
     return ws
 
 
+def _inputs(ws: Path, version: str) -> list[str]:
+    """What dvc.yaml passes: the recipe's files (dvc.vars.yaml's slots)."""
+    return list(load_mix(version, ws / "params.yaml")[0].source_inputs().values())
+
+
 def _run(ws: Path, version: str):
-    return run_stage("mix", [version, "--tokenizer", "models/base",
+    return run_stage("mix", [version, "--tokenizer", "models/base", "--inputs", *_inputs(ws, version),
                              "--out", f"data/mixtures/{version}.parquet",
                              "--manifest", f"data/mixtures/{version}.json",
                              "--rejects", f"data/rejects/mix/{version}.parquet",
@@ -567,7 +584,8 @@ def test_stage_writes_mixture_manifest_metrics_deterministically(tmp_path, token
     # same inputs, same bytes (second run in-process: the subprocess path is proven above)
     monkeypatch.chdir(ws)
     for version in ("v1", "v2"):
-        mix_main([version, "--tokenizer", "models/base", "--out", f"data/mixtures/{version}.parquet",
+        mix_main([version, "--tokenizer", "models/base", "--inputs", *_inputs(ws, version),
+                  "--out", f"data/mixtures/{version}.parquet",
                   "--manifest", f"data/mixtures/{version}.json",
                   "--rejects", f"data/rejects/mix/{version}.parquet",
                   "--metrics", f"metrics/mix/{version}.json", "--log", f"logs/mix/{version}.log"])
@@ -579,11 +597,12 @@ def test_stage_fails_clearly_when_an_input_is_missing(tmp_path, tokenizer_dir, m
     (ws / mix_source_input("generated_financial_market")).unlink()
     monkeypatch.chdir(ws)
     with pytest.raises(SystemExit) as info:
-        mix_main(["v1", "--tokenizer", "models/base", "--out", "data/mixtures/v1.parquet",
+        mix_main(["v1", "--tokenizer", "models/base", "--inputs", *_inputs(ws, "v1"),
+                  "--out", "data/mixtures/v1.parquet",
                   "--manifest", "data/mixtures/v1.json", "--rejects", "data/rejects/mix/v1.parquet",
                   "--metrics", "metrics/mix/v1.json", "--log", "logs/mix/v1.log"])
     assert info.value.code == 2
-    assert ("mix.v1.sources.generated_financial_market: input "
+    assert ("versions.v1.mix.sources.generated_financial_market: input "
             "data/generated/financial_market/pairs.parquet does not exist") in capsys.readouterr().err
     assert not (ws / "data/mixtures/v1.parquet").exists()
 
@@ -597,24 +616,24 @@ def test_dvc_status_marks_only_the_changed_version_stale(tmp_path, monkeypatch):
         ".venv", "quickstart", ".git", "data", "__pycache__", ".dvc", "models", "metrics", "logs"))
     subprocess.run(["git", "init", "-q"], cwd=proj, check=True)
     subprocess.run([DVC, "init", "-q"], cwd=proj, check=True)
-    params = load_params(proj / "params.yaml")
+    raw = load_raw(proj / "params.yaml")
     monkeypatch.chdir(proj)  # dvc's index of a repo is read relative to the working directory
     with Repo(str(proj)) as repo:
         stages = [s for s in repo.index.stages if s.addressing.startswith("mix@")]
-        assert len(stages) == len(params.mix)
+        assert len(stages) == len(raw["versions"])
         for stage in stages:  # placeholder bytes for every dep and out
             for entry in [*stage.deps, *stage.outs]:
                 if type(entry).__name__ == "ParamsDependency":
                     continue
                 path = proj / entry.def_path
-                if entry.def_path in ("models/base", params.evaluate.settings.local_dir) or \
+                if entry.def_path in ("models/base", raw["evaluate"]["local_dir"]) or \
                         entry.def_path.endswith("_json"):
                     path.mkdir(parents=True, exist_ok=True)
                     (path / "x.txt").write_text(entry.def_path)
                 elif not path.exists():
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(entry.def_path)
-    targets = [f"mix@{v}" for v in params.mix]
+    targets = [f"mix@{v}" for v in raw["versions"]]
     done = subprocess.run([DVC, "commit", "-f", *targets], cwd=proj, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr + done.stdout
 
@@ -625,7 +644,7 @@ def test_dvc_status_marks_only_the_changed_version_stale(tmp_path, monkeypatch):
 
     # one version's recipe and one generated domain's file change: only their mixes are stale
     text = (proj / "params.yaml").read_text(encoding="utf-8")
-    (proj / "params.yaml").write_text(text.replace("    seed: 4\n", "    seed: 44\n"), encoding="utf-8")
+    (proj / "params.yaml").write_text(text.replace("      seed: 4\n", "      seed: 44\n"), encoding="utf-8")
     (proj / "data/generated/accounting/pairs.parquet").write_text("changed")
     assert stale() == {"mix@v4", "mix@v6"}
     # a re-mixed v5_1 makes the versions built on it stale (v5_2 reads mixture_v5_1)

@@ -1,4 +1,6 @@
-"""params.yaml is validated section by section: typos are errors naming the key."""
+"""params.yaml: each stage validates its own section (typos are errors naming the key), shared
+defaults merge under the sections that declare them, and `python -m stages.check` sees the
+whole file at once (unknown sections, cross-section rules)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,29 +8,33 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scripts.quickstart import ROOT, deep_merge, quickstart_params
-from stages.common.params import (HUB_LOADER_MODULE, ParamsError, ParamsFile, SourceParams,
-                                  load_params, read_declared)
+from scripts.quickstart import ROOT, quickstart_params
+from stages import check
+from stages.collect import load_params as load_collect
+from stages.common.params import ParamsError, deep_merge, load_raw, read_section
+from stages.filter import load_params as load_filter
+from stages.sources.spec import HUB_LOADER_MODULE, SourceParams
+from stages.train import load_params as load_train
 
 
-def test_committed_params_and_quickstart_params_validate():
-    production = load_params(ROOT / "params.yaml")
-    assert {"kmmlu_economics", "kmmlu_accounting", "metamath", "enko_translation", "krx_sample",
-            "qa_rules", "table_qa", "top100_companies", "aihub_kozh",
-            "aihub_econ_calc"} <= set(production.collect)
-    assert set(production.extract) == {"krx_reports", "financial_reports", "rules"}
-    assert production.collect["kmmlu_economics"].input == HUB_LOADER_MODULE
-    quick = ParamsFile.model_validate(quickstart_params(ROOT))
-    for key, source in quick.collect.items():  # the quickstart never reads outside the samples
-        assert source.input.startswith("data/samples/"), key
-    for key, collection in quick.extract.items():
-        assert collection.input.startswith("data/samples/"), key
-
-
-def write(tmp_path: Path, data: dict) -> Path:
-    path = tmp_path / "params.yaml"
+def write(tmp_path: Path, data: dict, name: str = "params.yaml") -> Path:
+    path = tmp_path / name
     path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
     return path
+
+
+def test_committed_params_and_quickstart_params_pass_the_check(tmp_path):
+    assert check.check(ROOT / "params.yaml", ROOT) == []
+    production = load_raw(ROOT / "params.yaml")
+    assert {"kmmlu_economics", "kmmlu_accounting", "metamath", "enko_translation", "krx_sample",
+            "qa_rules", "table_qa", "top100_companies", "aihub_kozh",
+            "aihub_econ_calc"} <= set(production["collect"])
+    assert set(production["extract"]) == {"krx_reports", "financial_reports", "rules"}
+    assert load_collect("kmmlu_economics", ROOT / "params.yaml").input == HUB_LOADER_MODULE
+    quick = write(tmp_path, quickstart_params(ROOT))
+    assert check.check(quick) == []
+    for key in production["collect"]:  # the quickstart never reads outside the samples
+        assert load_collect(key, quick).input.startswith("data/samples/"), key
 
 
 GOOD = {"kind": "qa", "loader": "local", "input": "a.csv", "local": {},
@@ -46,14 +52,63 @@ GOOD = {"kind": "qa", "loader": "local", "input": "a.csv", "local": {},
 def test_typos_and_bad_values_are_errors_naming_the_key(tmp_path, mutate, message):
     source = yaml.safe_load(yaml.safe_dump(GOOD))
     mutate(source)
+    path = write(tmp_path, {"collect": {"src": source}})
     with pytest.raises(ParamsError) as info:
-        load_params(write(tmp_path, {"collect": {"src": source}}))
+        load_collect("src", path)
     assert message in str(info.value)
+    assert any(message in p for p in check.check(path))  # the check reports the same error
 
 
-def test_unknown_section_is_an_error(tmp_path):
-    with pytest.raises(ParamsError, match="colect: unknown key"):
-        load_params(write(tmp_path, {"colect": {}}))
+def test_check_reports_every_problem_at_once(tmp_path):
+    params = load_raw(ROOT / "params.yaml")
+    params["colect"] = {}
+    params["collect"]["krx_sample"]["colums"] = params["collect"]["krx_sample"].pop("columns")
+    params["versions"]["v6"]["mix"]["sources"]["generated_acounting"] = {"format": "prompt_answer"}
+    params["versions"]["v6"]["mix"]["sources"]["mixture_v1"] = {"format": "example"}
+    params["versions"]["v4"]["train"]["init_from"] = "v9"
+    problems = check.check(write(tmp_path, params))
+    text = "\n".join(problems)
+    assert "colect: unknown section" in text
+    assert "collect.krx_sample.colums: unknown key" in text
+    assert "versions.v6.mix: unknown source 'generated_acounting'" in text
+    assert "excluded sources ['krx_sample'] are in the recipe" in text  # via mixture_v1
+    assert "versions.v4.train.init_from: 'v9' is not a version" in text
+    assert check.main(["--params", str(tmp_path / "params.yaml"), "--root", str(tmp_path)]) == 2
+
+
+def test_train_parent_cycles_are_found(tmp_path):
+    params = load_raw(ROOT / "params.yaml")
+    params["versions"]["v1"]["train"]["init_from"] = "v3"
+    assert any("chain has a cycle" in p for p in check.check(write(tmp_path, params)))
+
+
+def test_llm_defaults_merge_under_each_stage_and_its_own_keys_win(tmp_path):
+    params = load_raw(ROOT / "params.yaml")
+    path = write(tmp_path, params)
+    judge = load_filter("financial_market", path, cache_dir=str(tmp_path / "cache"))
+    assert judge.llm.model == params["llm_defaults"]["model"]
+    assert judge.llm.max_tokens == 300 and judge.llm.temperature == 0.0
+    assert judge.llm.cache_dir == str(tmp_path / "cache") and (tmp_path / "cache").is_dir()
+    params["llm_defaults"]["model"] = "gpt-4o-mini"
+    params["filter"]["financial_market"]["llm"]["temprature"] = 0.1
+    path = write(tmp_path, params)
+    with pytest.raises(ParamsError, match="filter.financial_market.llm.temprature: unknown key"):
+        load_filter("financial_market", path)
+    del params["filter"]["financial_market"]["llm"]["temprature"]
+    assert load_filter("financial_market", write(tmp_path, params)).llm.model == "gpt-4o-mini"
+
+
+def test_train_defaults_merge_key_by_key(tmp_path):
+    params = load_raw(ROOT / "params.yaml")
+    params["versions"]["v4"]["train"]["sft"] = {"learning_rate": 5.0e-5}
+    params["versions"]["v4"]["train"]["lora"] = {"r": 4}
+    v4 = load_train("v4", write(tmp_path, params))
+    assert v4.sft.learning_rate == 5.0e-5 and v4.sft.max_length == 2048 and v4.lora.r == 4
+    assert v4.lora.lora_alpha == 32 and v4.parent is None
+    assert load_train("v3", write(tmp_path, params)).parent == "v1"
+    params["versions"]["v4"]["train"]["accelerate_config"] = "configs/accelerate/fsdp_qlora.yaml"
+    with pytest.raises(ParamsError, match="set it in train_defaults"):
+        load_train("v4", write(tmp_path, params))
 
 
 def test_hub_input_must_match_where_the_data_comes_from():
@@ -69,12 +124,12 @@ def test_hub_input_must_match_where_the_data_comes_from():
         SourceParams.model_validate({**local, "input": HUB_LOADER_MODULE})
 
 
-def test_read_declared_returns_only_declared_sections(tmp_path):
+def test_read_section_reads_only_declared_templates(tmp_path):
     path = write(tmp_path, {"collect": {"src": GOOD, "other": GOOD}})
-    got = read_declared(("collect.{key}",), "src", path=path)
-    assert list(got) == ["collect.{key}"] and got["collect.{key}"].input == "a.csv"
+    got = read_section(("collect.{key}",), SourceParams, "src", path=path)
+    assert got.input == "a.csv"
     with pytest.raises(ParamsError, match="collect.nope"):
-        read_declared(("collect.{key}",), "nope", path=path)
+        read_section(("collect.{key}",), SourceParams, "nope", path=path)
 
 
 def test_deep_merge_overrides_leaves_only():
@@ -83,3 +138,69 @@ def test_deep_merge_overrides_leaves_only():
     assert merged == {"collect": {"a": {"input": "z", "local": {"encoding": "cp949"}},
                                   "b": {"input": "y"}}}
     assert base["collect"]["a"]["input"] == "x"
+
+
+def test_params_yaml_restates_no_code_default():
+    """A value lives in the code or in params.yaml, not both: every leaf of params.yaml that
+    equals its schema field's default is reported."""
+    from pydantic import BaseModel
+    from pydantic_core import PydanticUndefined
+
+    from stages.common.llm import LLMParams
+    from stages.mixing.recipe import MixParams
+    from stages.train import TrainParams
+    raw = load_raw(ROOT / "params.yaml")
+
+    def restated(model: type[BaseModel], data: dict, where: str) -> list[str]:
+        found = []
+        for name, value in (data or {}).items():
+            info = model.model_fields.get(name)
+            if info is None:
+                continue
+            sub = info.annotation
+            inner = [a for a in getattr(sub, "__args__", ()) if isinstance(a, type)
+                     and issubclass(a, BaseModel)]
+            nested = sub if isinstance(sub, type) and issubclass(sub, BaseModel) else \
+                (inner[0] if inner else None)
+            if nested is not None and isinstance(value, dict):
+                found += restated(nested, value, f"{where}.{name}")
+                continue
+            default = info.default if info.default_factory is None else info.default_factory()
+            if default is not PydanticUndefined and default == value:
+                found.append(f"{where}.{name}")
+        return found
+
+    from stages.base_model import BaseModelParams
+    from stages.evaluate import EvaluateSettings
+    from stages.extract import ExtractParams
+    from stages.filter import FilterParams
+    from stages.report import ReportParams
+    from stages.solve import SolveParams
+    from stages.summarize import SummarizeParams
+    from stages.synthesize import SynthesizeParams
+    from stages.transform import TransformParams
+    keyed = {"collect": SourceParams, "extract": ExtractParams, "filter": FilterParams,
+             "transform": TransformParams, "synthesize": SynthesizeParams, "solve": SolveParams}
+    found = []
+    for section, model in keyed.items():
+        for key, value in raw[section].items():
+            found += restated(model, value, f"{section}.{key}")
+    for section, model in {"base_model": BaseModelParams, "summarize": SummarizeParams,
+                           "evaluate": EvaluateSettings, "report": ReportParams,
+                           "llm_defaults": LLMParams, "mix_defaults": MixParams,
+                           "train_defaults": TrainParams}.items():
+        found += restated(model, raw[section], section)
+    for version, spec in raw["versions"].items():
+        found += restated(MixParams, spec["mix"], f"versions.{version}.mix")
+        found += restated(TrainParams, spec["train"], f"versions.{version}.train")
+    assert found == [], found
+
+
+def test_each_version_is_named_once_in_params_yaml():
+    text = (ROOT / "params.yaml").read_text(encoding="utf-8")
+    keys = [line.split(":")[0].strip() for line in text.splitlines()
+            if line.startswith("  v") and line.rstrip().endswith(":") or line.startswith("  v")
+            and ":" in line and line.split(":")[0].strip().startswith("v")]
+    versions = list(load_raw(ROOT / "params.yaml")["versions"])
+    assert sorted(keys) == sorted(versions)  # declared once, as keys of `versions`
+    assert "inputs:\n      a:" not in text and "\n    inputs:\n      a" not in text

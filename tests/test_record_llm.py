@@ -35,7 +35,7 @@ stages:
     do:
       cmd: >-
         python -m stages.filter ${key} --out out/${key}.parquet --rejects rejects/${key}.parquet
-        --metrics metrics/${key}.json --log logs/${key}.log
+        --metrics metrics/${key}.json --log logs/${key}.log --cache-dir llm_cache/${key}
       deps:
         - ${item.input}
       params:
@@ -43,7 +43,7 @@ stages:
       outs:
         - out/${key}.parquet
         - rejects/${key}.parquet
-        - ${item.llm.cache_dir}:
+        - llm_cache/${key}:
             persist: true
         - logs/${key}.log:
             cache: false
@@ -116,7 +116,7 @@ def test_round_trip_answers_to_cache_to_an_offline_run(project):
     try:
         os.environ["LLM_OFFLINE"] = "1"
         proc = run_stage("filter", ["fm", "--out", "o.parquet", "--rejects", "r.parquet",
-                                    "--metrics", "m.json", "--log", "l.log"], ws)
+                                    "--metrics", "m.json", "--log", "l.log", "--cache-dir", "llm_cache/fm"], ws)
     finally:
         os.environ.pop("LLM_OFFLINE")
         os.environ["OPENAI_API_KEY"] = env_key

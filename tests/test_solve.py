@@ -14,11 +14,10 @@ import yaml
 
 from stages.common.io import read_records, write_records
 from stages.common.llm import LLMClient, LLMParams
-from stages.common.params import SolveParams
 from stages.common.prompts import LETTERS, load_template
 from stages.common.schema import SCHEMAS, validate
 from stages.common.text import content_id
-from stages.solve import (TEMPLATES, Solution, check_solution, make_pairs, quality_item_id,
+from stages.solve import (TEMPLATES, Solution, SolveParams, check_solution, make_pairs, quality_item_id,
                           render_solution, seed_format, select_candidates, solve_messages,
                           solve_questions)
 from tests.conftest import run_stage
@@ -179,7 +178,8 @@ def test_quality_gate_rejects_low_scores_and_hallucinations(tmp_path):
 
 def stage_args(tmp_path: Path) -> list[str]:
     return ["financial_market", "--out", "q.parquet", "--pairs", "p.parquet", "--rejects", "r.parquet",
-            "--metrics", "m.json", "--log", "s.log", "--exports", "exports/solve/financial_market"]
+            "--metrics", "m.json", "--log", "s.log", "--exports", "exports/solve/financial_market",
+            "--cache-dir", str(tmp_path / "cache")]
 
 
 def test_stage_reports_shortfall_writes_pairs_and_the_seed_format_exports(tmp_path):

@@ -14,7 +14,8 @@ import yaml
 
 from stages.common.io import read_records, write_records
 from stages.common.llm import LLMClient, LLMParams
-from stages.common.params import ExtractParams, SummarizeParams
+from stages.extract import ExtractParams
+from stages.summarize import SummarizeParams
 from stages.common.schema import SCHEMAS, validate
 from stages.common.text import content_id
 from stages.extract import extract_pdf
@@ -123,8 +124,8 @@ def test_chunks_respect_the_budget_and_page_boundaries():
     chunks = chunk_report(report, budget, 1.0)
     assert len(chunks) > 3
     for chunk in chunks:
-        assert chunk.tokens <= budget
-        assert estimate_tokens(chunk.text, 1.0) == chunk.tokens  # what is counted is what is sent
+        assert chunk.cost <= budget
+        assert estimate_tokens(chunk.text, 1.0) == chunk.cost  # what is counted is what is sent
     segments = [s for c in chunks for s in c.segments]
     # pages in order; the empty page 4 contributes nothing; every other page exactly once
     assert [s.page for s in segments] == sorted(s.page for s in segments)
@@ -167,7 +168,7 @@ def test_chunking_real_korean_statute_pdf(real_dir):
     chunks = chunk_report(report, budget, 1.0)
     total = sum(len(page_body(p)) for p in report.pages)
     assert total > 3 * budget and len(chunks) >= total // budget
-    assert all(c.tokens <= budget for c in chunks)
+    assert all(c.cost <= budget for c in chunks)
     pages = [s.page for c in chunks for s in c.segments if s.parts == 1]
     split = {s.page for c in chunks for s in c.segments if s.parts > 1}
     assert sorted(pages + sorted(split)) == [p.page for p in report.pages if page_body(p)]
@@ -285,7 +286,8 @@ def stage_workspace(tmp_path: Path, section: dict, pages: Optional[list] = None)
 STAGE_ARGS = ["--input", "data/collected/krx_reports.parquet",
               "--out", "data/generated/report_summaries.parquet",
               "--rejects", "data/rejects/summarize.parquet",
-              "--metrics", "metrics/summarize.json", "--log", "logs/summarize.log"]
+              "--metrics", "metrics/summarize.json", "--log", "logs/summarize.log",
+              "--cache-dir", "../llm_cache"]
 
 
 def outputs(work: Path) -> tuple[bytes, bytes]:

@@ -15,13 +15,12 @@ import yaml
 
 from stages.common.io import read_records, write_records
 from stages.common.llm import LLMClient, LLMParams
-from stages.common.params import SynthesizeParams
 from stages.common.prompts import LETTERS, load_template
 from stages.common.runlog import StageError
 from stages.common.schema import SCHEMAS, validate
 from stages.common.text import content_id
-from stages.synthesize import (TEMPLATES, NearDuplicateIndex, Slot, build_messages,
-                               char_ngrams, fewshot_for, load_fewshot, mcq_text, place_answer,
+from stages.synthesize import (TEMPLATES, NearDuplicateIndex, Slot, SynthesizeParams, build_messages,
+                               balance_answer, char_ngrams, fewshot_for, load_fewshot, mcq_text,
                                plan_slots, quote_is_grounded, synthesize)
 from tests.conftest import ROOT, run_stage
 from tests.llm_server import LLMTestServer, Reply
@@ -139,9 +138,9 @@ def test_answer_position_is_balanced_over_letters_and_keeps_the_key():
     positions = Counter()
     for i in range(1400):
         choices = [f"선택지 {i}-{k}" for k in range(7)]
-        placed, answer = place_answer(f"문제 {i}", choices, 0)
+        placed, answer = balance_answer(f"문제 {i}", choices, 0)
         assert placed[answer] == choices[0] and sorted(placed) == sorted(choices)
-        assert placed == place_answer(f"문제 {i}", choices, 0)[0]  # deterministic
+        assert placed == balance_answer(f"문제 {i}", choices, 0)[0]  # deterministic
         positions[answer] += 1
     assert set(positions) == set(range(7))
     assert all(150 <= n <= 250 for n in positions.values()), positions  # expected 200 each
@@ -233,7 +232,7 @@ def test_grounded_stage_end_to_end_keeps_chunk_id_and_rejects_an_ungrounded_quot
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(
             {"synthesize": {"rules": p.model_dump()}}, allow_unicode=True), encoding="utf-8")
         result = run_stage("synthesize", ["rules", "--out", "out.parquet", "--rejects", "rej.parquet",
-                                          "--metrics", "m.json", "--log", "s.log"], tmp_path)
+                                          "--metrics", "m.json", "--log", "s.log", "--cache-dir", p.llm.cache_dir], tmp_path)
     assert result.returncode == 0, result.stderr
     records = read_records(tmp_path / "out.parquet")
     assert [json.loads(r["meta"])["chunk_id"] for r in records] == ["chunk-a", "chunk-b"]
@@ -245,7 +244,7 @@ def test_grounded_stage_end_to_end_keeps_chunk_id_and_rejects_an_ungrounded_quot
     # a re-run is answered from the cache: same bytes, no call
     before = (tmp_path / "out.parquet").read_bytes()
     again = run_stage("synthesize", ["rules", "--out", "out.parquet", "--rejects", "rej.parquet",
-                                     "--metrics", "m.json", "--log", "s.log"], tmp_path)
+                                     "--metrics", "m.json", "--log", "s.log", "--cache-dir", p.llm.cache_dir], tmp_path)
     assert again.returncode == 0, again.stderr
     assert (tmp_path / "out.parquet").read_bytes() == before
     assert json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))["llm"]["calls"] == 0

@@ -14,10 +14,11 @@ from safetensors.torch import load_file
 
 from stages.base_model import build_tiny_model, build_tokenizer, save_base
 from stages.common.io import write_json, write_records
-from stages.common.params import TrainDefaults, TrainVersion, resolve_train
+from stages.common.params import ParamsError, load_raw
 from stages.common.runlog import StageError
 from stages.common.schema import SCHEMAS
-from stages.train import (COMPLETE_MARKER, RUN_FILE, attach_adapter, build_trainer,
+from stages.train import load_params as load_train_params
+from stages.train import (COMPLETE_MARKER, RUN_FILE, TrainParams, resolve_train, attach_adapter, build_trainer,
                           check_bitsandbytes, find_resume_checkpoint, load_base_model,
                           measure_examples, split_examples)
 from tests.conftest import ROOT, run_stage
@@ -35,8 +36,8 @@ DEFAULTS = {
             "warmup_steps": 0, "num_train_epochs": 1, "max_steps": 8, "max_length": 256,
             "optim": "adamw_8bit", "bf16": True, "gradient_checkpointing": True,
             "gradient_checkpointing_kwargs": {"use_reentrant": False}, "logging_steps": 1,
-            "save_steps": 4, "save_total_limit": 1, "seed": 0},
-    "resume": True, "processes": 1, "max_reject_rate": 0.5,
+            "save_steps": 4, "save_total_limit": 1, "seed": 0, "completion_only_loss": True},
+    "resume": True, "processes": 1, "max_reject_rate": 0.5, "accelerate_config": "cpu_ddp.yaml",
 }
 
 
@@ -47,11 +48,11 @@ def _example(i: int, question: str, answer: str, split: str = "train") -> dict:
 
 
 def _params_yaml(ws: Path, **train_overrides) -> None:
-    train = {"v1": {"init_from": "models/base", "accelerate_config": "cpu_ddp.yaml"},
-             "v3": {"init_from": "models/v1", "accelerate_config": "cpu_ddp.yaml"}}
+    train = {"v1": {"init_from": "base"}, "v3": {"init_from": "v1"}}
     for version, extra in train_overrides.items():
         train[version] = {**train.get(version, {}), **extra}
-    (ws / "params.yaml").write_text(yaml.safe_dump({"train_defaults": DEFAULTS, "train": train}),
+    versions = {v: {"train": spec} for v, spec in train.items()}
+    (ws / "params.yaml").write_text(yaml.safe_dump({"train_defaults": DEFAULTS, "versions": versions}),
                                     encoding="utf-8")
 
 
@@ -99,9 +100,8 @@ def trained_v1(workspace: Path) -> Path:
     return workspace
 
 
-def _resolved(version: str, init_from: str):
-    return resolve_train(TrainDefaults.model_validate(DEFAULTS),
-                         TrainVersion(init_from=init_from, accelerate_config="cpu_ddp.yaml"))
+def _resolved(version: str, init_from: str) -> TrainParams:
+    return resolve_train(DEFAULTS, {"init_from": Path(init_from).name}, version)
 
 
 # ------------------------------------------------------------------------ the stage
@@ -231,25 +231,20 @@ def test_resume_only_from_a_complete_checkpoint_of_the_same_run(tmp_path: Path):
 def test_params_resolve_defaults_and_chains():
     params = _resolved("v3", "models/v1")
     assert params.parent == "v1" and params.sft.learning_rate == 2.0e-2
-    override = resolve_train(TrainDefaults.model_validate(DEFAULTS),
-                             TrainVersion(init_from="models/base", accelerate_config="x.yaml",
-                                          sft={"learning_rate": 1e-4}, lora={"r": 4}))
+    override = resolve_train(DEFAULTS, {"init_from": "base", "sft": {"learning_rate": 1e-4},
+                                        "lora": {"r": 4}}, "v4")
     assert override.sft.learning_rate == 1e-4 and override.lora.r == 4 and override.parent is None
-    with pytest.raises(ValueError, match="learning_rat"):
-        resolve_train(TrainDefaults.model_validate(DEFAULTS),
-                      TrainVersion(init_from="models/base", accelerate_config="x.yaml",
-                                   sft={"learning_rat": 1e-4}))
-    with pytest.raises(ValueError, match="use_reentrant"):
-        TrainDefaults.model_validate({**DEFAULTS, "sft": {**DEFAULTS["sft"],
-                                                          "gradient_checkpointing_kwargs": {}}})
+    assert override.sft.max_steps == DEFAULTS["sft"]["max_steps"]  # merged key by key
+    with pytest.raises(ParamsError, match="versions.v4.train.sft.learning_rat: unknown key"):
+        resolve_train(DEFAULTS, {"init_from": "base", "sft": {"learning_rat": 1e-4}}, "v4")
+    with pytest.raises(ParamsError, match="use_reentrant"):
+        resolve_train(DEFAULTS, {"init_from": "base", "sft": {"gradient_checkpointing_kwargs": {"use_reentrant": True}}}, "v4")
     # production params: the eight versions, the three chains
-    from stages.common.params import load_params
-    production = load_params(ROOT / "params.yaml")
-    chains = {v: resolve_train(production.train_defaults, spec).parent
-              for v, spec in production.train.items()}
+    raw = load_raw(ROOT / "params.yaml")
+    chains = {v: load_train_params(v, ROOT / "params.yaml").parent for v in raw["versions"]}
     assert chains == {"v1": None, "v2": None, "v3": "v1", "v4": None, "v5_1": None,
                       "v5_2": "v5_1", "v5_3": "v5_2", "v6": None}
-    defaults = production.train_defaults
+    defaults = load_train_params("v1", ROOT / "params.yaml")
     assert (defaults.sft.per_device_train_batch_size, defaults.sft.max_length,
             defaults.sft.learning_rate, defaults.sft.optim) == (2, 2048, 1e-4, "adamw_8bit")
     assert defaults.quant.load_in_4bit and defaults.quant.bnb_4bit_quant_type == "nf4"
@@ -273,9 +268,7 @@ def test_clear_errors_for_missing_base_parent_and_bitsandbytes(workspace: Path, 
 
 
 def test_chained_version_with_other_lora_shape_is_refused(trained_v1: Path):
-    params = resolve_train(TrainDefaults.model_validate(DEFAULTS),
-                           TrainVersion(init_from="models/v1", accelerate_config="x.yaml",
-                                        lora={"r": 4}))
+    params = resolve_train(DEFAULTS, {"init_from": "v1", "lora": {"r": 4}}, "v3")
     info = json.loads((trained_v1 / "models/base/base.json").read_text(encoding="utf-8"))
     model = load_base_model(str(trained_v1 / "models/base"), info, params, "v3")
     with pytest.raises(StageError, match=r"\['r'\] differ from the parent adapter"):

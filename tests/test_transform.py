@@ -15,8 +15,9 @@ from stages.common.llm import Result, Usage
 from stages.common.prompts import LETTERS
 from stages.common.schema import SCHEMAS, validate_table
 from stages.common.text import content_id
+from stages.common.prompts import place_answer
 from stages.transform import (SevenChoiceMCQ, TransformReject, balanced_targets, build_records,
-                              check_rewrite, letter_histogram, place_answer, transform_messages)
+                              _hash_int, check_rewrite, letter_histogram, transform_messages)
 from tests.conftest import run_stage
 from tests.llm_server import LLMTestServer, Reply
 
@@ -140,10 +141,10 @@ def test_letters_do_not_depend_on_input_order_or_the_models_position():
     ids = [f"item-{i}" for i in range(50)]
     assert balanced_targets(ids) == balanced_targets(list(reversed(ids)))
     choices = [f"c{i}" for i in range(7)]
-    placed = place_answer(choices, 3, 5, "item-1")
+    placed = place_answer(choices, 3, 5, _hash_int("item-1"))
     assert placed[5] == "c3" and sorted(placed) == sorted(choices)
-    assert place_answer(choices, 3, 5, "item-1") == placed  # seeded by the id
-    orders = {tuple(place_answer(choices, 3, 5, f"item-{i}")) for i in range(10)}
+    assert place_answer(choices, 3, 5, _hash_int("item-1")) == placed  # seeded by the id
+    orders = {tuple(place_answer(choices, 3, 5, _hash_int(f"item-{i}"))) for i in range(10)}
     assert len(orders) > 1 and all(order[5] == "c3" for order in orders)
 
 
@@ -183,7 +184,7 @@ def llm_env(monkeypatch):
 
 
 ARGS = ["fm", "--out", "out.parquet", "--rejects", "rejects.parquet", "--metrics", "metrics.json",
-        "--log", "transform.log"]
+        "--log", "transform.log", "--cache-dir", "cache"]
 
 
 def test_stage_end_to_end_tracks_answers_rejects_and_reports_letters(tmp_path):

@@ -237,16 +237,17 @@ def edit_params(project: Path, change) -> None:
 def users_of(params: dict, generated: str) -> dict[str, set[str]]:
     """Mixtures that read ``generated`` directly or through a parent mixture (``mixture_<v>``),
     and the versions to retrain: those mixtures' versions and their chained children."""
-    mixes = {v for v, recipe in params["mix"].items() if generated in recipe["sources"]}
+    recipes = {v: spec["mix"] for v, spec in params["versions"].items()}
+    mixes = {v for v, recipe in recipes.items() if generated in recipe["sources"]}
     while True:
-        more = {v for v, recipe in params["mix"].items()
+        more = {v for v, recipe in recipes.items()
                 if any(f"mixture_{m}" in recipe["sources"] for m in mixes)}
         if more <= mixes:
             break
         mixes |= more
     trained = set(mixes)
     while True:
-        more = {v for v, t in params["train"].items() if t["init_from"] in {f"models/{m}" for m in trained}}
+        more = {v for v, spec in params["versions"].items() if spec["train"]["init_from"] in trained}
         if more <= trained:
             break
         trained |= more
@@ -255,7 +256,7 @@ def users_of(params: dict, generated: str) -> dict[str, set[str]]:
 
 def test_a_training_param_of_v4_makes_only_its_training_evaluation_and_report_stale(project):
     try:
-        edit_params(project, lambda p: p["train"]["v4"].setdefault("lora", {}).update(r=4))
+        edit_params(project, lambda p: p["versions"]["v4"]["train"].setdefault("lora", {}).update(r=4))
         assert stale_stages(project) == {"train@v4", "evaluate@v4", "report"}
     finally:
         run(["git", "checkout", "params.yaml"], project)
@@ -282,17 +283,17 @@ def test_params_and_metrics_diff_between_two_revisions(project):
     env = project_env(project)
     params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
     before_examples = json.loads((project / "metrics/mix/v4.json").read_text())["examples"]
-    source = next(iter(params["mix"]["v4"]["sources"]))
-    edit_params(project, lambda p: p["mix"]["v4"]["sources"][source].update(fraction=0.5))
+    source = next(iter(params["versions"]["v4"]["mix"]["sources"]))
+    edit_params(project, lambda p: p["versions"]["v4"]["mix"]["sources"][source].update(fraction=0.5))
     run([DVC, "repro"], project, env, timeout=1800)
     run(["git", "add", "params.yaml", "dvc.lock", "metrics"], project)
     run(["git", "commit", "-q", "-m", "v4: half of its source"], project)
 
     params_diff = json.loads(run([DVC, "params", "diff", "HEAD~1", "--json"], project, env).stdout)
     changed = params_diff["params.yaml"]
-    fraction = changed[f"mix.v4.sources.{source}.fraction"]
-    assert (fraction["old"], fraction["new"]) == (1.0, 0.5)
-    assert not any(k.startswith(("mix.v1", "train.", "filter.")) for k in changed)
+    fraction = changed[f"versions.v4.mix.sources.{source}.fraction"]
+    assert (fraction["old"], fraction["new"]) == (None, 0.5)  # the code default was 1.0
+    assert not any(k.startswith(("versions.v1", "train_defaults", "filter.")) for k in changed)
 
     metrics_diff = json.loads(run([DVC, "metrics", "diff", "HEAD~1", "--json"], project, env).stdout)
     examples = metrics_diff["metrics/mix/v4.json"]["examples"]
@@ -315,7 +316,7 @@ def test_lineage_traces_v5_3_through_three_levels(project):
 def test_dvc_exp_run_of_one_versions_lora_rank_is_listed(project):
     env = project_env(project)
     try:
-        run([DVC, "exp", "run", "-S", "+train.v4.lora.r=4", "--name", "v4-rank4"], project, env,
+        run([DVC, "exp", "run", "-S", "+versions.v4.train.lora.r=4", "--name", "v4-rank4"], project, env,
             timeout=1800)
         shown = json.loads(run([DVC, "exp", "show", "--json"], project, env).stdout)
         text = json.dumps(shown)

@@ -11,16 +11,57 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence, Union
+
+from pydantic import Field, model_validator
 
 from stages.common.io import read_records
-from stages.common.params import EvalLocalSet, EvaluateSettings
+from stages.common.params import Strict
 from stages.common.prompts import LETTERS
 from stages.common.runlog import StageError
 from stages.common.schema import reject, validate
 from stages.common.text import content_id
+from stages.sources.local import read_local
+from stages.sources.records import build_records, check_columns
+from stages.sources.spec import LocalSpec, SourceParams
 
 STAGE = "evaluate"
+
+
+# ---------------------------------------------------------------------------- the sets' params
+# ``evaluate.settings.collected`` / ``.local``: read by evaluate (its whole settings) and by mix
+# (these two sections only, for decontamination).
+class EvalCollectedSet(Strict):
+    """A collected parquet of mcq records (``collect@<source>``); only ``split`` is read."""
+    input: str = Field(description="parquet of mcq records, e.g. data/collected/kmmlu_economics.parquet")
+    split: Literal["train", "dev", "test"] = Field(
+        "test", description="the held-out split (KMMLU test: never in any mixture)")
+
+
+class EvalLocalSet(Strict):
+    """A local MCQ file (csv/tsv/json/jsonl/parquet/xlsx) read the way ``collect`` reads a local
+    mcq source (same loader, same column mapping and answer formats), 4-7 choices."""
+    input: str = Field(description="the file; must lie under evaluate.settings.local_dir (the dvc dep)")
+    local: LocalSpec = Field(default_factory=LocalSpec)
+    columns: dict[str, Union[str, list[str]]] = Field(
+        description="question, choices (list of columns, or one column holding a list), answer, "
+                    "optional category")
+    constants: dict[str, str] = Field(default_factory=dict)
+    answer_format: Literal["index1", "index0", "letter", "text"] = "index1"
+    strip_choice_labels: bool = Field(
+        False, description="drop leading 'A. ' / 'B) ' / '1 ' labels written into the choices")
+
+    def as_source(self) -> SourceParams:
+        """The equivalent ``collect`` source (kind mcq, loader local, split test: held out)."""
+        local = self.local.model_copy(update={"split": "test"})
+        return SourceParams(kind="mcq", loader="local", input=self.input, local=local,
+                            columns=self.columns, constants=self.constants,
+                            answer_format=self.answer_format, max_reject_rate=1.0)
+
+    @model_validator(mode="after")
+    def _valid_source(self) -> "EvalLocalSet":
+        self.as_source()  # same checks as a collect source (question/choices/answer mapped)
+        return self
 
 
 @dataclass(frozen=True)
@@ -77,20 +118,11 @@ def items_from_records(name: str, records: list[dict[str, Any]], split: str | No
 
 def load_local_set(name: str, spec: EvalLocalSet) -> tuple[list[EvalItem], list[dict[str, str]]]:
     """A local MCQ file, read and mapped by collect's own loader and row mapping."""
-    from stages.collect import build_records
-    from stages.sources.local import read_local
-
     source = spec.as_source()
     param = f"evaluate.settings.local.{name}"
     rows = read_local(source.input, source.local, param)
-    if rows.columns is not None:
-        for fld, mapping in source.columns.items():
-            for column in ([mapping] if isinstance(mapping, str) else mapping):
-                if column not in rows.columns:
-                    raise StageError(f"{param}.columns.{fld}: column {column!r} not in "
-                                     f"{source.input} (columns: {rows.columns})")
-    records, rejects, _ = build_records(rows, source, name, source.input)
-    rejects = [dict(r, stage=STAGE) for r in rejects]
+    check_columns(rows, source, param, source.input)
+    records, rejects, _ = build_records(rows, source, name, source.input, stage=STAGE)
     if spec.strip_choice_labels:
         for record in records:
             record["choices"] = strip_labels(record["choices"])
@@ -101,21 +133,23 @@ def load_local_set(name: str, spec: EvalLocalSet) -> tuple[list[EvalItem], list[
     return items, rejects + invalid
 
 
-def load_sets(settings: EvaluateSettings) -> tuple[list[EvalItem], list[dict[str, str]]]:
-    """Every eval set named in params -> (items sorted by set then id, rejects)."""
+def load_sets(settings: Any) -> tuple[list[EvalItem], list[dict[str, str]]]:
+    """Every eval set of ``settings`` (``collected``, ``local``, ``max_items_per_set``: the
+    evaluate settings) -> (items sorted by set then id, rejects)."""
     items: list[EvalItem] = []
     rejects: list[dict[str, str]] = []
+    max_items_per_set = settings.max_items_per_set
     for name, spec in sorted(settings.collected.items()):
         if not Path(spec.input).is_file():
             raise StageError(f"evaluate.settings.collected.{name}.input: {spec.input} does not exist")
         got, bad = items_from_records(name, read_records(spec.input), spec.split)
         if not got:
             raise StageError(f"evaluate.settings.collected.{name}: no {spec.split!r} records in {spec.input}")
-        items += cap(got, settings.max_items_per_set)
+        items += cap(got, max_items_per_set)
         rejects += bad
     for name, local_spec in sorted(settings.local.items()):
         got, bad = load_local_set(name, local_spec)
-        items += cap(got, settings.max_items_per_set)
+        items += cap(got, max_items_per_set)
         rejects += bad
     return items, rejects
 

@@ -61,7 +61,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Literal, Mapping, Optional, Sequence
+from pathlib import Path
+from typing import Any, Awaitable, Literal, Mapping, Optional, Sequence, TypeVar
 from urllib.parse import quote, urlsplit
 
 import httpx2
@@ -70,12 +71,11 @@ import openai
 # one implementation of OpenAI's strict-mode rules, kept in step with the pinned SDK.
 from openai.lib._pydantic import to_strict_json_schema
 from openai.types.chat import ChatCompletion
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from stages.common.llm_cache import (ENTRY_FORMAT, CacheEntry, CacheMissError, CachedResponse,
                                      RequestSummary, ResponseCache, cache_key)
-# The params models live with every other params model; re-exported here for callers.
-from stages.common.params import API_KEY_ENV, LLMParams, Prices
+from stages.common.params import PARAMS_FILE, Strict, read_section
 from stages.common.runlog import StageError, progress
 from stages.common.text import content_id
 
@@ -83,7 +83,7 @@ __all__ = [
     "Accounting", "CacheMissError", "FatalLLMError", "LLMClient", "LLMParams", "LLMRequest",
     "Prices", "RateLimiter", "REJECT_REASONS", "Result", "Usage", "derive_seed",
     "estimate_tokens", "evaluate_response", "is_offline", "item_headers", "response_format_for",
-    "retry_after_seconds", "run_batch",
+    "retry_after_seconds", "run_all", "run_batch",
 ]
 
 OFFLINE_ENV = "LLM_OFFLINE"
@@ -98,6 +98,92 @@ _FENCE = re.compile(r"^```[a-zA-Z]*\s*\n?(.*?)\n?```$", re.S)
 _KEY_LIKE = re.compile(r"sk-[A-Za-z0-9_\-*]{6,}")
 
 log = logging.getLogger(__name__)
+M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------- llm
+# The ``llm`` block of every LLM stage's section: ``llm_defaults`` merged under the stage's own
+# ``llm`` overrides (stages.common.params.read_section). The cache directory is not a param: it
+# is the stage's DVC out, passed on its command line (``--cache-dir``).
+API_KEY_ENV = "OPENAI_API_KEY"
+
+
+class Prices(Strict):
+    input_per_1m: float = Field(ge=0, description="USD per 1M prompt tokens")
+    output_per_1m: float = Field(ge=0, description="USD per 1M completion tokens")
+
+
+class LLMParams(Strict):
+    """``llm_defaults`` + a stage's ``llm`` overrides (``params.<stage>.<key>.llm``).
+
+    Only model, messages, schema and the sampling fields change an answer (and the cache
+    key); everything else is throughput, robustness or bookkeeping.
+    """
+    model: str = Field(min_length=1, description="model name as the endpoint knows it")
+    base_url: Optional[str] = Field(
+        None, description="OpenAI-compatible endpoint (vLLM, Ollama, Azure…); default: "
+                          "OPENAI_BASE_URL, else api.openai.com")
+    temperature: float = Field(ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(ge=1, description="completion token limit per answer")
+    token_limit_field: Literal["max_tokens", "max_completion_tokens"] = Field(
+        "max_tokens", description="request field carrying max_tokens (o-series models need "
+                                  "max_completion_tokens; most self-hosted servers max_tokens)")
+    seed: Optional[int] = Field(None, ge=0, description="base seed; re-asks and samples derive theirs")
+    concurrency: int = Field(100, ge=1, le=1000, description="requests in flight at most")
+    rpm: Optional[int] = Field(None, gt=0, description="client-side requests-per-minute cap")
+    tpm: Optional[int] = Field(None, gt=0, description="client-side tokens-per-minute cap")
+    max_attempts: int = Field(8, ge=1, description="HTTP attempts per answer (transport retries)")
+    max_invalid_attempts: int = Field(
+        3, ge=1, description="answers per item before an invalid/refused/truncated one is a reject")
+    timeout_s: float = Field(120.0, gt=0, description="per HTTP attempt")
+    backoff_base_s: float = Field(1.0, gt=0)
+    backoff_max_s: float = Field(60.0, gt=0)
+    prices: Prices
+    offline: bool = Field(False, description="answer from the cache only (LLM_OFFLINE=1 also forces it)")
+    cache_dir: Optional[str] = Field(None, min_length=1, description=(
+        "response cache directory (a DVC out): set by the stage from --cache-dir"))
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"base_url must be an http(s) URL, got {value!r}")
+            if parts.username or parts.password:
+                raise ValueError("base_url must not embed credentials (params are committed); "
+                                 f"use {API_KEY_ENV}")
+        return value
+
+
+async def run_all(coroutines: Sequence[Awaitable[T]], desc: str) -> list[T]:
+    """Run ``coroutines`` concurrently with a progress bar; results in input order. The first
+    exception (or a cancellation) cancels every other one, waits for them, and is raised."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        for next_done in progress(asyncio.as_completed(tasks), desc=desc, total=len(tasks)):
+            await next_done
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    return [task.result() for task in tasks]
+
+
+def read_llm_section(declared: tuple[str, ...], model: type[M], key: str | None,
+                     path: str | os.PathLike = PARAMS_FILE, cache_dir: str | None = None) -> M:
+    """An LLM stage's params: ``declared[0]`` for ``key`` with ``declared[1]``
+    (``llm_defaults``) merged under its ``llm``, and the response cache directory from the
+    stage's command line. The directory is created: it is a DVC out, and must exist even when
+    no request is made."""
+    params = read_section(declared, model, key, path=path, defaults=1, at="llm")
+    if cache_dir is None:
+        return params
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    return params.model_copy(update={"llm": params.llm.model_copy(update={"cache_dir": cache_dir})})
 
 
 def is_offline(params: LLMParams) -> bool:
@@ -412,6 +498,8 @@ class LLMClient:
                  cache: ResponseCache | None = None):
         self.params = params
         self.log = logger or log
+        if cache is None and not params.cache_dir:
+            raise StageError("LLM client needs a cache directory (the stage's --cache-dir)")
         self.cache = cache or ResponseCache(params.cache_dir, self.log)
         self.accounting = Accounting(params.prices)
         self.offline = is_offline(params)
@@ -488,16 +576,7 @@ class LLMClient:
         A fatal error cancels every outstanding request and is raised. In offline mode every
         miss of the batch is collected first, then one CacheMissError lists them.
         """
-        tasks = [asyncio.create_task(self._complete(request)) for request in requests]
-        try:
-            for next_done in progress(asyncio.as_completed(tasks), desc=desc, total=len(tasks)):
-                await next_done
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
-        results = [task.result() for task in tasks]
+        results = await run_all([self._complete(request) for request in requests], desc)
         missing = [r.item_id for r in results if r.error == _CACHE_MISS]
         if missing:
             raise CacheMissError(missing, self.cache.root)

@@ -14,6 +14,7 @@ that use them.
 """
 from __future__ import annotations
 
+import random
 import string
 from pathlib import Path
 from typing import Any, Sequence
@@ -56,6 +57,16 @@ def step1_prompt(question: str, choices: Sequence[str]) -> str:
 def step2_prompt(question: str, choices: Sequence[str], solution: str) -> str:
     """Step-2 prompt: step-1 prompt + ``"\\n"`` + solution; the response is the letter."""
     return step1_prompt(question, choices) + "\n" + solution.strip()
+
+
+def place_answer(choices: Sequence[str], answer: int, target: int,
+                 shuffle_seed: int | None = None) -> list[str]:
+    """``choices`` with ``choices[answer]`` moved to position ``target``: the other choices keep
+    their order, or are shuffled by a RNG seeded with ``shuffle_seed`` (deterministic)."""
+    rest = [c for i, c in enumerate(choices) if i != answer]
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(rest)
+    return rest[:target] + [choices[answer]] + rest[target:]
 
 
 def load_template(name: str) -> str:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 from tqdm import tqdm
 
 from stages.common.io import write_json
-from stages.common.params import PARAMS_FILE, ParamsError, read_declared
+from stages.common.params import PARAMS_FILE, ParamsError
 
 T = TypeVar("T")
 
@@ -63,6 +63,14 @@ def write_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
     write_json(metrics, path)
 
 
+def require_input(path: str | Path, param: str, hint: str = "") -> Path:
+    """An input that must exist, or the stage's one-line error naming the param and the path."""
+    path = Path(path)
+    if not path.exists():
+        raise StageError(f"{param}: input {path} does not exist" + (f" ({hint})" if hint else ""))
+    return path
+
+
 def check_reject_rate(rejected: int, total: int, threshold: float, what: str) -> None:
     """Fail the stage when more than ``threshold`` of ``total`` inputs were rejected."""
     if total and rejected / total > threshold:
@@ -72,11 +80,13 @@ def check_reject_rate(rejected: int, total: int, threshold: float, what: str) ->
 
 
 def stage_parser(doc: str | None, key: str | None = None, key_help: str | None = None,
-                 rejects: bool = True, out_help: str | None = None) -> argparse.ArgumentParser:
+                 rejects: bool = True, out_help: str | None = None,
+                 cache_dir: bool = False) -> argparse.ArgumentParser:
     """The command line every stage shares (dvc.yaml writes it): the foreach key when the
-    stage has one, then ``--out``, ``--rejects``, ``--metrics``, ``--log``, ``--params``.
+    stage has one, then ``--out``, ``--rejects``, ``--metrics``, ``--log``, ``--params`` and,
+    for an LLM stage, ``--cache-dir`` (its response cache, a persistent DVC out).
     A stage adds its own options to the parser it gets back."""
-    parser = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0] if doc else None)
+    parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0] if doc else None)
     if key:
         parser.add_argument(key, help=key_help)
     parser.add_argument("--out", required=True, help=out_help)
@@ -85,15 +95,17 @@ def stage_parser(doc: str | None, key: str | None = None, key_help: str | None =
     parser.add_argument("--metrics", required=True, help="metrics JSON")
     parser.add_argument("--log", required=True, help="log file")
     parser.add_argument("--params", default=PARAMS_FILE, help="params file (default: %(default)s)")
+    if cache_dir:
+        parser.add_argument("--cache-dir", required=True, help="LLM response cache directory")
     return parser
 
 
-def begin_stage(args: argparse.Namespace, stage: str, declared: tuple[str, ...],
-                key: str | None = None) -> tuple[Any, logging.Logger, "Timer"]:
-    """The start of a stage run: its timer, its params section (the first template of
-    ``declared``, read and validated for ``key``) and its log ``<stage>@<key>``."""
+def begin_stage(args: argparse.Namespace, stage: str, key: str | None,
+                load: Callable[[Any, str], T]) -> tuple[T, logging.Logger, "Timer"]:
+    """The start of a stage run: its timer, its params (``load(key, params_path)``, the
+    stage's own reader) and its log ``<stage>@<key>``."""
     timer = Timer()
-    section = read_declared(declared, key, path=args.params)[declared[0]]
+    section = load(key, args.params)
     log = setup_logging(args.log, f"{stage}@{key}" if key else stage)
     return section, log, timer
 

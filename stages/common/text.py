@@ -37,6 +37,12 @@ def normalize_text(value: Any) -> str:
     return _MANY_NEWLINES.sub("\n\n", text)
 
 
+def unspaced(text: str) -> str:
+    """``text`` without any whitespace (``str.split`` splits on all Unicode whitespace): the
+    form texts are compared in where Korean spacing or PDF line breaks must not matter."""
+    return "".join(text.split())
+
+
 def content_id(*parts: Any, length: int = 16) -> str:
     """Stable id: sha256 over the JSON of the (already normalised) parts, hex, truncated.
 

@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
+from stages.common.chunking import pack
 from stages.common.prompts import letter, load_template, step1_prompt
 
 TEMPLATE_FILE = "mix_formats.yaml"
@@ -272,14 +273,9 @@ def format_report_json(doc: dict[str, Any], t: dict[str, Any], b: Budget) -> lis
         if entry["tables"]:
             entries.append({"page": entry["page"], "tables": entry["tables"]})
     sizes = b.lengths([_json(e) for e in entries])
-    parts: list[list[dict[str, Any]]] = [[]]
-    used = 0
-    for entry, size in zip(entries, sizes):
-        if parts[-1] and used + size + 1 > budget:
-            parts.append([])
-            used = 0
-        parts[-1].append(entry)
-        used += size + 1  # the comma between entries
+    # each entry costs its tokens + 1 (the comma between entries)
+    parts = pack(list(range(len(entries))), lambda i: sizes[i] + 1, budget)
+    parts = [[entries[i] for i in part] for part in parts] or [[]]
     out = []
     for index, part in enumerate(parts, 1):
         prompt = t["report_json"].format(title=title, part=index, parts=len(parts))

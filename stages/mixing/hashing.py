@@ -14,10 +14,12 @@ splitmix64 finaliser, computed for a whole batch of texts at once.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+
+from stages.common.evalsets import EvalItem
+from stages.common.text import unspaced
 
 _MULT = np.uint64(0x100000001B3)  # FNV prime: odd, spreads code points over the word
 # Fixed permutation seed: MinHash signatures must not change between runs or versions,
@@ -25,11 +27,6 @@ _MULT = np.uint64(0x100000001B3)  # FNV prime: odd, spreads code points over the
 MINHASH_SEED = 20240901
 # Rows of shingle-by-permutation values computed at once (bounds temporary memory).
 _MINHASH_ROWS = 1 << 15
-
-
-def unspaced(text: str) -> str:
-    """``text`` without any whitespace (``str.split`` splits on all Unicode whitespace)."""
-    return "".join(text.split())
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -216,12 +213,6 @@ def near_duplicates(signatures: np.ndarray | Sequence[np.ndarray], groups: np.nd
     return out
 
 
-@dataclass(frozen=True)
-class EvalItem:
-    label: str            # "<eval set>/<item id>"
-    segments: tuple[str, ...]  # question and choices
-
-
 class EvalIndex:
     """The character n-grams of every evaluation item (question and each choice separately, so
     no n-gram spans the join that a formatted prompt renders differently). An item with no
@@ -229,10 +220,10 @@ class EvalIndex:
 
     def __init__(self, items: Sequence[EvalItem], n: int, threshold: float) -> None:
         self.n, self.threshold = n, threshold
-        self.labels = [item.label for item in items]
+        self.labels = [f"{item.set}/{item.id}" for item in items]  # "<eval set>/<item id>"
         hashes, owners, self.short = [], [], []
         for index, item in enumerate(items):
-            parts = [unspaced(s) for s in item.segments if s]
+            parts = [unspaced(s) for s in (item.question, *item.choices) if s]
             h, _ = ngram_hashes(parts, n)
             h = np.unique(h)
             if not len(h):

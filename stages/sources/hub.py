@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from stages.common.params import HubSpec, is_local_repo
+from stages.sources.spec import HubSpec, is_local_repo
 from stages.common.runlog import StageError
 from stages.sources import RawRow, Rows
 

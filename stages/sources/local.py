@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from stages.common.params import LocalSpec
+from stages.sources.spec import LocalSpec
 from stages.common.runlog import StageError
 from stages.sources import BadRow, RawRow, Rows
 

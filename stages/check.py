@@ -1,0 +1,150 @@
+"""Check the whole params.yaml at once: every section against its stage's schema, and the
+rules that span sections. Not a DVC stage (it changes nothing); `make check` runs it.
+
+    python -m stages.check [--params params.yaml] [--root .]
+
+Each stage validates its own section when it starts; what only this command sees is
+- a top-level section no stage reads (``colect:``: a typo);
+- mix source names that no stage writes (``versions.v6.mix.sources.generated_acounting``),
+  mixture chains with a cycle, and an excluded source reachable through a ``mixture_<v>``
+  source (v6 must never contain the KRX sample or reports, MISSION.md);
+- training parents that are not versions, and init_from cycles;
+- a ``dvc.vars.yaml`` out of date with the versions.
+Every problem is printed (one line each, naming the key); exit 2 when there is any.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from stages.common.params import PARAMS_FILE, ParamsError, check_key_names, load_raw
+
+# section -> (per key?, the stage's loader). Imported lazily: each stage module owns its schema.
+KEYED = ("collect", "extract", "filter", "transform", "synthesize", "solve")
+SINGLE = ("base_model", "summarize", "evaluate", "report")
+SHARED = ("llm_defaults", "mix_defaults", "train_defaults")  # read through the sections above
+
+
+def _loader(stage: str) -> Callable[..., Any]:
+    module = __import__(f"stages.{stage}", fromlist=["load_params"])
+    return module.load_params
+
+
+def _collect(problems: list[str], func: Callable[[], Any]) -> Any:
+    try:
+        return func()
+    except (ParamsError, ValueError) as exc:
+        problems.extend(line.strip() for line in str(exc).splitlines() if line.strip())
+        return None
+
+
+def section_problems(raw: dict[str, Any], path: str) -> tuple[list[str], dict[str, Any]]:
+    """Every section validated by its stage; returns the problems and the valid recipes."""
+    problems: list[str] = []
+    known = set(KEYED) | set(SINGLE) | set(SHARED) | {"versions"}
+    for name in raw:
+        if name not in known:
+            problems.append(f"{name}: unknown section (typo?); known: {sorted(known)}")
+    for stage in KEYED:
+        keys = raw.get(stage) or {}
+        _collect(problems, lambda: check_key_names(keys, stage))
+        for key in keys:
+            _collect(problems, lambda: _loader(stage)(key, path))
+    for stage in SINGLE:
+        if stage in raw:
+            _collect(problems, lambda: _loader(stage)(None, path))
+    recipes, trains = {}, {}
+    for version in raw.get("versions") or {}:
+        got = _collect(problems, lambda: _loader("mix")(version, path))
+        if got is not None:
+            recipes[version] = got[0]
+        trains[version] = _collect(problems, lambda: _loader("train")(version, path))
+    return problems, {"recipes": recipes, "trains": trains}
+
+
+def mix_problems(raw: dict[str, Any], recipes: dict[str, Any]) -> list[str]:
+    """Source names exist; mixture chains have no cycle and reach no excluded source."""
+    extract = set(raw.get("extract") or {})
+    known = set(raw.get("collect") or {}) | extract | {f"{k}_json" for k in extract}
+    known |= {f"generated_{k}" for k in raw.get("solve") or {}}
+    known |= {f"mixture_{v}" for v in raw.get("versions") or {}}
+    if "summarize" in raw:
+        known.add("report_summaries")
+    problems = []
+    for version, recipe in recipes.items():
+        for name in [*recipe.sources, *recipe.exclude_sources]:
+            if name not in known:
+                problems.append(f"versions.{version}.mix: unknown source {name!r}; known: {sorted(known)}")
+    for version in recipes:
+        reached, stack, seen = set(), [version], set()
+        while stack:
+            current = stack.pop()
+            for name in recipes[current].sources if current in recipes else ():
+                reached.add(name)
+                parent = name[len("mixture_"):] if name.startswith("mixture_") else None
+                if parent == version:
+                    problems.append(f"versions.{version}.mix: mixture sources form a cycle via {current}")
+                elif parent is not None and parent not in seen:
+                    seen.add(parent)
+                    stack.append(parent)
+        banned = reached & set(recipes[version].exclude_sources)
+        if banned:
+            problems.append(f"versions.{version}.mix: excluded sources {sorted(banned)} are in the "
+                            "recipe (directly or through a mixture_ source)")
+    return problems
+
+
+def train_problems(trains: dict[str, Any]) -> list[str]:
+    """Parents are versions; no init_from cycles (v3 <- v1, v5_3 <- v5_2 <- v5_1)."""
+    problems = []
+    parents = {v: t.parent for v, t in trains.items() if t is not None}
+    for version, parent in parents.items():
+        if parent is not None and parent not in trains:
+            problems.append(f"versions.{version}.train.init_from: {parent!r} is not a version")
+    for version in parents:
+        seen, node = set(), version
+        while node is not None and node in parents:
+            if node in seen:
+                problems.append(f"versions.{version}.train.init_from: the chain has a cycle")
+                break
+            seen.add(node)
+            node = parents[node]
+    return problems
+
+
+def check(path: str | Path = PARAMS_FILE, root: str | Path | None = None) -> list[str]:
+    """All problems of ``path`` (and of ``root``'s dvc.vars.yaml when ``root`` is given)."""
+    raw = load_raw(path)
+    problems, valid = section_problems(raw, str(path))
+    problems += mix_problems(raw, valid["recipes"])
+    problems += train_problems(valid["trains"])
+    if root is not None and raw.get("versions"):
+        from stages.dvc_vars import VARS_FILE, is_current
+        if not _collect(problems, lambda: is_current(Path(root), Path(path))):
+            problems.append(f"{VARS_FILE} is out of date with params.yaml versions: run "
+                            "`python -m stages.dvc_vars`")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default=PARAMS_FILE)
+    parser.add_argument("--root", default=".", help="the DVC project holding dvc.vars.yaml")
+    args = parser.parse_args(argv)
+    try:
+        problems = check(args.params, args.root)
+    except ParamsError as exc:
+        problems = [str(exc)]
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
+        print(f"{args.params}: {len(problems)} problem(s)", file=sys.stderr)
+        return 2
+    print(f"{args.params}: ok")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

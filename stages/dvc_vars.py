@@ -1,0 +1,112 @@
+"""dvc.vars.yaml: what dvc.yaml needs from the version list, derived from params.yaml.
+
+    python -m stages.dvc_vars            # (re)write dvc.vars.yaml from params.yaml
+    python -m stages.dvc_vars --check    # exit 1 when dvc.vars.yaml is out of date
+
+The versions are written once, in ``params.yaml`` (``versions``). dvc.yaml cannot derive the
+rest itself: a ``foreach`` item cannot list its own deps (dvc #7151), and DVC interpolation has
+no expressions to compute file names or to add ``base`` to the evaluated keys. So this module
+derives, from the recipes and the version list,
+
+- ``mix_inputs.<version>``: the files of the recipe's sources (``stages.mixing.recipe.
+  mix_source_input``) spread over the fixed dep slots ``a`` … of ``mix@<version>`` (unused
+  slots repeat the first file) — changing one source re-mixes only the versions that read it;
+- ``evaluate_keys``: ``base`` and every version (``evaluate@<key>``);
+- ``version_list``: the version names, space-separated, for the report's command line;
+- ``plot_curves``: the dvclive curves of every version, for dvc.yaml's top-level plots.
+
+dvc.yaml reads the file through ``vars:``. ``mix@<version>`` refuses to run when its slots do
+not name exactly its recipe's files (an edit of params.yaml not followed by this command, e.g.
+``dvc exp run -S`` adding a source), and ``python -m stages.check`` reports a stale file.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from stages.common.params import PARAMS_FILE, ParamsError, check_key_names, load_raw, lookup
+from stages.mixing.recipe import mix_source_input
+
+VARS_FILE = "dvc.vars.yaml"
+MIX_SLOTS = tuple("abcdefghijkl")  # dvc.yaml's mix deps ${item.a} … ${item.l}
+BASE_KEY = "base"
+LIVE_PLOTS = "dvclive/train/{version}/plots/metrics/{metric}.tsv"
+PLOTTED = ("loss", "learning_rate")
+HEADER = ("# GENERATED from params.yaml (versions) by `python -m stages.dvc_vars`; do not edit.\n"
+          "# dvc.yaml reads it (vars:). See stages/dvc_vars.py for why it exists.\n")
+
+
+def mix_slots(version: str, sources: Any) -> dict[str, str]:
+    """The files of one recipe's sources in the fixed slots (order: the recipe's)."""
+    if not isinstance(sources, dict) or not sources:
+        raise ParamsError(f"versions.{version}.mix.sources: expected a mapping of sources")
+    files = list(dict.fromkeys(mix_source_input(name) for name in sources))
+    if len(files) > len(MIX_SLOTS):
+        raise ParamsError(f"versions.{version}.mix.sources: {len(files)} files, but dvc.yaml has "
+                          f"{len(MIX_SLOTS)} dep slots for mix (add slots to MIX_SLOTS and dvc.yaml)")
+    return {slot: files[i] if i < len(files) else files[0] for i, slot in enumerate(MIX_SLOTS)}
+
+
+def derive(params: dict[str, Any]) -> dict[str, Any]:
+    versions = lookup(params, "versions")
+    if not isinstance(versions, dict) or not versions:
+        raise ParamsError("versions: expected a mapping of model versions")
+    check_key_names(versions, "versions")
+    if BASE_KEY in versions:
+        raise ParamsError(f"versions.{BASE_KEY}: reserved for the base model")
+    names = list(versions)
+    return {
+        "mix_inputs": {v: mix_slots(v, lookup(params, f"versions.{v}.mix.sources")) for v in names},
+        "evaluate_keys": [BASE_KEY, *names],
+        "version_list": " ".join(names),
+        "plot_curves": {metric: {LIVE_PLOTS.format(version=v, metric=metric): metric for v in names}
+                  for metric in PLOTTED},
+    }
+
+
+def render(params: dict[str, Any]) -> str:
+    return HEADER + yaml.safe_dump(derive(params), sort_keys=False, allow_unicode=True, width=100)
+
+
+def is_current(root: Path, params_path: Path | None = None) -> bool:
+    path = root / VARS_FILE
+    params = load_raw(params_path or root / PARAMS_FILE)
+    return path.is_file() and path.read_text(encoding="utf-8") == render(params)
+
+
+def write(root: Path, params_path: Path | None = None) -> bool:
+    """Write dvc.vars.yaml when its bytes change; True when it was written."""
+    text = render(load_raw(params_path or root / PARAMS_FILE))
+    path = root / VARS_FILE
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return False
+    path.write_text(text, encoding="utf-8")
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default=".", help="the DVC project (default: %(default)s)")
+    parser.add_argument("--check", action="store_true", help="only report whether it is current")
+    args = parser.parse_args(argv)
+    root = Path(args.root)
+    try:
+        if args.check:
+            if is_current(root):
+                return 0
+            print(f"{root / VARS_FILE} is out of date with params.yaml: run `python -m "
+                  "stages.dvc_vars`", file=sys.stderr)
+            return 1
+        print(f"{root / VARS_FILE}: {'written' if write(root) else 'already current'}")
+        return 0
+    except ParamsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from stages.common.params import PARAMS_FILE, ParamsError, check_key_names, load_raw
+from stages.dvc_vars import check_version_entries
 
 # section -> (per key?, the stage's loader). Imported lazily: each stage module owns its schema.
 KEYED = ("collect", "extract", "filter", "transform", "synthesize", "solve")
@@ -33,10 +34,16 @@ def _loader(stage: str) -> Callable[..., Any]:
 
 
 def _collect(problems: list[str], func: Callable[[], Any]) -> Any:
+    """``func()``, or None with its error's lines added to ``problems`` (each line names its
+    key; a shared default's typo is named once, not once per stage that merges it)."""
     try:
         return func()
     except (ParamsError, ValueError) as exc:
-        problems.extend(line.strip() for line in str(exc).splitlines() if line.strip())
+        for line in str(exc).splitlines():
+            line = line.strip()
+            if line and not (line.startswith("params ") and line.endswith(" is invalid:")) \
+                    and line not in problems:
+                problems.append(line)
         return None
 
 
@@ -56,7 +63,9 @@ def section_problems(raw: dict[str, Any], path: str) -> tuple[list[str], dict[st
         if stage in raw:
             _collect(problems, lambda: _loader(stage)(None, path))
     recipes, trains = {}, {}
-    for version in raw.get("versions") or {}:
+    versions = raw.get("versions") or {}
+    _collect(problems, lambda: check_version_entries(versions))
+    for version in versions:
         got = _collect(problems, lambda: _loader("mix")(version, path))
         if got is not None:
             recipes[version] = got[0]
@@ -121,8 +130,8 @@ def check(path: str | Path = PARAMS_FILE, root: str | Path | None = None) -> lis
     problems += mix_problems(raw, valid["recipes"])
     problems += train_problems(valid["trains"])
     if root is not None and raw.get("versions"):
-        from stages.dvc_vars import VARS_FILE, is_current
-        if not _collect(problems, lambda: is_current(Path(root), Path(path))):
+        from stages.dvc_vars import VARS_FILE, is_current  # noqa: F811
+        if _collect(problems, lambda: is_current(Path(root), Path(path))) is False:
             problems.append(f"{VARS_FILE} is out of date with params.yaml versions: run "
                             "`python -m stages.dvc_vars`")
     return problems

@@ -34,6 +34,7 @@ from stages.mixing.recipe import mix_source_input
 VARS_FILE = "dvc.vars.yaml"
 MIX_SLOTS = tuple("abcdefghijkl")  # dvc.yaml's mix deps ${item.a} … ${item.l}
 BASE_KEY = "base"
+VERSION_KEYS = {"mix", "train"}
 LIVE_PLOTS = "dvclive/train/{version}/plots/metrics/{metric}.tsv"
 PLOTTED = ("loss", "learning_rate")
 HEADER = ("# GENERATED from params.yaml (versions) by `python -m stages.dvc_vars`; do not edit.\n"
@@ -51,13 +52,27 @@ def mix_slots(version: str, sources: Any) -> dict[str, str]:
     return {slot: files[i] if i < len(files) else files[0] for i, slot in enumerate(MIX_SLOTS)}
 
 
-def derive(params: dict[str, Any]) -> dict[str, Any]:
-    versions = lookup(params, "versions")
+def check_version_entries(versions: Any) -> None:
+    """``versions``: a mapping of valid names, each holding exactly ``mix`` and ``train`` (a
+    typo beside them, ``trian:``, would otherwise be read by no stage)."""
     if not isinstance(versions, dict) or not versions:
         raise ParamsError("versions: expected a mapping of model versions")
     check_key_names(versions, "versions")
     if BASE_KEY in versions:
         raise ParamsError(f"versions.{BASE_KEY}: reserved for the base model")
+    problems = []
+    for version, entry in versions.items():
+        keys = set(entry) if isinstance(entry, dict) else set()
+        problems += [f"versions.{version}.{k}: unknown key (typo?); a version has mix and train"
+                     for k in sorted(keys - VERSION_KEYS)]
+        problems += [f"versions.{version}.{k}: missing" for k in sorted(VERSION_KEYS - keys)]
+    if problems:
+        raise ParamsError("\n".join(problems))
+
+
+def derive(params: dict[str, Any]) -> dict[str, Any]:
+    versions = lookup(params, "versions")
+    check_version_entries(versions)
     names = list(versions)
     return {
         "mix_inputs": {v: mix_slots(v, lookup(params, f"versions.{v}.mix.sources")) for v in names},

@@ -1,11 +1,11 @@
 """evaluate@<key>: multiple-choice accuracy of one model on the held-out finance sets.
 
 Contract:
-- model: ``evaluate.models.<key>.model`` — ``models/base`` (the ``--base`` dir) is the
+- model: ``--model``, ``models/<key>`` in dvc.yaml — ``models/base`` (the ``--base`` dir) is the
   baseline: the weights ``models/base/base.json`` names, no adapter; ``models/<version>`` is
   that version's PEFT adapter applied over the same base weights. The tokenizer (and so the
   chat template) is the one saved in the evaluated directory: the one training used.
-- sets (``evaluate.settings``): ``collected`` parquet files of mcq records, of which only
+- sets (``params.evaluate``): ``collected`` parquet files of mcq records, of which only
   ``split`` (KMMLU: test, never in any mixture) is read, and ``local`` MCQ files under
   ``local_dir`` read exactly like a ``collect`` local mcq source (column mapping, answer
   format), 4-7 choices.
@@ -365,7 +365,7 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise StageError("evaluate.settings.device: cuda requested but no CUDA device is available")
+        raise StageError("evaluate.device: cuda requested but no CUDA device is available")
     return device
 
 
@@ -385,7 +385,7 @@ def check_model_dirs(base_dir: str, model_dir: str) -> tuple[dict[str, Any], boo
     base = json.loads(base_json.read_text(encoding="utf-8"))
     is_base = os.path.normpath(model_dir) == os.path.normpath(base_dir)
     if not is_base and not (Path(model_dir) / ADAPTER_CONFIG).is_file():
-        raise StageError(f"evaluate.models: {model_dir} has no {ADAPTER_CONFIG} (not a trained "
+        raise StageError(f"evaluate@: --model {model_dir} has no {ADAPTER_CONFIG} (not a trained "
                          "adapter; run train first)")
     return base, is_base
 

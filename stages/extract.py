@@ -4,7 +4,7 @@
         --json-dir data/collected/<c>_json --rejects data/rejects/extract/<c>.parquet \\
         --metrics metrics/extract/<c>.json --log logs/extract/<c>.log [--params params.yaml]
 
-Reads ``extract.<collection>`` (:class:`~stages.common.params.ExtractParams`) and every
+Reads ``extract.<collection>`` (:class:`ExtractParams`, below) and every
 regular, non-hidden file under its ``input`` directory (recursively, sorted by relative
 path). Outputs, all written atomically:
 

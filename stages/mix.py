@@ -1,13 +1,16 @@
-"""mix@<version>: the recipe ``params.mix.<version>`` -> one training mixture + its manifest.
+"""mix@<version>: the recipe (``mix_defaults`` + ``versions.<version>.mix``) -> one training
+mixture + its manifest.
 
-    python -m stages.mix <version> --tokenizer models/base --out data/mixtures/<v>.parquet \\
-        --manifest data/mixtures/<v>.json --rejects data/rejects/mix/<v>.parquet \\
-        --metrics metrics/mix/<v>.json --log logs/mix/<v>.log [--params params.yaml]
+    python -m stages.mix <version> --tokenizer models/base --inputs <the recipe's files> \\
+        --out data/mixtures/<v>.parquet --manifest data/mixtures/<v>.json \\
+        --rejects data/rejects/mix/<v>.parquet --metrics metrics/mix/<v>.json \\
+        --log logs/mix/<v>.log [--params params.yaml]
 
 Contract:
-- inputs: the files of the recipe's sources (names -> files: ``stages.common.params.
-  mix_source_input``), the tokenizer directory, and every evaluation set of
-  ``evaluate.settings`` (KMMLU test splits, local MCQ files) for decontamination;
+- inputs: the files of the recipe's sources (names -> files: ``stages.mixing.recipe.
+  mix_source_input``; ``--inputs`` must name exactly them: it is what dvc.yaml tracks, from
+  dvc.vars.yaml), the tokenizer directory, and every evaluation set of
+  ``evaluate`` (KMMLU test splits, local MCQ files) for decontamination;
 - ``--out``: ``example`` records (``id, version, source, split, prompt, completion``) in trl's
   conversational prompt–completion form, in recipe order (source by source, input order within
   a source; upsampled copies follow their original and have ids ``<id>~<version>.<n>``). The trainer
@@ -55,7 +58,8 @@ from stages.common.evalsets import (EvalCollectedSet, EvalItem, EvalLocalSet, it
                                     load_local_set)
 from stages.common.io import (atomic_path, iter_record_batches, open_parquet_writer, read_records,
                               write_json)
-from stages.common.params import PARAMS_FILE, load_raw, lookup, merged_section, validate_params
+from stages.common.params import (PARAMS_FILE, load_raw, lookup, merged_section, origin_locator,
+                                  validate_params)
 from stages.common.runlog import (StageError, Timer, progress, require_input, setup_logging, stage_main,
                                   stage_parser, write_metrics)
 from stages.common.schema import SCHEMAS, reject, validate
@@ -115,7 +119,8 @@ def load_params(key: str, path: str = PARAMS_FILE
     decontaminated against (``evaluate.collected`` / ``evaluate.local``)."""
     raw = load_raw(path)
     where = PARAMS[0].format(key=key)
-    recipe = validate_params(MixParams, merged_section(raw, where, PARAMS[1]), where)
+    recipe = validate_params(MixParams, merged_section(raw, where, PARAMS[1]), where,
+                             origin_locator(raw, where, PARAMS[1], None))
     collected = {name: validate_params(EvalCollectedSet, spec, f"{PARAMS[2]}.{name}")
                  for name, spec in (lookup(raw, PARAMS[2]) or {}).items()}
     local = {name: validate_params(EvalLocalSet, spec, f"{PARAMS[3]}.{name}")
@@ -140,15 +145,13 @@ def load_eval_items(collected: dict[str, EvalCollectedSet],
     items: list[EvalItem] = []
     info: dict[str, dict] = {}
     for name, spec in collected.items():
-        if not os.path.isfile(spec.input):
-            raise StageError(f"evaluate.collected.{name}.input: {spec.input} does not exist")
+        require_input(spec.input, f"evaluate.collected.{name}.input", "run its collect stage first")
         got, _ = items_from_records(name, read_records(spec.input), spec.split)
         items += got
         info[name] = {"path": spec.input, "split": spec.split, "items": len(got),
                       "sha256": file_sha256(spec.input)}
     for name, spec in local.items():
-        if not os.path.isfile(spec.input):
-            raise StageError(f"evaluate.local.{name}.input: {spec.input} does not exist")
+        require_input(spec.input, f"evaluate.local.{name}.input")
         got, _ = load_local_set(name, spec)
         items += got
         info[name] = {"path": spec.input, "items": len(got), "sha256": file_sha256(spec.input)}
@@ -661,7 +664,8 @@ def main(argv: list[str] | None = None) -> None:
 
     inputs = {}
     for name, path in recipe.source_inputs().items():
-        require_input(path, f"versions.{version}.mix.sources.{name}", "run the stage that writes it")
+        require_input(path, f"versions.{version}.mix.sources.{name}", "run the stage that writes it",
+                      directory=name.endswith("_json"))
         inputs[name] = {"path": path, "sha256": path_sha256(path)}
     if not os.path.isdir(args.tokenizer):
         raise StageError(f"--tokenizer {args.tokenizer} is not a directory (run base_model)")

@@ -4,7 +4,7 @@
         --out data/generated/report_summaries.parquet --rejects data/rejects/summarize.parquet \\
         --metrics metrics/summarize.json --log logs/summarize.log [--params params.yaml]
 
-Reads ``summarize`` (:class:`~stages.common.params.SummarizeParams`) and the page records
+Reads ``summarize`` (:class:`SummarizeParams`, below) and the page records
 of ``extract@krx_reports`` (``document`` kind, one per PDF page). Every LLM call goes
 through :mod:`stages.common.llm` (structured output, response cache under
 ``summarize.llm.cache_dir``, offline mode).
@@ -68,7 +68,6 @@ import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
-from pathlib import Path
 from string import Template
 from typing import Any, Iterable, Optional, Sequence
 
@@ -80,8 +79,8 @@ from stages.common.io import write_records
 from stages.common.llm import Accounting, LLMClient, LLMParams, LLMRequest, Result, read_llm_section
 from stages.common.params import PARAMS_FILE, Strict
 from stages.common.prompts import load_template
-from stages.common.runlog import (StageError, Timer, check_reject_rate, setup_logging, stage_main, stage_parser,
-                                  write_metrics)
+from stages.common.runlog import (StageError, Timer, check_reject_rate, require_input, setup_logging,
+                                  stage_main, stage_parser, write_metrics)
 from stages.common.schema import SCHEMAS, reject, validate, validate_table
 from stages.common.text import content_id, unspaced
 
@@ -651,8 +650,7 @@ def run(reports: Sequence[Report], params: SummarizeParams, log: logging.Logger 
 
 # ---------------------------------------------------------------------------- the stage
 def read_reports(path: str) -> list[Report]:
-    if not Path(path).is_file():
-        raise StageError(f"summarize: input {path!r} does not exist (run extract@krx_reports)")
+    require_input(path, "summarize --input", "run extract@krx_reports")
     records = pq.read_table(path).to_pylist()
     try:
         validate_table("document", records)

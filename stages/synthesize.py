@@ -381,12 +381,13 @@ async def synthesize(slots: Sequence[Slot], llm: LLMClient, *, key: str, params:
 
 
 # ------------------------------------------------------------------------ I/O
-def read_inputs(paths: Sequence[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def read_inputs(paths: Sequence[str], param: str = "synthesize.<domain>.inputs"
+                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(existing mcq records, document chunks) from the input parquet files (each read once)."""
     questions: list[dict[str, Any]] = []
     chunks: list[dict[str, Any]] = []
     for path in dict.fromkeys(paths):
-        require_input(path, "synthesize.<domain>.inputs")
+        require_input(path, param)
         records = read_records(path)
         if not records:
             continue
@@ -407,7 +408,8 @@ def main(argv: list[str] | None = None) -> None:
     params, log, timer = begin_stage(args, "synthesize", key,
                                      lambda k, path: load_params(k, path, args.cache_dir))
 
-    existing, chunks = read_inputs([params.inputs.filtered, params.inputs.transformed])
+    existing, chunks = read_inputs([params.inputs.filtered, params.inputs.transformed],
+                                   f"synthesize.{key}.inputs")
     if params.grounded and not chunks:
         raise StageError(f"synthesize@{key}: grounded, but no document chunks in "
                          f"{params.inputs.filtered}")

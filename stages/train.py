@@ -6,7 +6,7 @@ Contract:
   ``models/base/`` (tokenizer + ``base.json`` naming the weights); ``--init-from``: the base
   (root versions) or the parent version's ``models/<parent>/`` adapter (v3 <- v1, v5_2 <- v5_1,
   v5_3 <- v5_2), loaded with ``is_trainable=True``.
-- params: ``train.<version>`` merged onto ``train_defaults`` (stages.common.params.resolve_train);
+- params: ``versions.<version>.train`` merged onto ``train_defaults`` (:func:`resolve_train`);
   ``quant``/``lora``/``sft`` map one-to-one onto BitsAndBytesConfig / LoraConfig / SFTConfig.
 - training: trl SFTTrainer, loss on the completion only (the eos ``<|im_end|>`` closing the
   answer is part of the completion, pad ``<|endoftext|>`` is not), the tokenizer and chat
@@ -44,7 +44,7 @@ from pydantic import Field, model_validator
 
 from stages.common.io import atomic_dir, dumps_json, read_records, write_json, write_records, write_text
 from stages.common.params import (PARAMS_FILE, ParamsError, Strict, deep_merge, load_raw, lookup,
-                                  validate_params)
+                                  origin_locator, validate_params)
 from stages.common.runlog import (StageError, Timer, check_reject_rate, setup_logging, stage_main, stage_parser,
                                   write_metrics)
 from stages.common.schema import SCHEMAS, reject, validate
@@ -147,11 +147,17 @@ BASE = "base"
 
 def resolve_train(defaults: Any, version: Any, key: str) -> TrainParams:
     """The one place ``train_defaults`` and a version's overrides are merged, then validated
-    as a whole: a typo in an override is an error naming ``versions.<key>.train``."""
+    as a whole: a typo is an error naming ``versions.<key>.train`` or ``train_defaults``."""
     if isinstance(version, dict) and "accelerate_config" in version:
         raise ParamsError(f"versions.{key}.train.accelerate_config: set it in train_defaults "
                           "(dvc.yaml tracks that one file for every version)")
-    return validate_params(TrainParams, deep_merge(defaults, version or {}), f"versions.{key}.train")
+    if isinstance(defaults, dict) and "init_from" in defaults:
+        raise ParamsError("train_defaults.init_from: set it per version (versions.<v>.train.init_from: "
+                          "dvc.yaml tracks each version's parent)")
+    where = PARAMS[0].format(key=key)
+    raw = {"train_defaults": defaults, "versions": {key: {"train": version or {}}}}
+    return validate_params(TrainParams, deep_merge(defaults, version or {}), where,
+                           origin_locator(raw, where, PARAMS[1], None))
 
 
 def load_params(key: str, path: str = PARAMS_FILE) -> TrainParams:
@@ -516,7 +522,8 @@ def load_data(run: _Run) -> None:
     key, args, max_length = run.key, run.args, run.params.sft.max_length
     for path, what in ((args.mixture, "mixture"), (args.manifest, "mixture manifest")):
         if not Path(path).is_file():
-            raise StageError(f"train@{key}: {what} {path} does not exist (run mix@{key} first)")
+            raise StageError(f"train@{key}: {what} {path} does not exist (run mix@{key} first; "
+                             "a version new in params.yaml needs `python -m stages.dvc_vars`)")
     run.base_info = read_base_info(args.base)
     run.tokenizer = tokenizer = AutoTokenizer.from_pretrained(args.base)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:

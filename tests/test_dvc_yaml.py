@@ -4,7 +4,7 @@ For every resolved stage (foreach expanded by DVC itself):
 - every project module the stage's module imports, transitively (including imports inside
   functions), is a dep — so editing a helper re-runs the stages that use it;
 - every params key the stage reads (its module's ``PARAMS`` templates, the only way
-  ``stages.common.params.read_declared`` hands out params) is covered by its ``params:``;
+  ``stages.common.params.read_section`` reads them) is covered by its ``params:``;
 - every path the command writes (``--out``, ``--json-dir``, ``--rejects``, ``--log``,
   ``--cache-dir``) is an out and ``--metrics`` is a metric: nothing is written outside declared
   outs;

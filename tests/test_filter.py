@@ -227,7 +227,8 @@ def write_project(tmp: Path, records: list[dict[str, Any]], server: LLMTestServe
                "max_reject_rate": 0.5, "llm": llm}
     if kind == "document":
         section["chunking"] = {"size": 150, "overlap": 40}
-    (tmp / "params.yaml").write_text(yaml.safe_dump({"filter": {"fm": section}}, allow_unicode=True),
+    written = {**section, "llm": {k: v for k, v in llm.items() if k != "cache_dir"}}  # a CLI arg
+    (tmp / "params.yaml").write_text(yaml.safe_dump({"filter": {"fm": written}}, allow_unicode=True),
                                      encoding="utf-8")
     return section
 

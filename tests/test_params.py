@@ -143,13 +143,17 @@ def test_deep_merge_overrides_leaves_only():
 def test_params_yaml_restates_no_code_default():
     """A value lives in the code or in params.yaml, not both: every leaf of params.yaml that
     equals its schema field's default is reported."""
+    found = restated_defaults(load_raw(ROOT / "params.yaml"))
+    assert found == [], found
+
+
+def restated_defaults(raw: dict) -> list[str]:
     from pydantic import BaseModel
     from pydantic_core import PydanticUndefined
 
     from stages.common.llm import LLMParams
     from stages.mixing.recipe import MixParams
     from stages.train import TrainParams
-    raw = load_raw(ROOT / "params.yaml")
 
     def restated(model: type[BaseModel], data: dict, where: str) -> list[str]:
         found = []
@@ -158,8 +162,12 @@ def test_params_yaml_restates_no_code_default():
             if info is None:
                 continue
             sub = info.annotation
-            inner = [a for a in getattr(sub, "__args__", ()) if isinstance(a, type)
-                     and issubclass(a, BaseModel)]
+            args = getattr(sub, "__args__", ())
+            inner = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+            if getattr(sub, "__origin__", None) is dict and inner and isinstance(value, dict):
+                for key, item in value.items():  # dict[str, Model]: sources, local, collected
+                    found += restated(inner[0], item, f"{where}.{name}.{key}")
+                continue
             nested = sub if isinstance(sub, type) and issubclass(sub, BaseModel) else \
                 (inner[0] if inner else None)
             if nested is not None and isinstance(value, dict):
@@ -193,7 +201,18 @@ def test_params_yaml_restates_no_code_default():
     for version, spec in raw["versions"].items():
         found += restated(MixParams, spec["mix"], f"versions.{version}.mix")
         found += restated(TrainParams, spec["train"], f"versions.{version}.train")
-    assert found == [], found
+    return found
+
+
+def test_the_restated_default_check_sees_nested_sections():
+    """The check above must be able to fail: a restated default deep inside is found."""
+    raw = load_raw(ROOT / "params.yaml")
+    raw["versions"]["v1"]["mix"]["sources"]["krx_sample"]["upsample"] = False
+    raw["evaluate"]["collected"]["kmmlu_economics"]["split"] = "test"
+    raw["llm_defaults"]["top_p"] = 1.0
+    assert restated_defaults(raw) == ["evaluate.collected.kmmlu_economics.split",
+                                      "llm_defaults.top_p",
+                                      "versions.v1.mix.sources.krx_sample.upsample"]
 
 
 def test_each_version_is_named_once_in_params_yaml():
@@ -204,3 +223,20 @@ def test_each_version_is_named_once_in_params_yaml():
     versions = list(load_raw(ROOT / "params.yaml")["versions"])
     assert sorted(keys) == sorted(versions)  # declared once, as keys of `versions`
     assert "inputs:\n      a:" not in text and "\n    inputs:\n      a" not in text
+
+
+def test_a_typo_in_a_shared_default_is_named_once_by_its_own_section(tmp_path):
+    raw = load_raw(ROOT / "params.yaml")
+    raw["llm_defaults"]["temprature"] = 0.5
+    raw["train_defaults"]["sft"]["learnig_rate"] = 1.0e-4
+    raw["versions"]["v4"]["trian"] = {"lora": {"r": 4}}
+    raw["filter"]["rules"]["llm"]["cache_dir"] = "data/llm_cache/elsewhere"
+    path = write(tmp_path, raw)
+    problems = check.check(path)
+    assert problems.count("llm_defaults.temprature: unknown key (typo?)") == 1
+    assert problems.count("train_defaults.sft.learnig_rate: unknown key (typo?)") == 1
+    assert "versions.v4.trian: unknown key (typo?); a version has mix and train" in problems
+    assert any(p.startswith("filter.rules.llm.cache_dir: not a param") for p in problems)
+    assert not any("filter.accounting.llm.temprature" in p for p in problems)
+    with pytest.raises(ParamsError, match="llm_defaults.temprature: unknown key"):
+        load_filter("accounting", path)  # the stage names the shared section too

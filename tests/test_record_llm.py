@@ -88,8 +88,7 @@ def project(tmp_path, monkeypatch):
                       "min_hangul_share": 0.5, "max_digit_share": 0.5},
         "max_reject_rate": 0.2,
         "llm": {"model": "gpt-4o-2024-08-06", "temperature": 0.0, "max_tokens": 100, "seed": 3,
-                "prices": {"input_per_1m": 2.5, "output_per_1m": 10.0}, "cache_dir": "llm_cache/fm",
-                "offline": True}}}}
+                "prices": {"input_per_1m": 2.5, "output_per_1m": 10.0}, "offline": True}}}}
     (ws / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
     return root, ws
 

@@ -193,7 +193,8 @@ def test_stage_reports_shortfall_writes_pairs_and_the_seed_format_exports(tmp_pa
     with LLMTestServer(rule=draw_reply(answers)) as server:
         p = params(tmp_path, server, target_pairs=12, max_resamples=1)
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(
-            {"solve": {"financial_market": p.model_dump()}}, allow_unicode=True), encoding="utf-8")
+            {"solve": {"financial_market": p.model_dump(exclude={"llm": {"cache_dir"}})}},
+            allow_unicode=True), encoding="utf-8")
         result = run_stage("solve", stage_args(tmp_path), tmp_path)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))

@@ -278,7 +278,8 @@ def stage_workspace(tmp_path: Path, section: dict, pages: Optional[list] = None)
     (work / "data/collected").mkdir(parents=True)
     write_records(pages if pages is not None else sample_pages(), SCHEMAS["document"],
                   work / "data/collected/krx_reports.parquet")
-    (work / "params.yaml").write_text(yaml.safe_dump({"summarize": section}, allow_unicode=True),
+    written = {**section, "llm": {k: v for k, v in section["llm"].items() if k != "cache_dir"}}
+    (work / "params.yaml").write_text(yaml.safe_dump({"summarize": written}, allow_unicode=True),
                                       encoding="utf-8")
     return work
 

@@ -230,7 +230,8 @@ def test_grounded_stage_end_to_end_keeps_chunk_id_and_rejects_an_ungrounded_quot
                    fewshot=str(ROOT / "data/samples/fewshot/rules.yaml"),
                    inputs={"filtered": "filtered.parquet", "transformed": "filtered.parquet"})
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(
-            {"synthesize": {"rules": p.model_dump()}}, allow_unicode=True), encoding="utf-8")
+            {"synthesize": {"rules": p.model_dump(exclude={"llm": {"cache_dir"}})}}, allow_unicode=True),
+            encoding="utf-8")
         result = run_stage("synthesize", ["rules", "--out", "out.parquet", "--rejects", "rej.parquet",
                                           "--metrics", "m.json", "--log", "s.log", "--cache-dir", p.llm.cache_dir], tmp_path)
     assert result.returncode == 0, result.stderr

@@ -198,7 +198,7 @@ def test_stage_end_to_end_tracks_answers_rejects_and_reports_letters(tmp_path):
     write_records(records, SCHEMAS["mcq"], tmp_path / "in.parquet")
     llm = {"model": "test-model", "temperature": 0.0, "max_tokens": 512, "seed": 1,
            "concurrency": 4, "timeout_s": 5.0, "max_attempts": 2,
-           "prices": {"input_per_1m": 2.5, "output_per_1m": 10.0}, "cache_dir": "cache"}
+           "prices": {"input_per_1m": 2.5, "output_per_1m": 10.0}}  # cache: --cache-dir
     with LLMTestServer(rule=rule) as server:
         llm["base_url"] = server.base_url
         (tmp_path / "params.yaml").write_text(yaml.safe_dump({"transform": {"fm": {

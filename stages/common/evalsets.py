@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, Sequence, Union
 
 from pydantic import Field, model_validator
@@ -18,7 +17,7 @@ from pydantic import Field, model_validator
 from stages.common.io import read_records
 from stages.common.params import Strict
 from stages.common.prompts import LETTERS
-from stages.common.runlog import StageError
+from stages.common.runlog import StageError, require_input
 from stages.common.schema import reject, validate
 from stages.common.text import content_id
 from stages.sources.local import read_local
@@ -29,7 +28,7 @@ STAGE = "evaluate"
 
 
 # ---------------------------------------------------------------------------- the sets' params
-# ``evaluate.settings.collected`` / ``.local``: read by evaluate (its whole settings) and by mix
+# ``evaluate.collected`` / ``evaluate.local``: read by evaluate (its whole section) and by mix
 # (these two sections only, for decontamination).
 class EvalCollectedSet(Strict):
     """A collected parquet of mcq records (``collect@<source>``); only ``split`` is read."""
@@ -41,7 +40,7 @@ class EvalCollectedSet(Strict):
 class EvalLocalSet(Strict):
     """A local MCQ file (csv/tsv/json/jsonl/parquet/xlsx) read the way ``collect`` reads a local
     mcq source (same loader, same column mapping and answer formats), 4-7 choices."""
-    input: str = Field(description="the file; must lie under evaluate.settings.local_dir (the dvc dep)")
+    input: str = Field(description="the file; must lie under evaluate.local_dir (the dvc dep)")
     local: LocalSpec = Field(default_factory=LocalSpec)
     columns: dict[str, Union[str, list[str]]] = Field(
         description="question, choices (list of columns, or one column holding a list), answer, "
@@ -119,7 +118,7 @@ def items_from_records(name: str, records: list[dict[str, Any]], split: str | No
 def load_local_set(name: str, spec: EvalLocalSet) -> tuple[list[EvalItem], list[dict[str, str]]]:
     """A local MCQ file, read and mapped by collect's own loader and row mapping."""
     source = spec.as_source()
-    param = f"evaluate.settings.local.{name}"
+    param = f"evaluate.local.{name}"
     rows = read_local(source.input, source.local, param)
     check_columns(rows, source, param, source.input)
     records, rejects, _ = build_records(rows, source, name, source.input, stage=STAGE)
@@ -140,11 +139,10 @@ def load_sets(settings: Any) -> tuple[list[EvalItem], list[dict[str, str]]]:
     rejects: list[dict[str, str]] = []
     max_items_per_set = settings.max_items_per_set
     for name, spec in sorted(settings.collected.items()):
-        if not Path(spec.input).is_file():
-            raise StageError(f"evaluate.settings.collected.{name}.input: {spec.input} does not exist")
+        require_input(spec.input, f"evaluate.collected.{name}.input", "run its collect stage first")
         got, bad = items_from_records(name, read_records(spec.input), spec.split)
         if not got:
-            raise StageError(f"evaluate.settings.collected.{name}: no {spec.split!r} records in {spec.input}")
+            raise StageError(f"evaluate.collected.{name}: no {spec.split!r} records in {spec.input}")
         items += cap(got, max_items_per_set)
         rejects += bad
     for name, local_spec in sorted(settings.local.items()):

@@ -75,7 +75,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from stages.common.llm_cache import (ENTRY_FORMAT, CacheEntry, CacheMissError, CachedResponse,
                                      RequestSummary, ResponseCache, cache_key)
-from stages.common.params import PARAMS_FILE, Strict, read_section
+from stages.common.params import PARAMS_FILE, ParamsError, Strict, load_raw, lookup, read_section
 from stages.common.runlog import StageError, progress
 from stages.common.text import content_id
 
@@ -179,6 +179,13 @@ def read_llm_section(declared: tuple[str, ...], model: type[M], key: str | None,
     (``llm_defaults``) merged under its ``llm``, and the response cache directory from the
     stage's command line. The directory is created: it is a DVC out, and must exist even when
     no request is made."""
+    raw = load_raw(path)
+    for where, block in ((f"{declared[0].format(key=key)}.llm",
+                          (lookup(raw, declared[0].format(key=key)) or {}).get("llm")),
+                         (declared[1], raw.get(declared[1]))):
+        if isinstance(block, dict) and "cache_dir" in block:
+            raise ParamsError(f"{where}.cache_dir: not a param; the response cache is the stage's "
+                              "--cache-dir (its DVC out, in dvc.yaml)")
     params = read_section(declared, model, key, path=path, defaults=1, at="llm")
     if cache_dir is None:
         return params

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional, TypeVar
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from ruamel.yaml import YAML
@@ -74,21 +74,51 @@ def deep_merge(base: Any, override: Any) -> Any:
     return override
 
 
-def format_error(error: ValidationError, prefix: str = "") -> str:
+Locate = Callable[[tuple], str]
+
+
+def format_error(error: ValidationError, prefix: str = "", locate: Optional[Locate] = None) -> str:
+    """One line per error, naming the full key; ``locate(loc)`` names where a merged value
+    came from (a shared defaults section) when that is not ``prefix``."""
     lines = []
     for item in error.errors():
-        where = ".".join([prefix] * bool(prefix) + [str(p) for p in item["loc"]])
+        loc = tuple(str(p) for p in item["loc"])
+        where = locate(loc) if locate else ".".join([prefix] * bool(prefix) + list(loc))
         message = "unknown key (typo?)" if item["type"] == "extra_forbidden" else item["msg"]
         lines.append(f"  {where}: {message}")
     return "\n".join(lines)
 
 
-def validate_params(model: type[M], data: Any, where: str) -> M:
+def validate_params(model: type[M], data: Any, where: str, locate: Optional[Locate] = None) -> M:
     """``model`` over ``data``; errors name the full key path (``where`` + the field)."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ParamsError(f"params {where} is invalid:\n{format_error(exc, where)}") from None
+        raise ParamsError(f"params {where} is invalid:\n{format_error(exc, where, locate)}") from None
+
+
+def _has(node: Any, path: Sequence[str]) -> bool:
+    for part in path:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def origin_locator(raw: dict[str, Any], dotted: str, defaults: Optional[str],
+                   at: Optional[str]) -> Locate:
+    """Name a merged key by the section it came from: the stage's own (``dotted``) unless only
+    the defaults section (merged under field ``at``) has it, e.g. ``llm_defaults.temprature``."""
+    own = lookup(raw, dotted)
+
+    def locate(loc: tuple) -> str:
+        path = list(loc)
+        if defaults is not None and not _has(own, path):
+            inner = path[1:] if at is not None and path[:1] == [at] else path if at is None else None
+            if inner is not None and defaults in raw and _has(raw[defaults], inner):
+                return ".".join([defaults, *inner])
+        return ".".join([dotted, *path])
+    return locate
 
 
 def merged_section(raw: dict[str, Any], dotted: str, defaults: Optional[str] = None,
@@ -115,7 +145,9 @@ def read_section(declared: tuple[str, ...], model: type[M], key: Optional[str] =
     merged under field ``at``, validated by ``model``. Only declared templates can be read."""
     dotted = declared[section].format(key=key)
     shared = None if defaults is None else declared[defaults].format(key=key)
-    return validate_params(model, merged_section(load_raw(path), dotted, shared, at), dotted)
+    raw = load_raw(path)
+    return validate_params(model, merged_section(raw, dotted, shared, at), dotted,
+                           origin_locator(raw, dotted, shared, at))
 
 
 def check_key_names(keys: Any, where: str) -> None:

@@ -63,11 +63,14 @@ def write_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
     write_json(metrics, path)
 
 
-def require_input(path: str | Path, param: str, hint: str = "") -> Path:
-    """An input that must exist, or the stage's one-line error naming the param and the path."""
+def require_input(path: str | Path, param: str, hint: str = "", directory: bool = False) -> Path:
+    """An input file (or, with ``directory``, a directory) that must exist, or the stage's
+    one-line error naming the param and the path."""
     path = Path(path)
-    if not path.exists():
-        raise StageError(f"{param}: input {path} does not exist" + (f" ({hint})" if hint else ""))
+    if not (path.is_dir() if directory else path.is_file()):
+        what = "is not a directory" if directory and path.exists() else \
+            "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise StageError(f"{param}: input {path} {what}" + (f" ({hint})" if hint else ""))
     return path
 
 

@@ -7,7 +7,7 @@ examples made from one unit of content (both steps of one question, both directi
 translation pair, the chunks of one page or report): dedup never removes one member of a group
 because of another, and the dev split takes whole groups.
 
-Formats (``mix.<version>.sources.<name>.format``; kinds in ``MIX_FORMATS``):
+Formats (``versions.<version>.mix.sources.<name>.format``; kinds in ``MIX_FORMATS``):
 
 ================== ============ ==============================================================
 format             record kind  prompt -> completion

@@ -80,7 +80,7 @@ class MixDedup(Strict):
 
 
 class MixDecontamination(Strict):
-    """Against every evaluation set of ``evaluate.settings`` (collected and local)."""
+    """Against every evaluation set of ``evaluate`` (collected and local)."""
     ngram_chars: int = Field(ge=5, description="character n-grams (whitespace removed: Korean "
                                                "spacing varies) of the eval question and choices")
     threshold: float = Field(gt=0, le=1, description="an example containing at least this share "

@@ -49,7 +49,7 @@ class TinyModelSpec(Strict):
     intermediate: int = Field(gt=0, description="intermediate_size (SwiGLU)")
     max_position_embeddings: int = Field(gt=0)
     initializer_range: float = Field(0.02, gt=0, description="std of the random weights")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "TinyModelSpec":

@@ -11,10 +11,17 @@ Each stage validates its own section when it starts; what only this command sees
 - training parents that are not versions, and init_from cycles;
 - a ``dvc.vars.yaml`` out of date with the versions.
 Every problem is printed (one line each, naming the key); exit 2 when there is any.
+
+Then (unless ``--schema-only``) what a run of this workspace still lacks, in one list, exit 1:
+inputs no stage writes that are neither on disk nor tracked by a ``.dvc`` file (the raw data of
+a production run), hub revisions that are placeholders rather than pinned commits, and an unset
+``OPENAI_API_KEY`` while an LLM stage would call the API.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -137,10 +144,86 @@ def check(path: str | Path = PARAMS_FILE, root: str | Path | None = None) -> lis
     return problems
 
 
+PINNED = re.compile(r"^[0-9a-f]{40}$")
+LLM_SECTIONS = ("filter", "transform", "synthesize", "solve")
+
+
+def missing_inputs(root: Path) -> list[str]:
+    """Deps of dvc.yaml's stages that no stage writes and that are neither on disk nor
+    tracked by a ``.dvc`` file (``dvc pull`` would bring them): a run would stop at them."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        stages = list(repo.index.stages)
+    outs = {o.def_path.rstrip("/") for stage in stages for o in stage.outs}
+    wanted: dict[str, list[str]] = {}
+    for stage in stages:
+        for dep in stage.deps:
+            if type(dep).__name__ != "Dependency":
+                continue
+            path = dep.def_path.rstrip("/")
+            produced = any(path == o or path.startswith(o + "/") or o.startswith(path + "/")
+                           for o in outs)
+            if not produced and not (root / path).exists() and not (root / f"{path}.dvc").exists():
+                wanted.setdefault(path, []).append(stage.name)
+    return [f"{path}: missing (input of {', '.join(sorted(names)[:3])}"
+            + (f" and {len(names) - 3} more" if len(names) > 3 else "") + "); add it and `dvc add` it"
+            for path, names in sorted(wanted.items())]
+
+
+def placeholder_revisions(raw: dict[str, Any]) -> list[str]:
+    """Hub revisions that are not a pinned commit (a moving branch such as ``main``)."""
+    from stages.sources.spec import is_local_repo
+
+    found = []
+    for key, source in (raw.get("collect") or {}).items():
+        hub = source.get("hub") if isinstance(source, dict) else None
+        if isinstance(hub, dict) and not is_local_repo(str(hub.get("repo", ""))) \
+                and not PINNED.match(str(hub.get("revision", ""))):
+            found.append(f"collect.{key}.hub.revision: {hub.get('revision')!r} is not a pinned "
+                         f"commit of {hub.get('repo')} (40 hex digits)")
+    base = raw.get("base_model") or {}
+    if isinstance(base, dict) and not base.get("build") and not os.path.isdir(str(base.get("model"))) \
+            and not PINNED.match(str(base.get("revision", ""))):
+        found.append(f"base_model.revision: {base.get('revision')!r} is not a pinned commit of "
+                     f"{base.get('model')} (40 hex digits)")
+    return found
+
+
+def online_llm_stages(raw: dict[str, Any]) -> list[str]:
+    """LLM stages that would call the API (not offline by params or LLM_OFFLINE=1)."""
+    if os.environ.get("LLM_OFFLINE", "").strip().lower() in ("1", "true", "yes"):
+        return []
+    default = bool((raw.get("llm_defaults") or {}).get("offline", False))
+    online = []
+    sections = {f"{s}@{k}": v for s in LLM_SECTIONS for k, v in (raw.get(s) or {}).items()}
+    if "summarize" in raw:
+        sections["summarize"] = raw["summarize"]
+    for name, section in sections.items():
+        llm = (section or {}).get("llm") or {} if isinstance(section, dict) else {}
+        if not llm.get("offline", default):
+            online.append(name)
+    return online
+
+
+def missing_for_run(path: str | Path, root: str | Path) -> list[str]:
+    """Everything a run of the workspace at ``root`` still lacks, in one list."""
+    raw = load_raw(path)
+    missing = missing_inputs(Path(root)) + placeholder_revisions(raw)
+    online = online_llm_stages(raw)
+    if online and not os.environ.get("OPENAI_API_KEY"):
+        from stages.common.llm import API_KEY_ENV
+        missing.append(f"{API_KEY_ENV} is not set, and {len(online)} LLM stage(s) would call the API "
+                       f"({', '.join(online[:4])}{' …' if len(online) > 4 else ''})")
+    return missing
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default=PARAMS_FILE)
     parser.add_argument("--root", default=".", help="the DVC project holding dvc.vars.yaml")
+    parser.add_argument("--schema-only", action="store_true",
+                        help="only the params themselves, not what a run still lacks")
     args = parser.parse_args(argv)
     try:
         problems = check(args.params, args.root)
@@ -152,6 +235,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.params}: {len(problems)} problem(s)", file=sys.stderr)
         return 2
     print(f"{args.params}: ok")
+    if args.schema_only:
+        return 0
+    missing = missing_for_run(args.params, args.root)
+    for item in missing:
+        print(f"missing: {item}", file=sys.stderr)
+    if missing:
+        print(f"{len(missing)} thing(s) a run of {Path(args.root).resolve()} still lacks",
+              file=sys.stderr)
+        return 1
+    print("nothing missing for a run")
     return 0
 
 

@@ -65,13 +65,13 @@ class EvaluateSettings(Strict):
     scoring: Literal["loglik", "generate"] = Field(
         "loglik", description="loglik: next-token log-probs of the letters after the step-1 "
                               "prompt; generate: two-step generation, strict letter parsing")
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, le=4096)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on cuda, float32 on cpu")
     max_prompt_tokens: int = Field(2048, ge=16, description="longer prompts are rejected, never cut")
     shuffled: bool = Field(True, description="also score every item with its options permuted")
-    shuffle_seed: int = Field(0, description="with the item id, seeds each item's permutation")
+    shuffle_seed: int = Field(0, ge=0, description="with the item id, seeds each item's permutation")
     max_items_per_set: Optional[int] = Field(None, ge=1, description="first N items by id per set")
     max_reject_rate: float = Field(0.2, ge=0, le=1)
     generation: EvalGeneration = Field(default_factory=EvalGeneration)

@@ -145,7 +145,7 @@ class HeaderFooterParams(Strict):
 
 class ExtractParams(Strict):
     input: str = Field(description="directory of PDFs (searched recursively)")
-    workers: int = Field(0, ge=0, description="processes; 0 = one per core")
+    workers: int = Field(0, ge=0, le=512, description="processes; 0 = one per core")
     tables: bool = Field(True, description="find_tables() per page (slow: switch off for speed)")
     max_garbled_ratio: float = Field(0.3, ge=0, le=1)
     min_text_chars: int = Field(20, ge=0, description="a document below this many characters in "

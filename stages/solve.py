@@ -77,7 +77,7 @@ class SolveParams(Strict):
     inputs: SolveInputs
     target_pairs: Optional[int] = Field(
         description="pairs wanted, exactly (2 per question); null = every question that verifies")
-    max_resamples: int = Field(2, ge=0, description="re-samples (sample_index 1..k) after a wrong first solution")
+    max_resamples: int = Field(2, ge=0, le=20, description="re-samples (sample_index 1..k) after a wrong first solution")
     quality: QualityParams = Field(default_factory=QualityParams)
     max_reject_rate: float = Field(0.5, ge=0, le=1, description="of the questions attempted")
     llm: LLMParams

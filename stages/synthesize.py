@@ -67,12 +67,12 @@ class SynthesizeParams(Strict):
     grounded: bool = Field(False, description="write each question from a document chunk (rules)")
     inputs: SynthesizeInputs
     fewshot: str = Field(description="YAML file of example questions (at least one per option count)")
-    fewshot_per_prompt: int = Field(1, ge=1, description="examples shown per request (same option count)")
+    fewshot_per_prompt: int = Field(1, ge=1, le=10, description="examples shown per request (same option count)")
     target: int = Field(ge=0, description="questions wanted, exactly; a shortfall is reported, never padded")
     topics: list[str] = Field(min_length=1, description="topics, balanced round robin over slots")
     choice_counts: list[int] = Field(default_factory=lambda: [4, 5, 6, 7],
                                      description="option counts cycled over slots (4-7)")
-    max_rounds: int = Field(5, ge=1, description="generation rounds; a rejected slot is re-asked next round")
+    max_rounds: int = Field(5, ge=1, le=50, description="generation rounds; a rejected slot is re-asked next round")
     near_duplicate_threshold: float = Field(0.6, gt=0, le=1,
                                             description="char n-gram Jaccard at or above which a question is a near-duplicate")
     ngram: int = Field(3, ge=1, le=8, description="character n-gram size for the near-duplicate check")

@@ -89,9 +89,10 @@ class SftParams(Strict):
     learning_rate: float = Field(gt=0)
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup",
                                "cosine_with_min_lr", "polynomial", "inverse_sqrt"]
-    warmup_steps: float = Field(ge=0, description="int: steps; float in [0, 1): ratio of total steps")
+    warmup_steps: float = Field(ge=0, description="a whole number: steps; a float in [0, 1): a ratio "
+                                                  "of the total steps")
     num_train_epochs: float = Field(gt=0)
-    max_steps: int = Field(-1, description="> 0 overrides num_train_epochs")
+    max_steps: int = Field(-1, ge=-1, description="> 0 overrides num_train_epochs; -1: epochs decide")
     max_length: int = Field(gt=0)
     optim: str = Field(description="adamw_8bit needs bitsandbytes")
     weight_decay: float = Field(0.0, ge=0)
@@ -104,13 +105,23 @@ class SftParams(Strict):
     save_steps: int = Field(gt=0, description="checkpoint every N steps (resume points)")
     save_total_limit: int = Field(gt=0)
     eval_strategy: Literal["no", "steps", "epoch"] = "no"
-    eval_steps: Optional[int] = None
-    seed: int
+    eval_steps: Optional[int] = Field(None, gt=0)
+    seed: int = Field(ge=0)
     packing: bool = False
     padding_free: bool = False
     completion_only_loss: bool = Field(description="loss on the completion (answer) only")
     ddp_find_unused_parameters: Optional[bool] = False
     dataloader_num_workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _counts(self) -> "SftParams":
+        if self.max_steps == 0:
+            raise ValueError("max_steps 0 trains nothing: give > 0 steps, or -1 to train num_train_epochs")
+        if self.warmup_steps >= 1 and not float(self.warmup_steps).is_integer():
+            raise ValueError(f"warmup_steps {self.warmup_steps}: a ratio must be < 1, a step count whole")
+        if self.eval_strategy == "steps" and self.eval_steps is None:
+            raise ValueError("eval_strategy steps needs eval_steps")
+        return self
 
     @model_validator(mode="after")
     def _non_reentrant(self) -> "SftParams":

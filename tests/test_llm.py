@@ -186,6 +186,44 @@ def test_transport_errors_exhaust_into_a_reject_that_is_not_cached(tmp_path, ser
     assert all(r.ok for r in results) and len(server.completions_requests) == 8
 
 
+def _closed_port() -> int:
+    import socket
+    with socket.socket() as probe:  # bound, never listening: connections are refused
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("base_url", ["refused", "http://no-such-host.invalid/v1"])
+def test_an_endpoint_never_reached_fails_the_stage_naming_it(tmp_path, base_url):
+    if base_url == "refused":
+        base_url = f"http://127.0.0.1:{_closed_port()}/v1"
+    params = make_params(tmp_path, None, base_url=base_url, max_attempts=8, concurrency=2)
+    with pytest.raises(FatalLLMError) as info:
+        run_requests(params, requests_for(range(11)))
+    message = str(info.value)
+    assert f"LLM endpoint {base_url} is unreachable" in message and "no request has reached it" in message
+    assert "ConnectionRefusedError" in message or "gaierror" in message
+
+
+def test_a_refused_connection_after_the_endpoint_answered_is_retried(tmp_path):
+    """Only an endpoint never reached is fatal; once it has answered, a refused connection is
+    a drop like any other: retried, then a transport_error reject for that item."""
+    with LLMTestServer() as up:
+        params = make_params(tmp_path, up, max_attempts=2)
+
+        async def main():
+            async with LLMClient(params) as llm:
+                first = await llm.run_many(requests_for([0]))
+                up.stop()  # the endpoint goes away mid-run
+                rest = await llm.run_many(requests_for([1, 2]))
+                return first, rest, llm.accounting
+        first, rest, accounting = asyncio.run(main())
+    assert first[0].ok
+    assert [r.error for r in rest] == ["transport_error", "transport_error"]
+    assert all("gave up after 2 attempts" in r.detail for r in rest)
+    assert accounting.transport_retries == 2
+
+
 def test_server_rpm_cap_answers_429_and_exhausted_retries_reject(tmp_path):
     with LLMTestServer(rpm_cap=2) as capped:
         results, accounting = run_batch(make_params(tmp_path, capped, max_attempts=1),

@@ -240,3 +240,56 @@ def test_a_typo_in_a_shared_default_is_named_once_by_its_own_section(tmp_path):
     assert not any("filter.accounting.llm.temprature" in p for p in problems)
     with pytest.raises(ParamsError, match="llm_defaults.temprature: unknown key"):
         load_filter("accounting", path)  # the stage names the shared section too
+
+
+@pytest.mark.parametrize("section,key,value,message", [
+    ("train_defaults", "sft.max_steps", -5, "train_defaults.sft.max_steps: Input should be greater than or equal to -1"),
+    ("train_defaults", "sft.max_steps", 0, "max_steps 0 trains nothing"),
+    ("train_defaults", "sft.warmup_steps", 1.5, "a ratio must be < 1"),
+    ("train_defaults", "sft.seed", -1, "train_defaults.sft.seed"),
+    ("train_defaults", "lora.lora_dropout", 1.0, "train_defaults.lora.lora_dropout"),
+    ("llm_defaults", "max_tokens", 0, "llm_defaults.max_tokens"),
+    ("llm_defaults", "backoff_base_s", 120.0, "backoff_base_s 120.0 > backoff_max_s 60.0"),
+    ("mix_defaults", "dev_size", 1.0, "mix_defaults.dev_size"),
+    ("mix_defaults", "batch_size", 0, "mix_defaults.batch_size"),
+    ("synthesize", "financial_market.target", -1, "synthesize.financial_market.target"),
+    ("solve", "rules.target_pairs", 3, "target_pairs must be a non-negative even number"),
+    ("evaluate", "batch_size", 0, "evaluate.batch_size"),
+    ("extract", "rules.workers", -2, "extract.rules.workers"),
+])
+def test_numeric_knobs_are_range_checked_naming_the_key(tmp_path, section, key, value, message):
+    raw = load_raw(ROOT / "params.yaml")
+    node = raw[section]
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+    problems = check.check(write(tmp_path, raw))
+    assert any(message in p for p in problems), problems
+
+
+def test_check_lists_everything_a_production_run_lacks_at_once(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("LLM_OFFLINE", raising=False)
+    missing = check.missing_for_run(ROOT / "params.yaml", ROOT)
+    text = "\n".join(missing)
+    for expected in ("data/raw/krx_sample.csv: missing (input of collect@krx_sample)",
+                     "data/raw/pdfs/krx_reports: missing", "data/raw/eval: missing",
+                     "collect.kmmlu_economics.hub.revision: 'main' is not a pinned commit",
+                     "base_model.revision: 'main' is not a pinned commit",
+                     "OPENAI_API_KEY is not set, and 12 LLM stage(s) would call the API"):
+        assert expected in text, missing
+    assert not any("data/collected" in m or "models/" in m for m in missing)  # stage outputs
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-placeholder")
+    assert not any("OPENAI_API_KEY" in m for m in check.missing_for_run(ROOT / "params.yaml", ROOT))
+
+
+def test_the_quickstart_workspace_lacks_nothing(tmp_path, monkeypatch):
+    from scripts.quickstart import prepare_workspace
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("LLM_OFFLINE", raising=False)
+    workspace = tmp_path / "qs"
+    prepare_workspace(ROOT, workspace)
+    assert check.check(workspace / "params.yaml", workspace) == []
+    assert check.missing_for_run(workspace / "params.yaml", workspace) == []

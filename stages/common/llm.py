@@ -57,6 +57,7 @@ import math
 import os
 import random
 import re
+import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -71,7 +72,7 @@ import openai
 # one implementation of OpenAI's strict-mode rules, kept in step with the pinned SDK.
 from openai.lib._pydantic import to_strict_json_schema
 from openai.types.chat import ChatCompletion
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from stages.common.llm_cache import (ENTRY_FORMAT, CacheEntry, CacheMissError, CachedResponse,
                                      RequestSummary, ResponseCache, cache_key)
@@ -87,6 +88,9 @@ __all__ = [
 ]
 
 OFFLINE_ENV = "LLM_OFFLINE"
+# Refused connections / failed name lookups, before any request reached the endpoint, that
+# end the stage (a wrong base_url fails in seconds instead of max_attempts × items retries).
+UNREACHABLE_LIMIT = 3
 REJECT_REASONS = ("invalid_json", "schema_violation", "refusal", "truncated",
                   "transport_error", "bad_request")
 # Internal marker of an offline miss; never reaches a caller (it becomes CacheMissError).
@@ -126,7 +130,7 @@ class LLMParams(Strict):
                           "OPENAI_BASE_URL, else api.openai.com")
     temperature: float = Field(ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    max_tokens: int = Field(ge=1, description="completion token limit per answer")
+    max_tokens: int = Field(ge=1, le=1_000_000, description="completion token limit per answer")
     token_limit_field: Literal["max_tokens", "max_completion_tokens"] = Field(
         "max_tokens", description="request field carrying max_tokens (o-series models need "
                                   "max_completion_tokens; most self-hosted servers max_tokens)")
@@ -134,16 +138,22 @@ class LLMParams(Strict):
     concurrency: int = Field(100, ge=1, le=1000, description="requests in flight at most")
     rpm: Optional[int] = Field(None, gt=0, description="client-side requests-per-minute cap")
     tpm: Optional[int] = Field(None, gt=0, description="client-side tokens-per-minute cap")
-    max_attempts: int = Field(8, ge=1, description="HTTP attempts per answer (transport retries)")
+    max_attempts: int = Field(8, ge=1, le=50, description="HTTP attempts per answer (transport retries)")
     max_invalid_attempts: int = Field(
-        3, ge=1, description="answers per item before an invalid/refused/truncated one is a reject")
-    timeout_s: float = Field(120.0, gt=0, description="per HTTP attempt")
-    backoff_base_s: float = Field(1.0, gt=0)
-    backoff_max_s: float = Field(60.0, gt=0)
+        3, ge=1, le=20, description="answers per item before an invalid/refused/truncated one is a reject")
+    timeout_s: float = Field(120.0, gt=0, le=3600, description="per HTTP attempt")
+    backoff_base_s: float = Field(1.0, gt=0, le=600)
+    backoff_max_s: float = Field(60.0, gt=0, le=3600)
     prices: Prices
     offline: bool = Field(False, description="answer from the cache only (LLM_OFFLINE=1 also forces it)")
     cache_dir: Optional[str] = Field(None, min_length=1, description=(
         "response cache directory (a DVC out): set by the stage from --cache-dir"))
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> "LLMParams":
+        if self.backoff_base_s > self.backoff_max_s:
+            raise ValueError(f"backoff_base_s {self.backoff_base_s} > backoff_max_s {self.backoff_max_s}")
+        return self
 
     @field_validator("base_url")
     @classmethod
@@ -484,7 +494,7 @@ class RateLimiter:
 # ---------------------------------------------------------------------------- the client
 @dataclass
 class _Failure:
-    kind: Literal["retry", "reject", "fatal"]
+    kind: Literal["retry", "reject", "fatal", "unreachable"]
     detail: str
     retry_after: Optional[float] = None
 
@@ -515,6 +525,11 @@ class LLMClient:
         self._rpm = RateLimiter(params.rpm) if params.rpm else None
         self._tpm = RateLimiter(params.tpm) if params.tpm else None
         self._fatal: FatalLLMError | None = None
+        # Whether any request has reached the endpoint (any HTTP response). Until one has, a
+        # refused connection or a failed name lookup is not a transient drop: the endpoint is
+        # wrong or down, and UNREACHABLE_LIMIT of them end the stage at once.
+        self._reached = False
+        self._unreachable = 0
         # One lock per key being fetched: identical concurrent requests make one call and
         # the others read its cache entry.
         self._key_locks: dict[str, asyncio.Lock] = {}
@@ -707,12 +722,14 @@ class LLMClient:
                 except openai.APIError as exc:
                     if self._tpm:
                         self._tpm.credit(estimate)  # a failed request is not charged tokens
-                    failure = self._classify(exc)
+                    self._reached |= isinstance(exc, openai.APIStatusError)
+                    failure = self._unreachable_or(self._classify(exc))
                     if failure.kind == "fatal":
                         self._fatal = FatalLLMError(failure.detail)
                 except ValueError as exc:  # a 200 whose body is not JSON (JSONDecodeError)
                     failure = _Failure("retry", f"malformed response body ({type(exc).__name__})")
                 else:
+                    self._reached = True
                     response = self._to_cached(completion)
                     if response is not None:
                         if self._tpm:
@@ -734,6 +751,20 @@ class LLMClient:
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
+    def _unreachable_or(self, failure: _Failure) -> _Failure:
+        """A refused connection / failed lookup: fatal once UNREACHABLE_LIMIT of them arrive
+        before any request reached the endpoint; after that, a drop like any other (retry)."""
+        if failure.kind != "unreachable":
+            return failure
+        if self._reached:
+            return _Failure("retry", failure.detail)
+        self._unreachable += 1
+        if self._unreachable < UNREACHABLE_LIMIT:
+            return _Failure("retry", failure.detail)
+        return _Failure("fatal", f"LLM endpoint {_endpoint(self.params.base_url)} is unreachable: "
+                                 f"{failure.detail}; no request has reached it. Check llm.base_url / "
+                                 "OPENAI_BASE_URL and the network.")
+
     def _backoff(self, attempt: int, retry_after: Optional[float]) -> float:
         if retry_after is not None:
             # The server said when; a little jitter on top keeps a crowd of waiters from
@@ -753,7 +784,8 @@ class LLMClient:
                 root = root.__cause__
             name = type(root).__name__
             what = "timeout" if "Timeout" in name or isinstance(root, TimeoutError) else "connection error"
-            return _Failure("retry", _redact(f"{what} ({name}: {root})"[:300]))
+            kind = "unreachable" if isinstance(root, (ConnectionRefusedError, socket.gaierror)) else "retry"
+            return _Failure(kind, _redact(f"{what} ({name}: {root})"[:300]))
         if not isinstance(exc, openai.APIStatusError):  # e.g. a 200 whose body is not JSON
             return _Failure("retry", _redact(f"{type(exc).__name__}: {exc.message}"[:300]))
         status = exc.status_code

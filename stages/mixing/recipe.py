@@ -90,7 +90,7 @@ class MixDecontamination(Strict):
 class MixParams(Strict):
     """``mix_defaults`` + ``versions.<version>.mix``: the recipe of one data mixture
     (MISSION.md's version table)."""
-    seed: int = Field(description="selection, upsampling and the dev split")
+    seed: int = Field(ge=0, description="selection, upsampling and the dev split")
     sources: dict[str, MixSource] = Field(min_length=1)
     exclude_sources: list[str] = Field(default_factory=list, description=(
         "names this version must never contain, also through mixture_<version> sources"))
@@ -102,7 +102,7 @@ class MixParams(Strict):
     overlength: Literal["truncate", "drop"] = Field(description=(
         "longer examples: truncate the completion text to fit (the end-of-turn token stays), "
         "or drop them (rejects)"))
-    batch_size: int = Field(ge=1, description="records per streamed Parquet batch")
+    batch_size: int = Field(ge=1, le=1_000_000, description="records per streamed Parquet batch")
     max_reject_rate: float = Field(ge=0, le=1, description="share of malformed source records "
                                    "(dedup/decontamination removals do not count)")
     dedup: MixDedup

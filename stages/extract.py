@@ -25,11 +25,12 @@ Reject reasons. File level (the whole PDF yields nothing; these count towards
 ``max_reject_rate``): ``empty_file`` (0 bytes), ``not_a_pdf`` (no ``.pdf`` suffix, or no
 ``%PDF-`` header in the first KiB), ``encrypted`` (needs a user password), ``corrupt``
 (MuPDF cannot open it, it has no pages, or a page cannot be loaded), ``truncated`` (see
-below), ``image_only`` (fewer than ``min_text_chars`` characters in all pages: no text
-layer), ``duplicate_file`` (same sha256 as an earlier emitted file; the detail names it),
+below), ``image_only`` (fewer than ``min_text_chars`` characters in all pages, and images:
+no text layer, scanned?), ``no_text`` (as few characters and no image at all: blank), ``duplicate_file`` (same sha256 as an earlier emitted file; the detail names it),
 ``no_usable_pages`` (every page was rejected individually), ``extraction_error`` (an
 unexpected exception; the detail holds it — the stage never crashes on one file).
-Page level (the page is not emitted, the rest of the PDF is): ``empty_page``,
+Page level (the page is not emitted, the rest of the PDF is): ``empty_page`` (only running
+headers/footers, or only images), ``no_text`` (a blank page: neither text nor images),
 ``garbled_text`` (``garbled_ratio`` above ``max_garbled_ratio``).
 
 Decisions, and why:
@@ -141,6 +142,7 @@ class HeaderFooterParams(Strict):
     min_pages: int = Field(3, ge=2, description="only documents with at least this many pages")
     min_share: float = Field(0.5, gt=0, le=1.0,
                              description="a line repeated (digits masked) on this share of pages is dropped")
+    max_chars: int = Field(120, ge=1, description="longer lines are never page furniture")
 
 
 class ExtractParams(Strict):
@@ -246,15 +248,49 @@ def header_key(text: str) -> str:
     return _DIGITS.sub("#", " ".join(text.split()))
 
 
+def furniture(page: PageLayout, repeated: set[int], zone: float, max_chars: int) -> set[int]:
+    """The ``repeated`` lines of the page that are page furniture, not body text.
+
+    Walking from the body towards the page edge, a repeated line closer to the body text
+    below (above, for a footer) than one line height is part of that text, and so is every
+    repeated line chained to it the same way; from the first clear gap outwards, the short
+    repeated lines inside ``zone`` are furniture. A page whose repeated lines touch nothing
+    else keeps them: removing them would blank it."""
+    lines = page.lines
+    height = sorted(l.y1 - l.y0 for l in lines)[len(lines) // 2] if lines else 0.0
+    kept_zone = (zone * page.height, (1 - zone) * page.height)
+    found: set[int] = set()
+    for top in (True, False):
+        side = [i for i in repeated if (lines[i].y1 <= kept_zone[0] if top else lines[i].y0 >= kept_zone[1])]
+        body = [l for i, l in enumerate(lines) if i not in repeated
+                and (l.y0 > max((lines[j].y0 for j in side), default=-1.0) if top
+                     else l.y1 < min((lines[j].y1 for j in side), default=float("inf")))]
+        if not side or not body:
+            continue
+        anchor = min(l.y0 for l in body) if top else max(l.y1 for l in body)
+        for index in sorted(side, key=lambda i: lines[i].y0, reverse=top):
+            line = lines[index]
+            distance = anchor - line.y1 if top else line.y0 - anchor
+            if distance < height:  # set at the body's spacing: part of the text
+                anchor = line.y0 if top else line.y1
+                continue
+            found |= {i for i in side if (lines[i].y0 <= line.y0 if top else lines[i].y0 >= line.y0)
+                      and len(lines[i].text) <= max_chars}
+            break
+    return found
+
+
 def remove_headers_footers(pages: Sequence[PageLayout], params: HeaderFooterParams
                            ) -> tuple[list[PageLayout], list[int]]:
     """Drop running headers/footers from a document's pages.
 
-    A line is removed when it lies wholly inside the top or bottom ``params.zone`` of its
+    A line is a candidate when it lies wholly inside the top or bottom ``params.zone`` of its
     page and its :func:`header_key` occurs, at the same relative height (±
-    :data:`HEADER_POSITION_TOLERANCE`), inside the zone of at least ``params.min_share`` of
-    the pages. Documents with fewer than ``params.min_pages`` pages are returned unchanged.
-    Returns the new pages and the number of lines removed from each.
+    :data:`HEADER_POSITION_TOLERANCE`), inside the zone of at least ``params.min_share`` of the
+    pages; a candidate is removed only when it is page furniture (:func:`furniture`: set apart
+    from the body text, short), never a body line that happens to repeat. Documents with fewer
+    than ``params.min_pages`` pages are returned unchanged. Returns the new pages and the
+    number of lines removed from each.
     """
     count = len(pages)
     if count < params.min_pages:
@@ -286,8 +322,11 @@ def remove_headers_footers(pages: Sequence[PageLayout], params: HeaderFooterPara
                 drop[p_index].add(l_index)
 
     result, removed = list(pages), [0] * count
-    for p_index, dropped in drop.items():  # only the pages that lose lines are rebuilt
+    for p_index, repeated in drop.items():  # only the pages that lose lines are rebuilt
         page = pages[p_index]
+        dropped = furniture(page, repeated, params.zone, params.max_chars)
+        if not dropped:
+            continue
         result[p_index] = page._replace(
             lines=tuple(line for i, line in enumerate(page.lines) if i not in dropped))
         removed[p_index] = len(dropped)
@@ -569,18 +608,22 @@ _Tables = list[tuple[Box, list[list[str]]]]  # one page's find_page_tables()
 def _extract_into(result: FileResult, path: str, params: ExtractParams, collection: str) -> None:
     """Fill ``result`` from the file at ``path``; raise :class:`_Rejected` for a file-level reject."""
     has_eof = _check_pdf_file(result, path)
-    layouts, page_tables = _read_pages(result, path, params, has_eof)
+    layouts, page_tables, images = _read_pages(result, path, params, has_eof)
 
     had_text = [bool(layout.lines) for layout in layouts]
     layouts, removed = remove_headers_footers(layouts, params.header_footer)
     texts, page_flags = _page_texts(layouts, page_tables, result.flags)
     total_chars = sum(len(t) for t in texts)
-    if total_chars < params.min_text_chars:
+    if total_chars < params.min_text_chars and any(images):
         raise _Rejected("image_only", f"{total_chars} text characters in {result.page_count} pages "
-                                      f"< min_text_chars {params.min_text_chars}: no text layer "
-                                      "(scanned?)")
+                                      f"< min_text_chars {params.min_text_chars}, {sum(images)} "
+                                      "image(s): no text layer (scanned?)")
+    if total_chars < params.min_text_chars:
+        raise _Rejected("no_text", f"{total_chars} text characters and no images in "
+                                   f"{result.page_count} pages (< min_text_chars "
+                                   f"{params.min_text_chars}): a blank document")
 
-    reasons = _emit_pages(result, zip(texts, page_tables, page_flags, removed, had_text),
+    reasons = _emit_pages(result, zip(texts, page_tables, page_flags, removed, had_text, images),
                           params, collection)
     result.pages_rejected = sum(reasons.values())
     if not result.pages:
@@ -607,8 +650,9 @@ def _check_pdf_file(result: FileResult, path: str) -> bool:
 
 
 def _read_pages(result: FileResult, path: str, params: ExtractParams, has_eof: bool
-                ) -> tuple[list[PageLayout], list[_Tables]]:
-    """Open the PDF, fill in its page count, flags and title, and read every page's lines and tables."""
+                ) -> tuple[list[PageLayout], list[_Tables], list[int]]:
+    """Open the PDF, fill in its page count, flags and title, and read every page's lines,
+    tables and number of images."""
     broken = "corrupt" if has_eof else "truncated"
     no_eof = "" if has_eof else f"; no %%EOF in the last {PDF_EOF_WINDOW} bytes"
     try:
@@ -629,6 +673,7 @@ def _read_pages(result: FileResult, path: str, params: ExtractParams, has_eof: b
 
         layouts: list[PageLayout] = []
         page_tables: list[_Tables] = []
+        images: list[int] = []
         for index in range(doc.page_count):
             try:
                 page = doc.load_page(index)
@@ -636,9 +681,10 @@ def _read_pages(result: FileResult, path: str, params: ExtractParams, has_eof: b
                 rect = page.rect
                 layouts.append(PageLayout(rect.width, rect.height, lines_from_words(words)))
                 page_tables.append(find_page_tables(page, words) if params.tables else [])
+                images.append(len(page.get_images(full=False)))
             except RuntimeError as exc:  # MuPDF errors: broken page tree or content stream
                 raise _Rejected(broken, f"page {index + 1} cannot be read: {exc}{no_eof}") from None
-    return layouts, page_tables
+    return layouts, page_tables, images
 
 
 def _document_title(doc: pymupdf.Document, rel_path: str, params: ExtractParams) -> str:
@@ -667,20 +713,23 @@ def _page_texts(layouts: Sequence[PageLayout], page_tables: Sequence[_Tables],
 
 
 def _emit_pages(result: FileResult,
-                pages: Iterable[tuple[str, _Tables, list[str], int, bool]],
+                pages: Iterable[tuple[str, _Tables, list[str], int, bool, int]],
                 params: ExtractParams, collection: str) -> Counter[str]:
     """Add a record, or a page-level reject, to ``result`` per page; count the rejects by reason.
 
-    ``pages`` holds ``(text, tables, flags, header_footer_lines_removed, had_text)`` per page.
+    ``pages`` holds ``(text, tables, flags, header_footer_lines_removed, had_text, images)``
+    per page.
     """
     reasons: Counter[str] = Counter()
-    for number, (text, tables, these_flags, removed_lines, any_text) in enumerate(pages, start=1):
+    for number, (text, tables, these_flags, removed_lines, any_text, n_images) in \
+            enumerate(pages, start=1):
         item = f"{result.rel_path}#{number}"
         if not text:
-            reasons["empty_page"] += 1
-            result.rejects.append(reject(STAGE, collection, item, "empty_page",
-                                         "only running header/footer lines" if any_text
-                                         else "no text on the page"))
+            reason, detail = ("empty_page", "only running header/footer lines") if any_text else \
+                ("empty_page", f"no text layer, {n_images} image(s) (scanned page?)") if n_images else \
+                ("no_text", "neither text nor images: a blank page")
+            reasons[reason] += 1
+            result.rejects.append(reject(STAGE, collection, item, reason, detail))
             continue
         ratio = page_garbled_ratio(text)
         if ratio > params.max_garbled_ratio:

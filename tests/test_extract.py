@@ -22,7 +22,7 @@ from stages.common.schema import validate
 from stages.common.text import garbled_ratio
 from stages.extract import (FileResult, Line, PageLayout, cell_texts, extract_pdf, lines_from_words,
                             list_input_files, mark_duplicate, order_lines, page_garbled_ratio,
-                            page_text, remove_headers_footers, resolve_workers)
+                            furniture, page_text, remove_headers_footers, resolve_workers)
 from tests.conftest import run_stage
 
 import pymupdf  # after stages.extract, which imports it without the unused layout models
@@ -176,6 +176,39 @@ def test_remove_headers_footers_drops_only_repeated_lines_at_the_same_height():
     assert first == ["법제처 1 국가법령정보센터", "1쪽 본문 첫 줄, 머리 영역 안에 있음", "본문"]
     assert [l.text for l in cleaned[3].lines] == ["넷째 쪽 본문 첫 줄", "본문"]
     assert "본문" in [l.text for l in cleaned[1].lines]  # repeated, but not in a zone
+
+
+def test_body_lines_that_repeat_at_the_top_of_every_page_are_kept(tmp_path):
+    """Pages that start alike (the same three body lines, at the same height, inside the top
+    zone) lose only their running header: the repeated lines are set at the body's spacing,
+    so they are text, not furniture (issue: 3 body lines were lost per page)."""
+    opening = ["가나전자 분기 보고서 요약", "본 보고서는 회사의 영업 현황을 정리한 것입니다", "주요 지표는 다음과 같습니다"]
+
+    def draw(number: int):
+        def page(p: pymupdf.Page) -> None:
+            put(p, 50, 30, f"가나전자 | {number}쪽", size=9)
+            for row, text in enumerate(opening):
+                put(p, 50, 70 + 15 * row, text)
+            for row in range(6):
+                put(p, 50, 115 + 15 * row, f"{number}쪽 고유 본문 {row}번째 줄입니다")
+        return page
+    pdf = make_pdf(tmp_path / "alike.pdf", [draw(n) for n in range(1, 5)])
+    result = extract_pdf(str(pdf), "alike.pdf", params(), "c")
+    assert result.header_footer_lines_removed == 4  # the header, once per page
+    for record in result.pages:
+        lines = record["text"].split("\n")
+        assert lines[:3] == opening and "가나전자 |" not in record["text"]
+
+
+def test_furniture_needs_a_gap_from_the_body():
+    header = line(50, 30, 200, "머리글 1")
+    touching = [line(50, 60 + 14 * i, 545, f"반복 본문 {i}") for i in range(3)]
+    page = layout(header, *touching, line(50, 102, 545, "고유 본문"), line(50, 116, 545, "고유 둘째"))
+    # all four repeat; only the header is set apart from the body (gap 20 > line height 10)
+    assert furniture(page, {0, 1, 2, 3}, 0.12, 120) == {0}
+    assert furniture(page, {0, 1, 2, 3}, 0.12, 3) == set()  # longer than max_chars: kept
+    alone = layout(line(50, 30, 200, "표지"), line(50, 80, 200, "표지 부제"))
+    assert furniture(alone, {0, 1}, 0.12, 120) == set()  # nothing else on the page: kept
 
 
 @pytest.mark.parametrize("pages_with_header,count,expect_removed", [
@@ -343,7 +376,22 @@ def test_empty_page_is_rejected(tmp_path):
     result = extract_pdf(str(pdf), "e.pdf", params(), "c")
     assert [r["page"] for r in result.pages] == [1, 3]
     assert [(r["item"], r["reason"], r["detail"]) for r in result.rejects] == [
-        ("e.pdf#2", "empty_page", "no text on the page")]
+        ("e.pdf#2", "no_text", "neither text nor images: a blank page")]
+
+
+def test_a_blank_document_is_no_text_and_an_image_page_is_not_blank(tmp_path):
+    blank = make_pdf(tmp_path / "blank.pdf", [lambda p: None])
+    record = only_reject(extract_pdf(str(blank), "blank.pdf", params(), "c"))
+    assert record["reason"] == "no_text" and "no images" in record["detail"]
+
+    def picture(p: pymupdf.Page) -> None:
+        pixmap = pymupdf.Pixmap(pymupdf.csRGB, pymupdf.IRect(0, 0, 8, 8), False)
+        pixmap.clear_with(120)
+        p.insert_image(pymupdf.Rect(50, 50, 300, 300), pixmap=pixmap)
+    mixed = make_pdf(tmp_path / "m.pdf", [lambda p: body(p, paragraph(1)), picture])
+    result = extract_pdf(str(mixed), "m.pdf", params(), "c")
+    assert [(r["item"], r["reason"], r["detail"]) for r in result.rejects] == [
+        ("m.pdf#2", "empty_page", "no text layer, 1 image(s) (scanned page?)")]
 
 
 def test_a_pdf_whose_pages_are_all_rejected_is_a_file_reject(tmp_path):

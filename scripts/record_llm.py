@@ -170,7 +170,9 @@ def record_one(root: Path, workspace: Path, stage: str, key: str | None,
     llm_block(params, stage, key)  # fail early with a clear message
 
     out_paths = sorted({o.def_path for o in target.outs if not o.persist}, key=len, reverse=True)
-    data_outs = [o.def_path for o in target.outs if o.use_cache and not o.metric and not o.persist]
+    # logs are cached outs but hold timestamps: not data, not compared (docs/pipeline.md)
+    data_outs = [o.def_path for o in target.outs if o.use_cache and not o.metric and not o.persist
+                 and not o.def_path.startswith("logs/")]
 
     def command(run_dir: str, offline: bool, base_url: str | None) -> list[str]:
         """The stage's own argv, outputs under scratch/run_dir, params from a scratch file."""

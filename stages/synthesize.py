@@ -4,12 +4,17 @@ Contract:
 - inputs (``params.synthesize.<domain>.inputs``): parquet files; their mcq records are the
   domain's existing questions (near-duplicate reference), their document records the chunks a
   *grounded* domain (``rules``) writes from. A few-shot YAML file (``fewshot``).
-- plan: exactly ``target`` slots. Slot ``i`` gets topic ``topics[i % len(topics)]`` (topics
-  balanced to within one), an option count cycled over ``choice_counts`` (shifted every full
-  pass over the topics, so each topic meets every count), and in grounded mode the chunk
-  ``chunks[i % len(chunks)]`` (chunks sorted by id). A slot's request depends on ``i`` only, so
-  raising ``target`` adds requests for the new slots and leaves the cached ones alone.
-- rounds: every unfilled slot is asked (``sample_index`` = round); a draw is rejected (reject
+- plan (:func:`plan_slots`): exactly ``target`` slots. Slot ``i`` gets topic
+  ``topics[i % len(topics)]`` (topics balanced to within one), an option count from
+  ``choice_counts`` (each topic meets every count once per ``len(choice_counts)`` of its slots,
+  for any number of topics), an angle from ``angles`` (the perspectives each topic's slots go
+  through), in grounded mode the chunk ``chunks[i % len(chunks)]`` (chunks sorted by id), and
+  a ``variant`` number when an earlier slot has all of those: every slot's request is
+  distinct, so no two slots can be answered by one cached response. A slot's first request
+  depends on ``i`` only, so raising ``target`` adds requests for the new slots and leaves the
+  cached ones alone.
+- rounds: every unfilled slot is asked (``sample_index`` = round; a re-asked slot is also shown
+  up to ``avoid_stems`` stems accepted for its topic in earlier rounds); a draw is rejected (reject
   record with the reason) when the LLM item fails, the option count is not the slot's, choices
   are empty or repeated, the supporting quote (grounded) does not occur in the chunk after
   whitespace removal, or the question is a near-duplicate (char n-gram Jaccard ≥ threshold) of
@@ -62,6 +67,13 @@ class SynthesizeInputs(Strict):
     transformed: str
 
 
+# The default perspectives a topic's questions rotate through (params `angles` overrides).
+ANGLES = ("핵심 개념과 정의", "제도·규정의 세부 내용", "실무 사례 적용", "계산과 수치 해석",
+          "비교와 구분", "흔한 오해 바로잡기", "위험 요인과 관리", "절차와 순서",
+          "시장 상황 변화의 영향", "예외와 한계")
+AVOID_STEM_CHARS = 80
+
+
 class SynthesizeParams(Strict):
     domain_description: str = Field(min_length=1, description="the domain, in Korean, for the prompt")
     grounded: bool = Field(False, description="write each question from a document chunk (rules)")
@@ -70,8 +82,12 @@ class SynthesizeParams(Strict):
     fewshot_per_prompt: int = Field(1, ge=1, le=10, description="examples shown per request (same option count)")
     target: int = Field(ge=0, description="questions wanted, exactly; a shortfall is reported, never padded")
     topics: list[str] = Field(min_length=1, description="topics, balanced round robin over slots")
-    choice_counts: list[int] = Field(default_factory=lambda: [4, 5, 6, 7],
-                                     description="option counts cycled over slots (4-7)")
+    choice_counts: list[int] = Field(default_factory=lambda: [7], description=(
+        "option counts, balanced over slots and topics (4-7; the seed's format is 7, A-G)"))
+    angles: list[str] = Field(default_factory=lambda: list(ANGLES), min_length=1, description=(
+        "question perspectives; each topic's slots go through them, so no two requests repeat"))
+    avoid_stems: int = Field(8, ge=0, le=50, description=(
+        "re-asked slots are shown up to this many stems already accepted for their topic"))
     max_rounds: int = Field(5, ge=1, le=50, description="generation rounds; a rejected slot is re-asked next round")
     near_duplicate_threshold: float = Field(0.6, gt=0, le=1,
                                             description="char n-gram Jaccard at or above which a question is a near-duplicate")
@@ -119,6 +135,8 @@ class Slot:
     topic: str
     n_choices: int
     chunk: Optional[dict[str, Any]] = None
+    angle: str = ANGLES[0]
+    variant: int = 0  # earlier slots with the same topic, count, angle and chunk
 
     @property
     def item_id(self) -> str:
@@ -127,13 +145,23 @@ class Slot:
 
 
 def plan_slots(target: int, topics: Sequence[str], choice_counts: Sequence[int],
-               chunks: Sequence[dict[str, Any]] = ()) -> list[Slot]:
-    """Exactly ``target`` slots; slot ``i`` depends on ``i`` only (see module contract)."""
+               chunks: Sequence[dict[str, Any]] = (), angles: Sequence[str] = ANGLES) -> list[Slot]:
+    """Exactly ``target`` slots; slot ``i`` depends on ``i`` only (see module contract).
+
+    Topic ``i mod T``; the ``k``-th slot of a topic (``k = i div T``) takes option count
+    ``(i mod T + k) mod C`` — every topic meets every count once per ``C`` of its slots, for
+    any number of topics — and angle ``(k div C) mod A``; ``variant`` numbers the slots that
+    would otherwise ask the same thing, so every slot's request is distinct."""
     chunks = sorted(chunks, key=lambda c: c["id"])
-    slots = []
+    slots, seen = [], Counter()
     for i in range(target):
-        n = choice_counts[(i + i // len(topics)) % len(choice_counts)]
-        slots.append(Slot(i, topics[i % len(topics)], n, chunks[i % len(chunks)] if chunks else None))
+        topic_index, k = i % len(topics), i // len(topics)
+        n = choice_counts[(topic_index + k) % len(choice_counts)]
+        angle = angles[(k // len(choice_counts)) % len(angles)]
+        chunk = chunks[i % len(chunks)] if chunks else None
+        same = (topic_index, n, angle, chunk["text"] if chunk else None)  # what the prompt shows
+        slots.append(Slot(i, topics[topic_index], n, chunk, angle, seen[same]))
+        seen[same] += 1
     return slots
 
 
@@ -190,9 +218,16 @@ def render_example(example: Example, grounded: bool) -> str:
 
 
 def build_messages(slot: Slot, params: SynthesizeParams, examples: Sequence[Example],
-                   templates: dict[str, str]) -> list[dict[str, str]]:
+                   templates: dict[str, str], avoid: Sequence[str] = ()) -> list[dict[str, str]]:
+    """The request of one slot: its topic, angle and option count (and chunk), a few-shot
+    example rotated by slot, and, for a re-asked slot, stems already accepted for its topic."""
     shots = fewshot_for(examples, slot.n_choices, params.fewshot_per_prompt, slot.index)
+    variant = (f" (같은 주제·관점의 {slot.variant + 1}번째 문항: 앞의 문항들과 다른 상황·대상·수치를 쓰세요)"
+               if slot.variant else "")
+    avoid_block = ("\n\n이미 출제된 같은 주제의 문항입니다. 이들과 겹치지 않는 내용으로 출제하세요:\n"
+                   + "\n".join(f"- {stem}" for stem in avoid)) if avoid else ""
     values = {"domain_description": params.domain_description, "topic": slot.topic,
+              "angle": slot.angle, "variant": variant, "avoid": avoid_block,
               "n_choices": str(slot.n_choices),
               "letters": ", ".join(LETTERS[:slot.n_choices]),
               "fewshot": "\n\n".join(render_example(e, params.grounded) for e in shots),
@@ -341,7 +376,6 @@ async def synthesize(slots: Sequence[Slot], llm: LLMClient, *, key: str, params:
     (in slot order within a round, so the outcome does not depend on response timing).
     """
     model = GroundedMCQ if params.grounded else GeneratedMCQ
-    messages = {s.index: build_messages(s, params, examples, templates) for s in slots}
     accepted: dict[int, dict[str, Any]] = {}
     rejects: list[dict[str, str]] = []
     reasons: Counter = Counter()
@@ -350,8 +384,9 @@ async def synthesize(slots: Sequence[Slot], llm: LLMClient, *, key: str, params:
         if not pending:
             break
         rounds += 1
-        requests = [LLMRequest(messages[s.index], model, s.item_id, sample_index=round_index)
-                    for s in pending]
+        stems = accepted_stems(slots, accepted, params.avoid_stems)  # from earlier rounds only
+        requests = [LLMRequest(build_messages(s, params, examples, templates, stems.get(s.topic, ())),
+                               model, s.item_id, sample_index=round_index) for s in pending]
         results: list[Result] = await llm.run_many(requests, desc=f"synthesize@{key} round {round_index}")
         still = []
         for slot, result in zip(pending, results):
@@ -378,6 +413,17 @@ async def synthesize(slots: Sequence[Slot], llm: LLMClient, *, key: str, params:
         pending = still
     records = [accepted[s.index] for s in slots if s.index in accepted]
     return Synthesis(records, rejects, len(pending), rounds, draws, reasons)
+
+
+def accepted_stems(slots: Sequence[Slot], accepted: dict[int, dict[str, Any]], limit: int
+                   ) -> dict[str, list[str]]:
+    """topic -> the last ``limit`` accepted question stems (slot order, cut to
+    ``AVOID_STEM_CHARS``): what a re-asked slot of that topic is told not to repeat."""
+    stems: dict[str, list[str]] = {}
+    for slot in slots:
+        if slot.index in accepted and limit:
+            stems.setdefault(slot.topic, []).append(accepted[slot.index]["question"][:AVOID_STEM_CHARS])
+    return {topic: found[-limit:] for topic, found in stems.items()}
 
 
 # ------------------------------------------------------------------------ I/O
@@ -421,7 +467,7 @@ def main(argv: list[str] | None = None) -> None:
     for record in sorted(existing, key=lambda r: r["id"]):
         index.add(record["id"], mcq_text(record["question"], record["choices"]))
     slots = plan_slots(params.target, params.topics, params.choice_counts,
-                       chunks if params.grounded else ())
+                       chunks if params.grounded else (), params.angles)
 
     async def run() -> tuple[Synthesis, dict[str, Any]]:
         async with LLMClient(params.llm, logger=log) as llm:

@@ -89,6 +89,41 @@ def test_slots_balance_topics_and_option_counts_exactly_target_and_stable_prefix
     assert [s.chunk["id"] for s in grounded] == ["a", "b", "a", "b", "a"]
 
 
+@pytest.mark.parametrize("n_topics", [1, 2, 7, 8, 25])
+def test_every_topic_meets_every_option_count_for_any_number_of_topics(n_topics):
+    topics = [f"주제 {t}" for t in range(n_topics)]
+    slots = plan_slots(n_topics * 4 * 3, topics, [4, 5, 6, 7])
+    for topic in topics:
+        assert Counter(s.n_choices for s in slots if s.topic == topic) == {4: 3, 5: 3, 6: 3, 7: 3}
+
+
+@pytest.mark.parametrize("domain", ["financial_market", "accounting", "rules"])
+def test_at_production_params_every_slot_sends_a_distinct_request(domain):
+    """500 slots over 8 topics used to send 32 distinct prompts: the client answered many
+    slots with one cached response, all but the first rejected as near-duplicates."""
+    from stages.synthesize import load_params
+
+    p = load_params(domain, ROOT / "params.yaml")
+    assert p.choice_counts == [7]  # the seed's format: A-G
+    chunks = [chunk(cid=f"c{i:03d}") for i in range(97)] if p.grounded else ()
+    slots = plan_slots(p.target, p.topics, p.choice_counts, chunks, p.angles)
+    examples = load_fewshot(p.fewshot)
+    requests = {json.dumps(build_messages(s, p, examples, templates()), ensure_ascii=False)
+                for s in slots}
+    assert len(slots) == p.target and len(requests) == p.target
+    assert {s.angle for s in slots} == set(p.angles)
+
+
+def test_a_re_asked_slot_is_shown_the_stems_accepted_for_its_topic(tmp_path):
+    p = params(tmp_path)
+    examples = load_fewshot(ROOT / "data/samples/fewshot/finance.yaml")
+    slot = plan_slots(1, p.topics, p.choice_counts)[0]
+    first = build_messages(slot, p, examples, templates())[1]["content"]
+    again = build_messages(slot, p, examples, templates(), ["이미 나온 문항의 줄기?"])[1]["content"]
+    assert "이미 나온 문항의 줄기?" in again and "이미 나온" not in first
+    assert again.startswith(first.split("선택지")[0])
+
+
 def test_fewshot_examples_match_the_slot_option_count(tmp_path):
     examples = load_fewshot(ROOT / "data/samples/fewshot/finance.yaml")
     for n in (4, 5, 6, 7):

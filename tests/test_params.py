@@ -275,10 +275,17 @@ def test_check_lists_everything_a_production_run_lacks_at_once(monkeypatch):
     text = "\n".join(missing)
     for expected in ("data/raw/krx_sample.csv: missing (input of collect@krx_sample)",
                      "data/raw/pdfs/krx_reports: missing", "data/raw/eval: missing",
-                     "collect.kmmlu_economics.hub.revision: 'main' is not a pinned commit",
-                     "base_model.revision: 'main' is not a pinned commit",
                      "OPENAI_API_KEY is not set, and 12 LLM stage(s) would call the API"):
         assert expected in text, missing
+    assert "revision" not in text  # production params pin every hub revision
+    raw = load_raw(ROOT / "params.yaml")
+    raw["collect"]["kmmlu_economics"]["hub"]["revision"] = "main"
+    raw["base_model"]["revision"] = "v1.0"
+    unpinned = check.placeholder_revisions(raw)
+    assert unpinned == [
+        "collect.kmmlu_economics.hub.revision: 'main' is not a pinned commit of HAERAE-HUB/KMMLU "
+        "(40 hex digits)",
+        "base_model.revision: 'v1.0' is not a pinned commit of Qwen/Qwen2-7B-Instruct (40 hex digits)"]
     assert not any("data/collected" in m or "models/" in m for m in missing)  # stage outputs
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-placeholder")
     assert not any("OPENAI_API_KEY" in m for m in check.missing_for_run(ROOT / "params.yaml", ROOT))

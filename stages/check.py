@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from stages.common.params import PARAMS_FILE, ParamsError, check_key_names, load_raw
-from stages.dvc_vars import check_version_entries
+from stages.dvc_vars import VARS_FILE, check_version_entries, is_current
 
 # section -> (per key?, the stage's loader). Imported lazily: each stage module owns its schema.
 KEYED = ("collect", "extract", "filter", "transform", "synthesize", "solve")
@@ -137,7 +137,6 @@ def check(path: str | Path = PARAMS_FILE, root: str | Path | None = None) -> lis
     problems += mix_problems(raw, valid["recipes"])
     problems += train_problems(valid["trains"])
     if root is not None and raw.get("versions"):
-        from stages.dvc_vars import VARS_FILE, is_current  # noqa: F811
         if _collect(problems, lambda: is_current(Path(root), Path(path))) is False:
             problems.append(f"{VARS_FILE} is out of date with params.yaml versions: run "
                             "`python -m stages.dvc_vars`")
@@ -200,8 +199,8 @@ def online_llm_stages(raw: dict[str, Any]) -> list[str]:
     if "summarize" in raw:
         sections["summarize"] = raw["summarize"]
     for name, section in sections.items():
-        llm = (section or {}).get("llm") or {} if isinstance(section, dict) else {}
-        if not llm.get("offline", default):
+        llm = section.get("llm") if isinstance(section, dict) else None
+        if not (llm if isinstance(llm, dict) else {}).get("offline", default):
             online.append(name)
     return online
 

@@ -196,7 +196,7 @@ def read_llm_section(declared: tuple[str, ...], model: type[M], key: str | None,
         if isinstance(block, dict) and "cache_dir" in block:
             raise ParamsError(f"{where}.cache_dir: not a param; the response cache is the stage's "
                               "--cache-dir (its DVC out, in dvc.yaml)")
-    params = read_section(declared, model, key, path=path, defaults=1, at="llm")
+    params = read_section(declared, model, key, defaults=1, at="llm", raw=raw)
     if cache_dir is None:
         return params
     Path(cache_dir).mkdir(parents=True, exist_ok=True)

@@ -140,12 +140,14 @@ def merged_section(raw: dict[str, Any], dotted: str, defaults: Optional[str] = N
 
 def read_section(declared: tuple[str, ...], model: type[M], key: Optional[str] = None, *,
                  path: str | os.PathLike = PARAMS_FILE, section: int = 0,
-                 defaults: Optional[int] = None, at: Optional[str] = None) -> M:
+                 defaults: Optional[int] = None, at: Optional[str] = None,
+                 raw: Optional[dict[str, Any]] = None) -> M:
     """The stage's params: ``declared[section]`` for ``key``, with ``declared[defaults]``
-    merged under field ``at``, validated by ``model``. Only declared templates can be read."""
+    merged under field ``at``, validated by ``model``. Only declared templates can be read.
+    ``raw``: the file's contents when the caller has read them already."""
     dotted = declared[section].format(key=key)
     shared = None if defaults is None else declared[defaults].format(key=key)
-    raw = load_raw(path)
+    raw = load_raw(path) if raw is None else raw
     return validate_params(model, merged_section(raw, dotted, shared, at), dotted,
                            origin_locator(raw, dotted, shared, at))
 

@@ -23,9 +23,11 @@ def real_dir():
     return get
 
 
-def run_stage(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """Run ``python -m stages.<module>`` the way dvc.yaml does, from ``cwd``, offline."""
+def run_stage(module: str, args: list[str], cwd: Path,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m stages.<module>`` the way dvc.yaml does, from ``cwd``, offline
+    (``env``: extra environment variables)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               HF_HOME=str(cwd / ".hf"))
+               HF_HOME=str(cwd / ".hf"), **(env or {}))
     return subprocess.run([sys.executable, "-m", f"stages.{module}", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)

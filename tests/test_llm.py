@@ -703,3 +703,55 @@ def test_accounting_totals_tokens_cost_cache_and_rejects(tmp_path, server):
     assert (again.calls, again.cache_hits, again.cost_usd) == (0, 7, 0)
     assert again.cost_saved_usd == pytest.approx(0.0315)
     assert again.as_metrics()["rejects"] == {"refusal": 1}
+
+
+# ---------------------------------------------------------------------------- the budget cap
+def cache_entries(params: LLMParams) -> int:
+    return sum(1 for _ in Path(params.cache_dir).rglob("*.json"))
+
+
+def test_the_budget_cap_stops_before_crossing_and_a_rerun_resumes_without_repaying(tmp_path, server):
+    """Dear prices make the worst case of one request (prompt estimate + max_tokens) about
+    $0.09; each answer really costs less. Serially, requests go out while spent + worst <= cap."""
+    dear = {"input_per_1m": 1000.0, "output_per_1m": 1000.0}
+    params = make_params(tmp_path, server, prices=dear, concurrency=1, max_usd=0.5)
+    worst = Accounting(params.prices).price(estimate_tokens(messages(0), 0), params.max_tokens)
+    with pytest.raises(StageError) as err:
+        run_requests(params, requests_for(range(20)))
+    sent = len(server.completions_requests)
+    assert 0 < sent < 20
+    message = str(err.value)
+    assert "$0.50" in message and "llm.max_usd" in message and "LLM_MAX_USD" in message
+    assert f"{20 - sent} requests not sent" in message
+    assert cache_entries(params) == sent           # every paid answer kept
+    spent = float(re.search(r"spent \$([\d.]+)", message).group(1))
+    assert spent <= 0.5 and spent + worst > 0.5 - 1e-9  # it stopped only when it had to
+
+    results, accounting, _ = run_requests(params.model_copy(update={"max_usd": 50.0}),
+                                          requests_for(range(20)))
+    assert all(r.ok for r in results)
+    assert sorted(items_seen(server, sent)) == list(range(sent, 20))  # no paid call repeated
+    assert accounting.cache_hits == sent and accounting.calls == 20 - sent
+
+
+def test_at_the_cap_the_requests_in_flight_finish_and_are_cached(tmp_path):
+    with LLMTestServer(latency=0.05) as srv:
+        params = make_params(tmp_path, srv, concurrency=8, max_usd=0.3,
+                             prices={"input_per_1m": 1000.0, "output_per_1m": 1000.0})
+        with pytest.raises(StageError, match="budget cap"):
+            run_requests(params, requests_for(range(40)))
+        sent = len(srv.completions_requests)
+    assert 0 < sent < 40 and cache_entries(params) == sent
+
+
+def test_the_environment_cap_overrides_the_params_and_is_checked(tmp_path, server, monkeypatch):
+    params = make_params(tmp_path, server, prices={"input_per_1m": 1000.0, "output_per_1m": 1000.0})
+    monkeypatch.setenv("LLM_MAX_USD", "0.2")
+    with pytest.raises(StageError, match=r"\$0\.20 \(LLM_MAX_USD\)"):
+        run_requests(params, requests_for(range(10)))
+    for bad in ("-1", "abc", "nan"):
+        monkeypatch.setenv("LLM_MAX_USD", bad)
+        with pytest.raises(StageError, match="LLM_MAX_USD"):
+            run_requests(params, requests_for(range(2)))
+    with pytest.raises(ValidationError):
+        make_params(tmp_path, server, max_usd=0)

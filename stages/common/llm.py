@@ -33,6 +33,13 @@ Contract
   ``LLM_OFFLINE=1``) answers from the cache only and raises
   :class:`~stages.common.llm_cache.CacheMissError` for what is missing (in a batch: after
   collecting every miss), without constructing an HTTP client.
+- Money: with a cap (``max_usd``, or ``LLM_MAX_USD`` in the environment for every stage of a
+  run), a request is sent only while what this run has spent, plus the worst case of the
+  requests in flight, plus its own worst case (estimated prompt tokens at the input price +
+  ``max_tokens`` at the output price) stays within the cap. The first request that would
+  cross it stops the client issuing any more; the ones in flight finish and are cached; then
+  :class:`BudgetExceededError` (a ``StageError``) names the cap, the spend and how to resume —
+  a re-run with a higher cap pays only for what is not cached yet.
 - At most ``concurrency`` requests are in flight; optional client-side ``rpm`` / ``tpm``
   token buckets pace requests (TPM charges an estimate up front and corrects it with the
   usage the server reports).
@@ -81,13 +88,14 @@ from stages.common.runlog import StageError, progress
 from stages.common.text import content_id
 
 __all__ = [
-    "Accounting", "CacheMissError", "FatalLLMError", "LLMClient", "LLMParams", "LLMRequest",
+    "Accounting", "BudgetExceededError", "CacheMissError", "FatalLLMError", "LLMClient", "LLMParams", "LLMRequest",
     "Prices", "RateLimiter", "REJECT_REASONS", "Result", "Usage", "derive_seed",
     "estimate_tokens", "evaluate_response", "is_offline", "item_headers", "response_format_for",
     "retry_after_seconds", "run_all", "run_batch",
 ]
 
 OFFLINE_ENV = "LLM_OFFLINE"
+BUDGET_ENV = "LLM_MAX_USD"
 # Refused connections / failed name lookups, before any request reached the endpoint, that
 # end the stage (a wrong base_url fails in seconds instead of max_attempts × items retries).
 UNREACHABLE_LIMIT = 3
@@ -95,6 +103,9 @@ REJECT_REASONS = ("invalid_json", "schema_violation", "refusal", "truncated",
                   "transport_error", "bad_request")
 # Internal marker of an offline miss; never reaches a caller (it becomes CacheMissError).
 _CACHE_MISS = "cache_miss"
+# Internal marker of a request not sent because it could cross the budget cap (it becomes
+# BudgetExceededError once the requests in flight are done).
+_OVER_BUDGET = "over_budget"
 # Statuses worth retrying besides 5xx: rate limited, request timeout, conflict.
 _RETRY_STATUSES = frozenset({408, 409, 429})
 _SCHEMA_NAME = re.compile(r"[^a-zA-Z0-9_-]")
@@ -146,6 +157,9 @@ class LLMParams(Strict):
     backoff_max_s: float = Field(60.0, gt=0, le=3600)
     prices: Prices
     offline: bool = Field(False, description="answer from the cache only (LLM_OFFLINE=1 also forces it)")
+    max_usd: Optional[float] = Field(None, gt=0, description=(
+        f"spend cap of one stage run in USD (worst case of each request counted before it is "
+        f"sent); {BUDGET_ENV} in the environment overrides it for every stage"))
     cache_dir: Optional[str] = Field(None, min_length=1, description=(
         "response cache directory (a DVC out): set by the stage from --cache-dir"))
 
@@ -210,6 +224,24 @@ def is_offline(params: LLMParams) -> bool:
 # ---------------------------------------------------------------------------- errors
 class FatalLLMError(StageError):
     """A failure every further call would repeat (credentials, quota, unknown model)."""
+
+
+class BudgetExceededError(StageError):
+    """The next request could take the run's spend over its cap; nothing more was sent."""
+
+
+def budget_cap(params: LLMParams) -> tuple[Optional[float], str]:
+    """(cap in USD or None, where it comes from): ``LLM_MAX_USD`` wins over ``llm.max_usd``."""
+    raw = os.environ.get(BUDGET_ENV, "").strip()
+    if not raw:
+        return params.max_usd, "llm.max_usd"
+    try:
+        cap = float(raw)
+    except ValueError:
+        cap = -1.0
+    if not math.isfinite(cap) or cap <= 0:
+        raise StageError(f"{BUDGET_ENV}={raw!r}: expected a positive number of USD")
+    return cap, BUDGET_ENV
 
 
 def _redact(text: str) -> str:
@@ -298,16 +330,17 @@ class Accounting:
     cached_completion_tokens: int = 0
     rejects: Counter = field(default_factory=Counter)
 
-    def _cost(self, prompt: int, completion: int) -> float:
+    def price(self, prompt: int, completion: int) -> float:
+        """USD for ``prompt`` + ``completion`` tokens at this stage's prices."""
         return (prompt * self.prices.input_per_1m + completion * self.prices.output_per_1m) / 1e6
 
     @property
     def cost_usd(self) -> float:
-        return self._cost(self.prompt_tokens, self.completion_tokens)
+        return self.price(self.prompt_tokens, self.completion_tokens)
 
     @property
     def cost_saved_usd(self) -> float:
-        return self._cost(self.cached_prompt_tokens, self.cached_completion_tokens)
+        return self.price(self.cached_prompt_tokens, self.cached_completion_tokens)
 
     def add_response(self, response: CachedResponse, *, from_cache: bool) -> None:
         if from_cache:
@@ -525,6 +558,9 @@ class LLMClient:
         self._rpm = RateLimiter(params.rpm) if params.rpm else None
         self._tpm = RateLimiter(params.tpm) if params.tpm else None
         self._fatal: FatalLLMError | None = None
+        self._cap, self._cap_source = budget_cap(params)
+        self._spent = self._reserved = 0.0  # paid in this run; worst case of those in flight
+        self._over_cap, self._not_sent = False, 0
         # Whether any request has reached the endpoint (any HTTP response). Until one has, a
         # refused connection or a failed name lookup is not a transient drop: the endpoint is
         # wrong or down, and UNREACHABLE_LIMIT of them end the stage at once.
@@ -590,18 +626,23 @@ class LLMClient:
         result = await self._complete(LLMRequest(messages, response_model, item_id, sample_index))
         if result.error == _CACHE_MISS:
             raise CacheMissError([result.item_id], self.cache.root)
+        if result.error == _OVER_BUDGET:
+            raise self.budget_error("llm")
         return result
 
     async def run_many(self, requests: Sequence[LLMRequest], *, desc: str = "llm") -> list[Result]:
         """Answer all ``requests`` concurrently (bounded), results in input order.
 
         A fatal error cancels every outstanding request and is raised. In offline mode every
-        miss of the batch is collected first, then one CacheMissError lists them.
+        miss of the batch is collected first, then one CacheMissError lists them. At the
+        budget cap the requests in flight finish (and are cached), then BudgetExceededError.
         """
         results = await run_all([self._complete(request) for request in requests], desc)
         missing = [r.item_id for r in results if r.error == _CACHE_MISS]
         if missing:
             raise CacheMissError(missing, self.cache.root)
+        if any(r.error == _OVER_BUDGET for r in results):
+            raise self.budget_error(desc)
         return results
 
     # -- one item: the re-ask loop over cached or fetched answers
@@ -627,6 +668,9 @@ class LLMClient:
             else:
                 fetched = await self._fetch(key, messages, fmt, request, reask, item_id)
                 retries += fetched.retries
+                if fetched.reason == _OVER_BUDGET:  # not sent: no reject, no log line each
+                    return Result(item_id, request.sample_index, None, None, None, usage, False,
+                                  reask, retries, _OVER_BUDGET, "over the budget cap")
                 if fetched.response is None:
                     result = Result(item_id, request.sample_index, None,
                                     response.content if response else None,
@@ -704,39 +748,18 @@ class LLMClient:
         if seed is not None:
             body["seed"] = seed
         estimate = estimate_tokens(messages, p.max_tokens) if self._tpm else 0
+        worst = self._worst_cost(messages) if self._cap is not None else 0.0
         for attempt in range(1, p.max_attempts + 1):
             self._raise_if_fatal()
             async with self._semaphore:
                 # Re-check: a fatal error may have arrived while this task queued.
                 self._raise_if_fatal()
-                if self._rpm:
-                    await self._rpm.acquire(1)
-                if self._tpm:
-                    await self._tpm.acquire(estimate)
-                try:
-                    # The SDK's documented raw-request path: the body is plain JSON already,
-                    # and chat.completions.create() would spend ~40% of the client's CPU
-                    # re-walking it (schema included) against its TypedDicts.
-                    completion = await self._api().post("/chat/completions", body=body,
-                                                        cast_to=ChatCompletion, options=options)
-                except openai.APIError as exc:
-                    if self._tpm:
-                        self._tpm.credit(estimate)  # a failed request is not charged tokens
-                    self._reached |= isinstance(exc, openai.APIStatusError)
-                    failure = self._unreachable_or(self._classify(exc))
-                    if failure.kind == "fatal":
-                        self._fatal = FatalLLMError(failure.detail)
-                except ValueError as exc:  # a 200 whose body is not JSON (JSONDecodeError)
-                    failure = _Failure("retry", f"malformed response body ({type(exc).__name__})")
-                else:
-                    self._reached = True
-                    response = self._to_cached(completion)
-                    if response is not None:
-                        if self._tpm:
-                            self._tpm.credit(estimate - response.prompt_tokens
-                                             - response.completion_tokens)
-                        return _Fetched(response, retries=attempt - 1)
-                    failure = _Failure("retry", "malformed response (no chat completion choices)")
+                if not self._within_budget(worst):
+                    return _Fetched(None, retries=attempt - 1, reason=_OVER_BUDGET)
+                outcome = await self._attempt(body, options, estimate, worst)
+            if isinstance(outcome, CachedResponse):
+                return _Fetched(outcome, retries=attempt - 1)
+            failure = outcome
             if failure.kind == "fatal":
                 raise self._fatal  # type: ignore[misc]
             if failure.kind == "reject":
@@ -750,6 +773,65 @@ class LLMClient:
                           attempt, p.max_attempts - 1, delay)
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")
+
+    async def _attempt(self, body: dict[str, Any], options: dict[str, Any], estimate: int,
+                       worst: float) -> "CachedResponse | _Failure":
+        """One HTTP attempt (inside the concurrency slot): the answer, or why it failed."""
+        if self._rpm:
+            await self._rpm.acquire(1)
+        if self._tpm:
+            await self._tpm.acquire(estimate)
+        self._reserved += worst
+        try:
+            # The SDK's documented raw-request path: the body is plain JSON already, and
+            # chat.completions.create() would spend ~40% of the client's CPU re-walking it
+            # (schema included) against its TypedDicts.
+            completion = await self._api().post("/chat/completions", body=body,
+                                                cast_to=ChatCompletion, options=options)
+        except openai.APIError as exc:
+            if self._tpm:
+                self._tpm.credit(estimate)  # a failed request is not charged tokens
+            self._reached |= isinstance(exc, openai.APIStatusError)
+            failure = self._unreachable_or(self._classify(exc))
+            if failure.kind == "fatal":
+                self._fatal = FatalLLMError(failure.detail)
+            return failure
+        except ValueError as exc:  # a 200 whose body is not JSON (JSONDecodeError)
+            return _Failure("retry", f"malformed response body ({type(exc).__name__})")
+        finally:
+            self._reserved -= worst
+        self._reached = True
+        response = self._to_cached(completion)
+        if response is None:
+            return _Failure("retry", "malformed response (no chat completion choices)")
+        self._spent += self.accounting.price(response.prompt_tokens, response.completion_tokens)
+        if self._tpm:
+            self._tpm.credit(estimate - response.prompt_tokens - response.completion_tokens)
+        return response
+
+    def _worst_cost(self, messages: Sequence[Mapping[str, Any]]) -> float:
+        """What one answer can cost at most: the prompt (estimated high) and all of max_tokens."""
+        prompt = estimate_tokens(messages, 0)
+        return self.accounting.price(prompt, self.params.max_tokens)
+
+    def _within_budget(self, worst: float) -> bool:
+        """Whether a request of worst case ``worst`` may be sent; the first that may not stops
+        every later one (the run ends at the cap instead of trickling on with small ones)."""
+        if self._cap is None:
+            return True
+        if not self._over_cap and self._spent + self._reserved + worst <= self._cap:
+            return True
+        self._over_cap = True
+        self._not_sent += 1
+        return False
+
+    def budget_error(self, desc: str) -> BudgetExceededError:
+        return BudgetExceededError(
+            f"{desc}: stopped at the budget cap ${self._cap:.2f} ({self._cap_source}): spent "
+            f"${self._spent:.4f} in this run on {self.accounting.calls} calls; {self._not_sent} "
+            "requests not sent, as the next could cross the cap. Every completed answer is "
+            f"cached: raise llm.max_usd (or {BUDGET_ENV}) and re-run to continue without paying "
+            "for them again.")
 
     def _unreachable_or(self, failure: _Failure) -> _Failure:
         """A refused connection / failed lookup: fatal once UNREACHABLE_LIMIT of them arrive

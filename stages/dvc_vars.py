@@ -11,6 +11,8 @@ derives, from the recipes and the version list,
 - ``mix_inputs.<version>``: the files of the recipe's sources (``stages.mixing.recipe.
   mix_source_input``) spread over the fixed dep slots ``a`` … of ``mix@<version>`` (unused
   slots repeat the first file) — changing one source re-mixes only the versions that read it;
+- ``filter_inputs.<domain>``: the file(s) of ``filter.<domain>.input`` in the fixed dep slots
+  ``a`` … ``c`` of ``filter@<domain>`` (a domain may pool several KMMLU subjects);
 - ``evaluate_keys``: ``base`` and every version (``evaluate@<key>``);
 - ``version_list``: the version names, space-separated, for the report's command line;
 - ``plot_curves``: the dvclive curves of every version, for dvc.yaml's top-level plots.
@@ -33,12 +35,21 @@ from stages.mixing.recipe import mix_source_input
 
 VARS_FILE = "dvc.vars.yaml"
 MIX_SLOTS = tuple("abcdefghijkl")  # dvc.yaml's mix deps ${item.a} … ${item.l}
+FILTER_SLOTS = tuple("abc")        # dvc.yaml's filter deps ${item.a} … ${item.c}
 BASE_KEY = "base"
 VERSION_KEYS = {"mix", "train"}
 LIVE_PLOTS = "dvclive/train/{version}/plots/metrics/{metric}.tsv"
 PLOTTED = ("loss", "learning_rate")
-HEADER = ("# GENERATED from params.yaml (versions) by `python -m stages.dvc_vars`; do not edit.\n"
+HEADER = ("# GENERATED from params.yaml (versions, filter inputs) by `python -m stages.dvc_vars`; do not edit.\n"
           "# dvc.yaml reads it (vars:). See stages/dvc_vars.py for why it exists.\n")
+
+
+def slots(files: list[str], names: tuple[str, ...], where: str, stage: str) -> dict[str, str]:
+    """``files`` in a stage's fixed dep slots; unused slots repeat the first file."""
+    if len(files) > len(names):
+        raise ParamsError(f"{where}: {len(files)} files, but dvc.yaml has {len(names)} dep slots "
+                          f"for {stage} (add slots in stages/dvc_vars.py and dvc.yaml)")
+    return {slot: files[i] if i < len(files) else files[0] for i, slot in enumerate(names)}
 
 
 def mix_slots(version: str, sources: Any) -> dict[str, str]:
@@ -46,10 +57,16 @@ def mix_slots(version: str, sources: Any) -> dict[str, str]:
     if not isinstance(sources, dict) or not sources:
         raise ParamsError(f"versions.{version}.mix.sources: expected a mapping of sources")
     files = list(dict.fromkeys(mix_source_input(name) for name in sources))
-    if len(files) > len(MIX_SLOTS):
-        raise ParamsError(f"versions.{version}.mix.sources: {len(files)} files, but dvc.yaml has "
-                          f"{len(MIX_SLOTS)} dep slots for mix (add slots to MIX_SLOTS and dvc.yaml)")
-    return {slot: files[i] if i < len(files) else files[0] for i, slot in enumerate(MIX_SLOTS)}
+    return slots(files, MIX_SLOTS, f"versions.{version}.mix.sources", "mix")
+
+
+def filter_slots(domain: str, spec: Any) -> dict[str, str]:
+    """The input file(s) of ``filter.<domain>`` in filter's fixed slots."""
+    value = spec.get("input") if isinstance(spec, dict) else None
+    files = [value] if isinstance(value, str) else value
+    if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
+        raise ParamsError(f"filter.{domain}.input: expected a file or a list of files")
+    return slots(list(dict.fromkeys(files)), FILTER_SLOTS, f"filter.{domain}.input", "filter")
 
 
 def check_version_entries(versions: Any) -> None:
@@ -74,7 +91,9 @@ def derive(params: dict[str, Any]) -> dict[str, Any]:
     versions = lookup(params, "versions")
     check_version_entries(versions)
     names = list(versions)
+    domains = lookup(params, "filter") or {}
     return {
+        "filter_inputs": {d: filter_slots(d, spec) for d, spec in domains.items()},
         "mix_inputs": {v: mix_slots(v, lookup(params, f"versions.{v}.mix.sources")) for v in names},
         "evaluate_keys": [BASE_KEY, *names],
         "version_list": " ".join(names),

@@ -1,8 +1,10 @@
 """filter@<domain>: keep the items that are about the domain — local prefilter, then an LLM judge.
 
 Contract:
-- input (``params.filter.<domain>.input``): mcq records (KMMLU; only ``splits``, never
-  ``test``), or document pages (``extract@rules``), which are first cut into chunks of at
+- input (``params.filter.<domain>.input``: one file or a list of up to
+  :data:`MAX_INPUTS`, all of one kind, read in order; dvc.yaml tracks them through
+  ``dvc.vars.yaml``'s ``filter_inputs`` and ``--inputs`` must name exactly them): mcq records
+  (KMMLU; only ``splits``, never ``test``), or document pages (``extract@rules``), which are first cut into chunks of at
   most ``chunking.size`` characters along article (``제N조``) and paragraph boundaries, with
   up to ``chunking.overlap`` characters of whole trailing paragraphs repeated; each chunk is
   a document record with a stable id (``doc_id``/``page`` of where it starts; its pages in meta);
@@ -28,9 +30,9 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, Union
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from stages.common.chunking import Chunk, Segment, chunk_segments
 from stages.common.io import read_records, write_records
@@ -73,8 +75,13 @@ class ChunkingParams(Strict):
         return self
 
 
+MAX_INPUTS = 3  # dvc.yaml's filter dep slots ${item.a} ${item.b} ${item.c}
+
+
 class FilterParams(Strict):
-    input: str = Field(description="parquet of mcq records (KMMLU) or document pages (extract@rules)")
+    input: Union[str, list[str]] = Field(description=(
+        "parquet of mcq records (KMMLU) or document pages (extract@rules); a list pools several "
+        f"(at most {MAX_INPUTS}, e.g. KMMLU subjects) into the one domain"))
     splits: list[Literal["train", "dev"]] = Field(
         default_factory=lambda: ["train"], min_length=1,
         description="mcq splits used; never test (the evaluation set)")
@@ -83,6 +90,18 @@ class FilterParams(Strict):
     chunking: Optional[ChunkingParams] = Field(None, description="document inputs only: page text -> chunks")
     max_reject_rate: float = Field(0.2, ge=0, le=1, description="judge errors / items judged")
     llm: LLMParams
+
+    @field_validator("input")
+    @classmethod
+    def _input_list(cls, value: Union[str, list[str]]) -> Union[str, list[str]]:
+        files = [value] if isinstance(value, str) else value
+        if not 1 <= len(files) <= MAX_INPUTS or len(set(files)) != len(files):
+            raise ValueError(f"one file or a list of 1-{MAX_INPUTS} distinct files, got {value!r}")
+        return value
+
+    @property
+    def inputs(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
 # A new chunk starts at a statute article (제3조, 제3조의2), a chapter/section heading, or
@@ -342,38 +361,62 @@ def apply_verdicts(survivors: list[tuple[dict[str, Any], Prefiltered]], results:
 
 
 def load_items(params: FilterParams, key: str) -> tuple[str, list[dict[str, Any]], Counter]:
-    """(kind, records to filter, counts): mcq of the wanted splits, or chunks of pages."""
-    path = Path(params.input)
-    require_input(path, f"filter.{key}.input", "run its collect/extract stage first")
-    records = read_records(path)
+    """(kind, records to filter, counts): mcq of the wanted splits, or chunks of pages, from
+    every input in order (all of one kind)."""
+    kinds, records = set(), []
+    for path in map(Path, params.inputs):
+        require_input(path, f"filter.{key}.input", "run its collect/extract stage first")
+        got = read_records(path)
+        if got:
+            kinds.add(_record_kind(got, path, key))
+        records += got
     if not records:
-        raise StageError(f"filter@{key}: input {path} has no records")
-    columns = set(records[0])
+        raise StageError(f"filter@{key}: input {', '.join(params.inputs)} has no records")
+    if len(kinds) > 1:
+        raise StageError(f"filter@{key}: inputs {params.inputs} mix {sorted(kinds)} records")
     counts: Counter = Counter()
-    if columns == set(SCHEMAS["mcq"].names):
+    if kinds == {"mcq"}:
         validate_table("mcq", records)
         wanted = [r for r in records if r["split"] in params.splits]
         counts["split_skipped"] = len(records) - len(wanted)
         return "mcq", wanted, counts
-    if columns == set(SCHEMAS["document"].names):
-        validate_table("document", records)
-        if params.chunking is None:
-            raise StageError(f"filter@{key}: {path} holds documents; set filter.{key}.chunking")
-        counts["pages"] = len(records)
-        chunks = chunk_documents(records, params.chunking, key)
-        validate_table("document", chunks)
-        return "document", chunks, counts
+    validate_table("document", records)
+    if params.chunking is None:
+        raise StageError(f"filter@{key}: {params.inputs} hold documents; set filter.{key}.chunking")
+    counts["pages"] = len(records)
+    chunks = chunk_documents(records, params.chunking, key)
+    validate_table("document", chunks)
+    return "document", chunks, counts
+
+
+def _record_kind(records: list[dict[str, Any]], path: Path, key: str) -> str:
+    columns = set(records[0])
+    for kind in ("mcq", "document"):
+        if columns == set(SCHEMAS[kind].names):
+            return kind
     raise StageError(f"filter@{key}: {path} holds neither mcq nor document records "
                      f"(columns {sorted(columns)})")
+
+
+def check_declared_inputs(params: FilterParams, declared: list[str], key: str) -> None:
+    """DVC must track exactly the files read, or a changed input would not re-filter."""
+    if set(declared) != set(params.inputs):
+        raise StageError(f"filter.{key}.input: dvc.yaml tracks {sorted(set(declared))} but the "
+                         f"params read {sorted(params.inputs)}; run `python -m stages.dvc_vars` "
+                         "(dvc.vars.yaml is derived from params.yaml)")
 
 
 @stage_main
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__, "domain", cache_dir=True)
+    parser.add_argument("--inputs", nargs="+", help="the files dvc.yaml tracks (checked against "
+                        "the params; default: the params' input)")
     args = parser.parse_args(argv)
     key = args.domain
     params, log, timer = begin_stage(args, "filter", key,
                                      lambda k, path: load_params(k, path, args.cache_dir))
+    if args.inputs is not None:
+        check_declared_inputs(params, args.inputs, key)
 
     kind, records, counts = load_items(params, key)
     survivors, rejects, prefilter_counts = select_candidates(records, params, key)

@@ -203,6 +203,54 @@ def test_hub_loader_keeps_all_splits(tmp_path):
         load_hub(params.hub.model_copy(update={"splits": {"validation": "dev"}}), "collect.k")
 
 
+def test_an_empty_hub_split_is_an_error_naming_source_split_and_revision(tmp_path):
+    """KMMLU Accounting train is reportedly only its header at the pinned revision: datasets
+    cannot even build such a config; the loader finds the empty split and names it."""
+    row = lambda q, a: [q, a, "가", "나", "다", "라", "Accounting", 0.5]  # noqa: E731
+    repo = make_hub_replica(tmp_path / "KMMLU", "Accounting", {
+        "train": [], "dev": [row("개발 문제", 2)], "test": [row("평가 문제", 4)]})
+    assert (repo / "data/Accounting-train.csv").read_text().count("\n") == 1  # header only
+    spec = {"repo": str(repo), "name": "Accounting", "revision": "18dff302",
+            "splits": {"train": "train", "dev": "dev", "test": "test"}}
+    params = mcq_params(loader="hub", local=None, input=str(repo), hub=spec)
+    with pytest.raises(StageError) as err:
+        load_hub(params.hub, "collect.kmmlu_accounting")
+    message = str(err.value)
+    assert "collect.kmmlu_accounting" in message and "'train'" in message
+    assert "18dff302" in message and "Accounting" in message and "allow_empty" in message
+    # the params may say it can be empty: the other splits load, the empty one is recorded
+    allowed = mcq_params(loader="hub", local=None, input=str(repo), hub={**spec, "allow_empty": ["train"]})
+    rows = load_hub(allowed.hub, "collect.kmmlu_accounting")
+    assert rows.info["empty_splits"] == ["train"]
+    assert [(r.split, r.values["question"]) for r in rows.rows] == [("dev", "개발 문제"), ("test", "평가 문제")]
+    with pytest.raises(ValueError, match="allow_empty"):
+        mcq_params(loader="hub", local=None, input=str(repo), hub={**spec, "allow_empty": ["validation"]})
+
+
+def test_an_edited_local_replica_is_read_afresh(tmp_path, monkeypatch):
+    """datasets' Arrow cache keys a local config by a hash that ignores the files' bytes: the
+    quickstart once read an emptied split's old rows from it. collect builds it afresh."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    row = lambda q: [q, 1, "가", "나", "다", "라", "Accounting", 0.5]  # noqa: E731
+    repo = make_hub_replica(tmp_path / "KMMLU", "Accounting", {"train": [row("첫 문제")]})
+    params = mcq_params(loader="hub", local=None, input=str(repo), hub={
+        "repo": str(repo), "name": "Accounting", "revision": "r"})
+    assert [r.values["question"] for r in load_hub(params.hub, "c").rows] == ["첫 문제"]
+    make_hub_replica(repo, "Accounting", {"train": [row("고친 문제"), row("새 문제")]})
+    assert [r.values["question"] for r in load_hub(params.hub, "c").rows] == ["고친 문제", "새 문제"]
+
+
+def test_a_broken_hub_split_is_not_mistaken_for_an_empty_one(tmp_path):
+    row = lambda q, a: [q, a, "가", "나", "다", "라", "Accounting", 0.5]  # noqa: E731
+    repo = make_hub_replica(tmp_path / "KMMLU", "Accounting", {"train": [], "test": [row("평가", 1)]})
+    (repo / "data/Accounting-test.csv").write_bytes(b"question,answer\n\"unterminated,1\n")
+    params = mcq_params(loader="hub", local=None, input=str(repo), hub={
+        "repo": str(repo), "name": "Accounting", "revision": "r", "allow_empty": ["train"],
+        "splits": {"train": "train", "test": "test"}})
+    with pytest.raises(StageError, match="'test'"):
+        load_hub(params.hub, "collect.k")
+
+
 def test_real_kmmlu_rows_through_the_hub_path(tmp_path, real_dir):
     kmmlu = real_dir("kmmlu")
     frame = pd.read_csv(kmmlu / "KMMLU-Economics.sample.csv")

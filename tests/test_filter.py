@@ -261,6 +261,32 @@ def test_stage_keeps_relevant_records_and_rejects_with_reasons(tmp_path):
     assert metrics["llm"]["calls"] >= 5 and metrics["llm"]["cost_usd"] > 0
 
 
+def test_a_domain_pools_several_inputs_and_dvc_must_track_exactly_them(tmp_path):
+    """The accounting domain: KMMLU Accounting (dev; its train is empty at the pin) + Taxation."""
+    first = [mcq(i, split="dev") for i in range(2)] + [mcq(2, split="test")]
+    second = [mcq(10 + i) for i in range(3)]
+    with LLMTestServer(rule=verdict_rule()) as server:
+        section = write_project(tmp_path, first, server)
+        write_records(second, SCHEMAS["mcq"], tmp_path / "tax.parquet")
+        section = {**section, "input": ["in.parquet", "tax.parquet"], "splits": ["train", "dev"]}
+        section["llm"] = {k: v for k, v in section["llm"].items() if k != "cache_dir"}
+        (tmp_path / "params.yaml").write_text(
+            yaml.safe_dump({"filter": {"fm": section}}, allow_unicode=True), encoding="utf-8")
+        stale = run_stage("filter", [*ARGS, "--inputs", "in.parquet"], tmp_path)
+        assert stale.returncode != 0 and "dvc.vars.yaml" in stale.stderr
+        assert "tax.parquet" in stale.stderr and not server.completions_requests
+        proc = run_stage("filter", [*ARGS, "--inputs", "in.parquet", "tax.parquet", "in.parquet"],
+                         tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    kept, _, metrics = outputs(tmp_path)
+    assert [r["id"] for r in kept] == [r["id"] for r in first[:2] + second]  # input order, no test
+    assert metrics["items"] == 5 and metrics["split_skipped"] == 1
+    with pytest.raises(Exception, match="distinct"):
+        FilterParams.model_validate({**section, "input": ["a", "a"]})
+    with pytest.raises(Exception, match="1-3"):
+        FilterParams.model_validate({**section, "input": ["a", "b", "c", "d"]})
+
+
 def test_judge_errors_above_the_threshold_fail_the_stage_and_are_never_not_relevant(tmp_path):
     records = [mcq(i) for i in range(4)]
     with LLMTestServer(rule=lambda request: Reply.server_error(500)) as server:
@@ -375,3 +401,23 @@ def test_apply_verdicts_is_pure_and_orders_like_the_input():
     assert [r["id"] for r in outcome.kept] == [records[0]["id"]]
     assert [r["reason"] for r in outcome.rejects] == ["not_relevant", "judge_refusal"]
     assert outcome.counts == Counter(relevant=1, not_relevant=1, judge_errors=1)
+
+
+def test_a_stage_at_its_budget_cap_writes_nothing_and_a_rerun_pays_only_the_rest(tmp_path):
+    records = [mcq(i) for i in range(12)]
+    with LLMTestServer(rule=verdict_rule()) as server:
+        write_project(tmp_path, records, server, concurrency=1, max_usd=0.01,
+                      prices={"input_per_1m": 10.0, "output_per_1m": 40.0})
+        capped = run_stage("filter", ARGS, tmp_path)
+        sent = len(server.completions_requests)
+        assert capped.returncode == 2 and 0 < sent < 12
+        lines = [line for line in capped.stderr.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and "budget cap $0.01" in lines[0] and "re-run" in lines[0]
+        assert not (tmp_path / "out.parquet").exists() and not (tmp_path / "metrics.json").exists()
+        resumed = run_stage("filter", ARGS, tmp_path, env={"LLM_MAX_USD": "5"})
+        again = [r.headers[ITEM_HEADER] for r in server.completions_requests[sent:]]
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(again) == 12 - sent and set(again).isdisjoint(
+        r.headers[ITEM_HEADER] for r in server.completions_requests[:sent])
+    kept, _, metrics = outputs(tmp_path)
+    assert len(kept) == 12 and metrics["llm"]["cache_hits"] == sent

@@ -20,6 +20,17 @@ class HubSpec(Strict):
     splits: dict[str, Literal["train", "dev", "test"]] = Field(
         default_factory=lambda: {"train": "train"},
         description="hub split name -> our split name; splits not listed are not loaded")
+    allow_empty: list[str] = Field(
+        default_factory=list,
+        description="selected hub splits that may hold no rows at this revision (otherwise an "
+                    "empty split is an error naming source, split and revision)")
+
+    @model_validator(mode="after")
+    def _allow_empty_selected(self) -> "HubSpec":
+        unknown = [s for s in self.allow_empty if s not in self.splits]
+        if unknown:
+            raise ValueError(f"allow_empty {unknown} are not in splits {sorted(self.splits)}")
+        return self
 
 
 class LocalSpec(Strict):

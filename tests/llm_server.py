@@ -15,12 +15,29 @@ What it answers, per request, first match wins:
    ``Retry-After`` when exceeded;
 2. the next scripted :class:`Reply` queued with :meth:`LLMTestServer.enqueue`;
 3. ``rule(request) -> Reply | None`` (per-request scripting, e.g. by item id);
-4. random faults (``fault_rates={"429": p, "500": p, "drop": p}``, seeded);
+4. random faults (``fault_rates={"429": p, "500": p, "drop": p}``, seeded); also
+   ``"5xx"`` (500, 502 or 503), and faults of a 200's *content*: ``"invalid_json"`` (the
+   responder's answer, corrupted), ``"truncated"`` (cut, ``finish_reason: "length"``) and
+   ``"refusal"`` (``message.refusal`` set, no content). A ``"429"`` fault carries
+   ``retry-after-ms: 200``, or ``Retry-After: <retry_after>`` seconds when that is set;
 5. the default: a 200 whose content is ``responder(body)`` — by default
-   :func:`echo_responder`, a valid JSON instance of the requested schema.
+   :func:`echo_responder`, a valid JSON instance of the requested schema. A responder may
+   also return a :class:`Reply` (status 200) to set the finish reason or a refusal itself.
 
 ``latency`` (± uniform ``jitter``) delays every reply except 429s (rate limits answer at
-once, as real ones do) unless a reply sets its own ``delay``.
+once, as real ones do) unless a reply sets its own ``delay``; ``latency_range=(lo, hi)``
+draws it uniformly from that range instead.
+
+Optional hooks (all additive): ``usage(body, text) -> (prompt_tokens, completion_tokens)``
+(default: characters / 4), ``label(body) -> str`` (stats are also counted per label, e.g.
+per pipeline stage) and ``extra_stats() -> dict`` (merged into ``/_stats`` as
+``"responder"``); ``keep_bodies=False`` forgets each request body once it is answered
+(long runs). ``/_stats`` counts replies by status and by kind (``ok``,
+``invalid_json``, ``truncated``, ``refusal``, ``429``, ``5xx``, ``drop``, …), per label, and
+sums the tokens of every 200. In subprocess mode the JSON config may name a responder
+factory as ``"responder": "module:callable"`` with ``"responder_config": {...}`` (its
+keyword arguments); the object it returns is the responder, and its ``usage`` / ``label`` /
+``stats`` methods, where it has them, are the hooks.
 """
 from __future__ import annotations
 
@@ -28,7 +45,9 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import importlib
 import json
+import os
 import random
 import socket
 import subprocess
@@ -60,6 +79,7 @@ class Reply:
     delay: Optional[float] = None          # overrides latency
     usage: Optional[tuple[int, int]] = None  # (prompt, completion); default: from lengths
     raw_body: Optional[bytes] = None       # sent verbatim instead of a JSON payload
+    mangle: Optional[str] = None           # "invalid_json" / "truncated": spoil responder(body)
 
     @classmethod
     def ok(cls, content: Optional[str] = None, **kw: Any) -> "Reply":
@@ -102,6 +122,14 @@ class Reply:
     @classmethod
     def truncated(cls, text: str = '{"answer": "a very long answ', **kw: Any) -> "Reply":
         return cls(content=text, finish_reason="length", **kw)
+
+    @classmethod
+    def spoiled(cls, kind: str, **kw: Any) -> "Reply":
+        """The responder's own answer, spoiled: ``"invalid_json"`` (corrupted) or
+        ``"truncated"`` (cut part-way, ``finish_reason: "length"``)."""
+        if kind not in ("invalid_json", "truncated"):
+            raise ValueError(f"unknown content fault {kind!r}")
+        return cls(mangle=kind, finish_reason="length" if kind == "truncated" else "stop", **kw)
 
     @classmethod
     def refused(cls, text: str = "I'm sorry, I can't help with that.", **kw: Any) -> "Reply":
@@ -177,13 +205,18 @@ class ReceivedRequest:
     received_at: float        # time.monotonic()
     status: Optional[int] = None   # what was answered (None: dropped / not yet)
     completed: bool = False        # the full response went out on an open connection
+    _parsed: Optional[dict[str, Any]] = field(default=None, repr=False, compare=False)
 
     @property
     def body(self) -> dict[str, Any]:
-        try:
-            return json.loads(self.raw_body or b"{}")
-        except ValueError:
-            return {}
+        """The JSON body (parsed once; ``{}`` when it is not JSON)."""
+        if self._parsed is None:
+            try:
+                parsed = json.loads(self.raw_body or b"{}")
+            except ValueError:
+                parsed = {}
+            self._parsed = parsed if isinstance(parsed, dict) else {}
+        return self._parsed
 
     @property
     def messages(self) -> list[dict[str, Any]]:
@@ -203,13 +236,24 @@ class LLMTestServer:
                  latency: float = 0.0, jitter: float = 0.0, rpm_cap: Optional[int] = None,
                  fault_rates: Optional[dict[str, float]] = None, seed: int = 0,
                  rule: Optional[Callable[[ReceivedRequest], Optional[Reply]]] = None,
-                 port: int = 0):
+                 port: int = 0, latency_range: Optional[tuple[float, float]] = None,
+                 retry_after: Optional[float] = None,
+                 usage: Optional[Callable[[dict[str, Any], str], tuple[int, int]]] = None,
+                 label: Optional[Callable[[dict[str, Any]], str]] = None,
+                 extra_stats: Optional[Callable[[], dict[str, Any]]] = None,
+                 keep_bodies: bool = True):
         self.responder = responder
         self.latency = latency
         self.jitter = jitter
+        self.latency_range = tuple(latency_range) if latency_range is not None else None
+        self.retry_after = retry_after
         self.rpm_cap = rpm_cap
         self.fault_rates = dict(fault_rates or {})
         self.rule = rule
+        self.usage = usage
+        self.label = label
+        self.extra_stats = extra_stats
+        self.keep_bodies = keep_bodies  # False: long runs drop each body once answered
         self._rng = random.Random(seed)
         self._port = port
         self._lock = threading.RLock()  # a rule may read server.requests
@@ -219,6 +263,10 @@ class LLMTestServer:
         self.in_flight = 0
         self.max_in_flight = 0
         self.status_counts: collections.Counter = collections.Counter()
+        self.kind_counts: collections.Counter = collections.Counter()
+        self.label_counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.tokens: collections.Counter = collections.Counter()  # prompt / completion, all 200s
+        self.label_tokens: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
         self._server: Optional[asyncio.AbstractServer] = None
@@ -249,14 +297,28 @@ class LLMTestServer:
             self._window.clear()
             self.max_in_flight = self.in_flight
             self.status_counts.clear()
+            self.kind_counts.clear()
+            self.label_counts.clear()
+            self.tokens.clear()
+            self.label_tokens.clear()
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            return {"requests": len(self._requests), "in_flight": self.in_flight,
-                    "max_in_flight": self.max_in_flight,
-                    "completed": sum(r.completed for r in self._requests),
-                    "status": {str(k): v for k, v in sorted(self.status_counts.items(),
-                                                            key=lambda kv: str(kv[0]))}}
+            stats = {"requests": len(self._requests), "in_flight": self.in_flight,
+                     "max_in_flight": self.max_in_flight,
+                     "completed": sum(r.completed for r in self._requests),
+                     "status": {str(k): v for k, v in sorted(self.status_counts.items(),
+                                                             key=lambda kv: str(kv[0]))},
+                     "kinds": dict(sorted(self.kind_counts.items())),
+                     "tokens": {"prompt": self.tokens["prompt"],
+                                "completion": self.tokens["completion"]}}
+            if self.label_counts:
+                stats["labels"] = {name: {"kinds": dict(sorted(counts.items())),
+                                          "tokens": dict(sorted(self.label_tokens[name].items()))}
+                                   for name, counts in sorted(self.label_counts.items())}
+        if self.extra_stats is not None:
+            stats["responder"] = self.extra_stats()
+        return stats
 
     @property
     def port(self) -> int:
@@ -379,8 +441,7 @@ class LLMTestServer:
         try:
             delay = reply.delay
             if delay is None:
-                delay = 0.0 if reply.status == 429 else max(
-                    0.0, self.latency + self._rng.uniform(-self.jitter, self.jitter))
+                delay = 0.0 if reply.status == 429 else self._latency()
             if delay:
                 assert self._stopping is not None
                 # Sleep, but wake at shutdown so that stop() never waits on a slow reply.
@@ -389,14 +450,19 @@ class LLMTestServer:
             if self._stopping is not None and self._stopping.is_set():
                 return False
             if reply.drop:
+                self._count(record, "drop")
                 writer.transport.abort()
                 return False
             if reader.at_eof():  # the client went away while we "thought"
                 return False
+            usage = (0, 0)
             if reply.status != 200:
                 payload: dict[str, Any] = {"error": reply.error or {"message": "error"}}
+                kind = "5xx" if reply.status >= 500 else str(reply.status)
             else:
-                payload = self._completion(record, reply)
+                payload, kind = self._completion(record, reply)
+                usage = (payload["usage"]["prompt_tokens"], payload["usage"]["completion_tokens"])
+            self._count(record, kind, usage)  # before the write: a client reading /_stats next sees it
             ok = await self._write(writer, reply.status, payload, reply.headers, reply.raw_body)
             with self._lock:
                 record.status = reply.status
@@ -404,8 +470,48 @@ class LLMTestServer:
                 self.status_counts[reply.status] += 1
             return ok
         finally:
+            record._parsed = None  # parsed once per reply, not kept
+            if not self.keep_bodies:
+                record.raw_body = b""
             with self._lock:
                 self.in_flight -= 1
+
+    def _latency(self) -> float:
+        if self.latency_range is not None:
+            return max(0.0, self._rng.uniform(*self.latency_range))
+        return max(0.0, self.latency + self._rng.uniform(-self.jitter, self.jitter))
+
+    def _count(self, record: ReceivedRequest, kind: str, usage: tuple[int, int] = (0, 0)) -> None:
+        """Stats of one reply: its kind, its label's kind, the tokens of a 200."""
+        name = None
+        if self.label is not None:
+            try:
+                name = self.label(record.body)
+            except Exception:  # noqa: BLE001 - a label is bookkeeping, never an answer
+                name = "unlabelled"
+        with self._lock:
+            self.kind_counts[kind] += 1
+            self.tokens["prompt"] += usage[0]
+            self.tokens["completion"] += usage[1]
+            if name is not None:
+                self.label_counts[name][kind] += 1
+                self.label_tokens[name]["prompt"] += usage[0]
+                self.label_tokens[name]["completion"] += usage[1]
+
+    def _fault(self, name: str) -> Reply:
+        if name == "429":
+            if self.retry_after is not None:
+                return Reply.rate_limited(retry_after=self.retry_after)
+            return Reply.rate_limited(retry_after_ms=200)
+        if name == "drop":
+            return Reply.drop_connection()
+        if name in ("invalid_json", "truncated"):
+            return Reply.spoiled(name)
+        if name == "refusal":
+            return Reply.refused()
+        if name == "5xx":
+            return Reply.server_error(self._rng.choice((500, 502, 503)))
+        return Reply.server_error(int(name))
 
     def _choose(self, record: ReceivedRequest, now: float) -> Reply:
         # Called under self._lock.
@@ -425,32 +531,53 @@ class LLMTestServer:
         roll = self._rng.random()
         for name, rate in self.fault_rates.items():
             if roll < rate:
-                if name == "429":
-                    return Reply.rate_limited(retry_after_ms=200)
-                if name == "drop":
-                    return Reply.drop_connection()
-                return Reply.server_error(int(name))
+                return self._fault(name)
             roll -= rate
         return Reply.ok()
 
-    def _completion(self, record: ReceivedRequest, reply: Reply) -> dict[str, Any]:
+    def _spoil(self, content: str, kind: str) -> str:
+        """``content`` cut part-way (truncated) or made unparsable (invalid_json)."""
+        if kind == "truncated":
+            return content[:max(1, int(len(content) * self._rng.uniform(0.3, 0.9)))]
+        style = self._rng.randrange(3)
+        if style == 0:
+            return content.rstrip()[:-1]          # the closing brace lost
+        if style == 1:
+            return content + "\n}"                # trailing garbage
+        return "다음은 요청하신 JSON입니다:\n" + content  # prose around it
+
+    def _completion(self, record: ReceivedRequest, reply: Reply) -> tuple[dict[str, Any], str]:
+        """The chat-completion payload of a 200 and its kind (ok, refusal, truncated, …)."""
         body = record.body
-        content = reply.content
-        if content is None and reply.refusal is None:
-            content = self.responder(body)
-        prompt, completion = reply.usage or (
+        content, refusal, finish = reply.content, reply.refusal, reply.finish_reason
+        usage = reply.usage
+        if content is None and refusal is None:
+            answer = self.responder(body)
+            if isinstance(answer, str):
+                content = answer
+            else:  # a Reply (duck-typed: the subprocess imports this module twice)
+                content, refusal, usage = answer.content, answer.refusal, answer.usage or usage
+                finish = answer.finish_reason if finish == "stop" else finish
+        if reply.mangle and content is not None:
+            content = self._spoil(content, reply.mangle)
+        if usage is None and self.usage is not None:
+            usage = self.usage(body, content or refusal or "")
+        prompt, completion = usage or (
             max(1, len(json.dumps(body.get("messages", []), ensure_ascii=False)) // 4),
-            max(1, len(content or reply.refusal or "") // 4))
+            max(1, len(content or refusal or "") // 4))
+        kind = ("refusal" if refusal else "truncated" if finish == "length"
+                else "invalid_json" if reply.mangle == "invalid_json"
+                else "garbage" if reply.raw_body is not None else "ok")
         return {
             "id": f"chatcmpl-test-{record.index}", "object": "chat.completion",
             "created": int(time.time()), "model": body.get("model", "test-model"),
             "system_fingerprint": "fp_test",
-            "choices": [{"index": 0, "logprobs": None, "finish_reason": reply.finish_reason,
+            "choices": [{"index": 0, "logprobs": None, "finish_reason": finish,
                          "message": {"role": "assistant", "content": content,
-                                     "refusal": reply.refusal}}],
+                                     "refusal": refusal}}],
             "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
                       "total_tokens": prompt + completion},
-        }
+        }, kind
 
     async def _write(self, writer: asyncio.StreamWriter, status: int, payload: dict[str, Any],
                      headers: dict[str, str], raw_body: Optional[bytes] = None) -> bool:
@@ -484,15 +611,28 @@ class ServerProcess:
 
     @classmethod
     def start(cls, *, latency: float = 0.0, jitter: float = 0.0, rpm_cap: Optional[int] = None,
-              fault_rates: Optional[dict[str, float]] = None, seed: int = 0) -> "ServerProcess":
+              fault_rates: Optional[dict[str, float]] = None, seed: int = 0,
+              latency_range: Optional[tuple[float, float]] = None,
+              retry_after: Optional[float] = None, responder: Optional[str] = None,
+              responder_config: Optional[dict[str, Any]] = None, port: int = 0,
+              keep_bodies: bool = True, startup_timeout: float = 60.0) -> "ServerProcess":
+        """``responder``: ``"module:callable"``, a factory called with ``responder_config``
+        in the server process (the repository root is on its ``sys.path``)."""
         config = {"latency": latency, "jitter": jitter, "rpm_cap": rpm_cap,
-                  "fault_rates": fault_rates or {}, "seed": seed}
+                  "fault_rates": fault_rates or {}, "seed": seed, "latency_range": latency_range,
+                  "retry_after": retry_after, "responder": responder,
+                  "responder_config": responder_config or {}, "port": port,
+                  "keep_bodies": keep_bodies}
+        root = str(Path(__file__).resolve().parents[1])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [root] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
         proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), json.dumps(config)],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         assert proc.stdout is not None
-        line = proc.stdout.readline()
+        line = _readline(proc, startup_timeout)
         if not line:
             proc.kill()
+            proc.wait()
             raise RuntimeError("test server process did not start")
         return cls(proc, json.loads(line)["port"])
 
@@ -517,10 +657,42 @@ class ServerProcess:
         self.stop()
 
 
+def _readline(proc: subprocess.Popen, timeout: float) -> str:
+    """The child's first stdout line, or "" when it exits or stays silent for ``timeout``."""
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return lines[0] if lines else ""
+
+
+def load_responder(spec: str, config: Optional[dict[str, Any]] = None) -> Any:
+    """``"module:callable"`` called with ``config`` as keyword arguments."""
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ValueError(f"responder {spec!r} is not 'module:callable'")
+    return getattr(importlib.import_module(module), name)(**(config or {}))
+
+
+def server_from_config(config: dict[str, Any]) -> LLMTestServer:
+    """An :class:`LLMTestServer` from the subprocess JSON config (absent keys: defaults)."""
+    hooks: dict[str, Any] = {}
+    if config.get("responder"):
+        responder = load_responder(config["responder"], config.get("responder_config"))
+        hooks = {"responder": responder, "usage": getattr(responder, "usage", None),
+                 "label": getattr(responder, "label", None),
+                 "extra_stats": getattr(responder, "stats", None)}
+    latency_range = config.get("latency_range")
+    return LLMTestServer(latency=config.get("latency", 0.0), jitter=config.get("jitter", 0.0),
+                         keep_bodies=config.get("keep_bodies", True),
+                         rpm_cap=config.get("rpm_cap"), fault_rates=config.get("fault_rates"),
+                         seed=config.get("seed", 0), port=config.get("port", 0),
+                         latency_range=tuple(latency_range) if latency_range else None,
+                         retry_after=config.get("retry_after"), **hooks)
+
+
 async def _serve_until_stdin_closes(config: dict[str, Any]) -> None:
-    server = LLMTestServer(latency=config["latency"], jitter=config["jitter"],
-                           rpm_cap=config["rpm_cap"], fault_rates=config["fault_rates"],
-                           seed=config["seed"])
+    server = server_from_config(config)
     loop = asyncio.get_running_loop()
     await server._open()
     print(json.dumps({"port": server.port}), flush=True)
@@ -531,7 +703,9 @@ async def _serve_until_stdin_closes(config: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", help='JSON: {"latency", "jitter", "rpm_cap", "fault_rates", "seed"}')
+    parser.add_argument("config", help='JSON: {"latency", "jitter", "rpm_cap", "fault_rates", "seed", '
+                                       '"latency_range", "retry_after", "responder", '
+                                       '"responder_config", "port", "keep_bodies"}')
     config = json.loads(parser.parse_args(argv).config)
     asyncio.run(_serve_until_stdin_closes(config))
 

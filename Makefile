@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: quickstart test check venv clean-quickstart
+.PHONY: quickstart test check plan venv clean-quickstart
 
 venv: $(STAMP)
 
@@ -24,6 +24,12 @@ quickstart: $(STAMP)
 # rules, a stale dvc.vars.yaml (stages/check.py)
 check: $(STAMP)
 	$(BIN)/python -m stages.check
+
+# what the LLM stages that would run will cost (requests not cached, tokens, $ online and
+# batch), offline, writing nothing (stages/plan.py); `make plan WORKSPACE=quickstart`
+WORKSPACE ?= .
+plan: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m stages.plan --root $(WORKSPACE)
 
 test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)

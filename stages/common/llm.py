@@ -127,6 +127,18 @@ API_KEY_ENV = "OPENAI_API_KEY"
 class Prices(Strict):
     input_per_1m: float = Field(ge=0, description="USD per 1M prompt tokens")
     output_per_1m: float = Field(ge=0, description="USD per 1M completion tokens")
+    batch_input_per_1m: Optional[float] = Field(None, ge=0, description=(
+        "Batch API price per 1M prompt tokens; default half of input_per_1m (OpenAI's discount)"))
+    batch_output_per_1m: Optional[float] = Field(None, ge=0, description=(
+        "Batch API price per 1M completion tokens; default half of output_per_1m"))
+
+    @property
+    def batch_input(self) -> float:
+        return self.input_per_1m / 2 if self.batch_input_per_1m is None else self.batch_input_per_1m
+
+    @property
+    def batch_output(self) -> float:
+        return self.output_per_1m / 2 if self.batch_output_per_1m is None else self.batch_output_per_1m
 
 
 class LLMParams(Strict):

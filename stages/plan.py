@@ -1,0 +1,508 @@
+"""What the LLM stages would cost, before anything is paid (``make plan``). Not a DVC stage.
+
+    python -m stages.plan [--json] [--params params.yaml] [--root .]
+
+For every LLM stage of the workspace (``summarize``, ``filter@``, ``transform@``,
+``synthesize@``, ``solve@``) it prints whether ``dvc status`` would run it and, for those that
+would, the first-draw requests not yet in the stage's response cache, their prompt tokens,
+the expected completion tokens, the expected extra requests (re-asks, re-samples, the quality
+gate, re-asked synthesize slots) and the dollars at the params' prices, online and through the
+Batch API. It reads; it never calls the network and never writes a file.
+
+How each figure is had, per stage (the table's ``basis`` column says which applied):
+
+- **exact** where the stage's input exists: the real requests are rendered with the stage's
+  own code (filter: prefilter survivors' judge prompts; transform: every filtered question;
+  synthesize: every slot's first request; solve: every candidate's step prompt; summarize:
+  every map chunk) and looked up in the response cache by their cache key;
+- **estimated** where an earlier stage has not written the input yet: the count follows from
+  the params (``plan.assumed`` for the raw item counts of filter and summarize; the judge's
+  keep share ``plan.keep_share`` for transform; ``target_pairs`` for solve), and a request's
+  prompt is the stage's template plus the assumed item size;
+- prompt tokens are counted with the model's own encoding (``o200k_base`` for gpt-4o, from the
+  offline package ``bpe-openai``) over the messages, plus the chat format's few tokens per
+  message and the JSON schema sent as ``response_format``;
+- completion tokens are the mean of the answers already in the stage's cache, else
+  ``plan.completion_share`` × ``max_tokens``;
+- the overhead is what the stage's last metrics observed (calls per item), else the defaults
+  below, stated in the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import string
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from pydantic import Field
+
+from stages.common.llm import LLMParams, LLMRequest, Prices, response_format_for
+from stages.common.llm_cache import ResponseCache, cache_key
+from stages.common.params import PARAMS_FILE, Strict, load_raw, read_section, read_yaml
+
+PARAMS = ("plan",)
+LLM_STAGES = ("summarize", "filter", "transform", "synthesize", "solve")
+# Extra draws per item where no metrics were observed yet: invalid answers re-asked (filter,
+# transform, summarize), slots re-asked after a near-duplicate or a bad answer (synthesize).
+DEFAULT_OVERHEAD = {"filter": 1.02, "transform": 1.05, "summarize": 1.05, "synthesize": 1.15}
+# solve, per verified question: the share whose first solution is wrong (each wrong one is
+# re-sampled) and the share of candidates that never verify (replaced by the next candidate).
+SOLVE_WRONG_SHARE = 0.15
+SOLVE_FAIL_SHARE = 0.10
+MESSAGE_TOKENS, REPLY_TOKENS = 4, 3  # the chat format's per-message and reply-priming tokens
+
+
+class AssumedInput(Strict):
+    items: int = Field(ge=0, description="items the stage will get (judged items, reports)")
+    item_tokens: int = Field(ge=1, description="tokens of one item's text inside the prompt")
+
+
+class PlanParams(Strict):
+    completion_share: float = Field(0.5, gt=0, le=1, description=(
+        "expected completion length as a share of max_tokens, where the cache has no answers"))
+    keep_share: float = Field(0.75, gt=0, le=1, description=(
+        "share of judged items the filter keeps, for transform's estimate before filter ran"))
+    assumed: dict[str, AssumedInput] = Field(default_factory=dict, description=(
+        "'filter.<domain>' / 'summarize': input sizes assumed while the input does not exist"))
+
+
+def load_params(key: str | None = None, path: str = PARAMS_FILE) -> PlanParams:
+    """``plan`` (optional: every knob has a default)."""
+    if "plan" not in (load_raw(path) or {}):
+        return PlanParams()
+    return read_section(PARAMS, PlanParams, None, path=path)
+
+
+# ------------------------------------------------------------------------ counting
+class Counter_:
+    """Prompt tokens of a request with the model's encoding (bpe-openai: offline)."""
+
+    def __init__(self, model: str):
+        from bpe_openai import encoding_for_model, get_encoding
+        self.encoding, self.name = None, None
+        # a dated snapshot (gpt-4o-2024-08-06) has its family's encoding
+        for candidate in (model, re.sub(r"-\d{4}-\d{2}-\d{2}$", "", model)):
+            try:
+                self.encoding = encoding_for_model(candidate)
+                break
+            except Exception:
+                continue
+        if self.encoding is None:  # an unknown or self-hosted model: OpenAI's current encoding
+            self.encoding = get_encoding("o200k_base")
+            self.name = f"o200k_base (no encoding known for {model!r})"
+        self.name = self.name or f"{self.encoding.name} ({model})"
+        self._schemas: dict[type, int] = {}
+
+    def text(self, text: str) -> int:
+        return len(self.encoding.encode_ordinary(text))
+
+    def request(self, request: LLMRequest) -> int:
+        model = request.response_model
+        if model not in self._schemas:
+            self._schemas[model] = self.text(json.dumps(response_format_for(model)["json_schema"],
+                                                        ensure_ascii=False))
+        body = sum(MESSAGE_TOKENS + self.text(str(m.get("content") or "")) for m in request.messages)
+        return body + REPLY_TOKENS + self._schemas[model]
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    runs: bool
+    basis: str = ""
+    requests: int = 0          # first draws the stage makes
+    cached: int = 0            # of them, already answered in the cache
+    prompt_tokens: int = 0     # of the uncached first draws
+    completion_tokens: int = 0  # expected, of the uncached first draws
+    completion_basis: str = ""
+    overhead: float = 1.0      # expected requests per first draw (re-asks, re-samples, gate)
+    overhead_basis: str = ""
+    usd_online: float = 0.0
+    usd_batch: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def uncached(self) -> int:
+        return self.requests - self.cached
+
+    def price(self, prices: Prices) -> None:
+        p, c = self.prompt_tokens * self.overhead, self.completion_tokens * self.overhead
+        self.usd_online = (p * prices.input_per_1m + c * prices.output_per_1m) / 1e6
+        self.usd_batch = (p * prices.batch_input + c * prices.batch_output) / 1e6
+
+
+# ------------------------------------------------------------------------ the workspace
+@dataclass
+class Context:
+    root: Path
+    params_path: str
+    plan: PlanParams
+    commands: dict[str, str]                 # dvc.yaml stage -> its raw cmd
+    counters: dict[str, Counter_] = field(default_factory=dict)
+    # filter domain -> (the records its judge sees, exact?) for transform/synthesize estimates
+    judged: dict[str, tuple[list[dict[str, Any]], float]] = field(default_factory=dict)
+    assumed_tokens: dict[str, int] = field(default_factory=dict)  # filter domain -> item tokens
+
+    def exists(self, rel: str) -> bool:
+        return (self.root / rel).exists()
+
+    def arg(self, stage: str, key: Optional[str], flag: str) -> Optional[str]:
+        """A path the stage's dvc.yaml command passes with ``flag`` (``${key}`` filled in)."""
+        found = re.search(rf"{flag}\s+(\S+)", self.commands.get(stage, ""))
+        return found.group(1).replace("${key}", key or "") if found else None
+
+    def metrics(self, stage: str, key: Optional[str]) -> Optional[dict[str, Any]]:
+        path = self.root / (self.arg(stage, key, "--metrics") or "-")
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def counter(self, model: str) -> Counter_:
+        if model not in self.counters:
+            self.counters[model] = Counter_(model)
+        return self.counters[model]
+
+
+def load_commands(root: Path) -> dict[str, str]:
+    spec = read_yaml((root / "dvc.yaml").read_text(encoding="utf-8")) or {}
+    out = {}
+    for name, stage in (spec.get("stages") or {}).items():
+        body = stage.get("do", stage) if isinstance(stage, dict) else {}
+        out[name] = " ".join(str(body.get("cmd", "")).split())
+    return out
+
+
+def would_run(root: Path, names: Sequence[str]) -> tuple[Optional[set[str]], str]:
+    """The LLM stages ``dvc status`` reports as changed (None: unknown, with why)."""
+    dvc = Path(sys.executable).parent / "dvc"
+    try:
+        proc = subprocess.run([str(dvc) if dvc.exists() else "dvc", "status", "--json", *names],
+                              cwd=root, capture_output=True, text=True, timeout=120)
+        changed = json.loads(proc.stdout or "{}") if proc.returncode == 0 else None
+    except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
+        return None, f"dvc status failed ({exc}); every LLM stage counted"
+    if changed is None:
+        return None, f"dvc status failed: {(proc.stderr or '').strip()[-200:]}; every LLM stage counted"
+    return {name.split(":")[-1] for name in changed}, "dvc status"
+
+
+# ------------------------------------------------------------------------ tallying
+def cached_completion_mean(cache_dir: Optional[Path]) -> Optional[float]:
+    """Mean completion tokens of the answers in a stage's cache (None: no answers yet)."""
+    if cache_dir is None or not cache_dir.is_dir():
+        return None
+    counts = []
+    for path in cache_dir.rglob("*.json"):
+        try:
+            tokens = json.loads(path.read_bytes())["response"]["completion_tokens"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if tokens:
+            counts.append(tokens)
+    return statistics.fmean(counts) if counts else None
+
+
+def tally(row: StagePlan, requests: Sequence[LLMRequest], llm: LLMParams, ctx: Context,
+          cache_dir: Optional[Path], *, scale: float = 1.0, extra_tokens: int = 0) -> None:
+    """Count ``requests`` into ``row``: cached first draws, prompt tokens of the uncached
+    (``extra_tokens`` each: assumed item text), expected completions; ``scale`` for a share."""
+    counter = ctx.counter(llm.model)
+    cache = ResponseCache(cache_dir) if cache_dir is not None and cache_dir.is_dir() else None
+    formats: dict[type, dict[str, Any]] = {}
+    cached = prompt = 0
+    counted: dict[int, int] = {}  # an estimate repeats one template request n times
+    for request in requests:
+        if request.response_model not in formats:
+            formats[request.response_model] = response_format_for(request.response_model)
+        fmt = formats[request.response_model]
+        if cache is not None and cache.path_for(cache_key(
+                model=llm.model, messages=[dict(m) for m in request.messages],
+                json_schema=fmt["json_schema"], temperature=llm.temperature, top_p=llm.top_p,
+                max_tokens=llm.max_tokens, seed=llm.seed, sample_index=request.sample_index,
+                reask_index=0)).is_file():
+            cached += 1
+            continue
+        if id(request) not in counted:
+            counted[id(request)] = counter.request(request)
+        prompt += counted[id(request)] + extra_tokens
+    mean = cached_completion_mean(cache_dir)
+    each = mean if mean is not None else ctx.plan.completion_share * llm.max_tokens
+    row.completion_basis = (f"cache mean {mean:.0f}" if mean is not None else
+                            f"{ctx.plan.completion_share:g} x max_tokens {llm.max_tokens}")
+    row.requests += round(len(requests) * scale)
+    row.cached += round(cached * scale)
+    row.prompt_tokens += round(prompt * scale)
+    row.completion_tokens += round((len(requests) - cached) * scale * each)
+
+
+def observed_overhead(row: StagePlan, metrics: Optional[dict[str, Any]], default: float,
+                      per: str = "items") -> None:
+    """Requests per item as the stage's last run saw them, else ``default``."""
+    llm = (metrics or {}).get("llm") or {}
+    items = (metrics or {}).get(per) or llm.get("items")
+    if items and (llm.get("calls", 0) + llm.get("cache_hits", 0)):
+        row.overhead = max(1.0, (llm["calls"] + llm["cache_hits"]) / items)
+        row.overhead_basis = f"observed ({per})"
+    else:
+        row.overhead, row.overhead_basis = default, "default"
+
+
+# ------------------------------------------------------------------------ the stages
+def plan_filter(key: str, ctx: Context, row: StagePlan) -> LLMParams:
+    from stages import filter as stage
+    params = stage.load_params(key, ctx.params_path)
+    cache = ctx.root / (ctx.arg("filter", key, "--cache-dir") or "-")
+    documents = params.chunking is not None
+    if all(ctx.exists(p) for p in params.inputs):
+        kind, records, _ = stage.load_items(params, key)
+        survivors, _, _ = stage.select_candidates(records, params, key)
+        judged = [record for record, _ in survivors]
+        requests = [LLMRequest(stage.judge_messages(r, params.criteria), stage.Verdict, r["id"])
+                    for r in judged]
+        tally(row, requests, params.llm, ctx, cache)
+        row.basis = f"exact: {len(records)} {kind} items, {len(judged)} pass the prefilter"
+        ctx.judged[key] = (judged, 1.0)
+    else:
+        assumed = ctx.plan.assumed.get(f"filter.{key}")
+        if assumed is None:
+            row.basis = f"unknown: input missing and no plan.assumed.filter.{key}"
+            return params.llm
+        empty = ({"title": "", "doc_id": "", "text": ""} if documents
+                 else {"question": "", "choices": ["", "", "", ""]})
+        template = LLMRequest(stage.judge_messages(empty, params.criteria), stage.Verdict, "x")
+        tally(row, [template] * assumed.items, params.llm, ctx, None, extra_tokens=assumed.item_tokens)
+        row.basis = (f"estimated: input missing; plan.assumed {assumed.items} items of "
+                     f"{assumed.item_tokens} tokens (all assumed to pass the prefilter)")
+        ctx.assumed_tokens[key] = assumed.item_tokens
+        ctx.judged[key] = ([], float(assumed.items))
+    observed_overhead(row, ctx.metrics("filter", key), DEFAULT_OVERHEAD["filter"])
+    return params.llm
+
+
+def _domain_of(filtered_path: str, ctx: Context) -> Optional[str]:
+    """The filter domain whose output ``filtered_path`` is (from dvc.yaml's filter --out)."""
+    for domain in ctx.judged:
+        if ctx.arg("filter", domain, "--out") == filtered_path:
+            return domain
+    return None
+
+
+def plan_transform(key: str, ctx: Context, row: StagePlan) -> LLMParams:
+    from stages import transform as stage
+    from stages.common.io import read_records
+    params = stage.load_params(key, ctx.params_path)
+    cache = ctx.root / (ctx.arg("transform", key, "--cache-dir") or "-")
+    build = lambda r: LLMRequest(stage.transform_messages(r, params.context),  # noqa: E731
+                                 stage.SevenChoiceMCQ, r["id"])
+    domain = _domain_of(params.input, ctx)
+    if ctx.exists(params.input):
+        records = read_records(ctx.root / params.input)
+        tally(row, [build(r) for r in records], params.llm, ctx, cache)
+        row.basis = f"exact: {len(records)} filtered questions"
+    elif domain is not None and ctx.judged[domain][0]:
+        judged = ctx.judged[domain][0]
+        tally(row, [build(r) for r in judged], params.llm, ctx, cache, scale=ctx.plan.keep_share)
+        row.basis = (f"estimated: filter not run; its {len(judged)} judged questions x keep "
+                     f"share {ctx.plan.keep_share:g}")
+    elif domain is not None and ctx.judged[domain][1]:
+        n = round(ctx.judged[domain][1] * ctx.plan.keep_share)
+        empty = {"question": "", "choices": ["", "", "", ""], "answer": 0, "id": "x"}
+        tally(row, [build(empty)] * n, params.llm, ctx, None,
+              extra_tokens=2 * ctx.assumed_tokens.get(domain, 0))  # question + answer repeated
+        row.basis = f"estimated: {n} questions (plan.assumed x keep share {ctx.plan.keep_share:g})"
+    else:
+        row.basis = "unknown: input missing and no estimate upstream"
+    observed_overhead(row, ctx.metrics("transform", key), DEFAULT_OVERHEAD["transform"])
+    return params.llm
+
+
+def plan_synthesize(key: str, ctx: Context, row: StagePlan) -> LLMParams:
+    from stages import synthesize as stage
+    params = stage.load_params(key, ctx.params_path)
+    cache = ctx.root / (ctx.arg("synthesize", key, "--cache-dir") or "-")
+    templates = {name: stage.load_template(name) for name in stage.TEMPLATES}
+    examples = stage.load_fewshot(params.fewshot)
+    chunks, extra, how = [], 0, "exact"
+    if params.grounded:
+        paths = [params.inputs.filtered, params.inputs.transformed]
+        domain = _domain_of(params.inputs.filtered, ctx)
+        if all(ctx.exists(p) for p in paths):
+            chunks = stage.read_inputs(paths)[1]
+        elif domain is not None and ctx.judged[domain][0]:
+            chunks, how = ctx.judged[domain][0], "estimated: filter not run; its judged chunks"
+        else:
+            chunks = [{"id": "x", "text": ""}]
+            extra = ctx.assumed_tokens.get(domain or "", 0)
+            how = f"estimated: chunks of {extra} tokens (plan.assumed)"
+    slots = stage.plan_slots(params.target, params.topics, params.choice_counts, chunks,
+                             params.angles)
+    model = stage.GroundedMCQ if params.grounded else stage.GeneratedMCQ
+    requests = [LLMRequest(stage.build_messages(s, params, examples, templates), model, s.item_id)
+                for s in slots]
+    tally(row, requests, params.llm, ctx, cache, extra_tokens=extra)
+    row.basis = f"{how}: {len(slots)} slots (first round)"
+    observed_overhead(row, ctx.metrics("synthesize", key), DEFAULT_OVERHEAD["synthesize"],
+                      per="target")
+    return params.llm
+
+
+def plan_solve(key: str, ctx: Context, row: StagePlan) -> LLMParams:
+    from stages import solve as stage
+    from stages.common.io import read_records
+    params = stage.load_params(key, ctx.params_path)
+    cache = ctx.root / (ctx.arg("solve", key, "--cache-dir") or "-")
+    templates = {name: stage.load_template(name) for name in stage.TEMPLATES}
+    paths = list(dict.fromkeys([params.inputs.transformed, params.inputs.synthesized]))
+    known = [read_records(p) for p in paths if ctx.exists(p)]
+    candidates = stage.select_candidates(known, key)[0] if known else []
+    wanted = None if params.target_pairs is None else params.target_pairs // 2
+    attempts = (len(candidates) if wanted is None else
+                min(len(candidates), round(wanted / (1 - SOLVE_FAIL_SHARE))) if len(known) == len(paths)
+                else round((wanted or 0) / (1 - SOLVE_FAIL_SHARE)))
+    build = lambda q: LLMRequest(stage.solve_messages(q, templates), stage.Solution, q["id"])  # noqa: E731
+    if candidates:
+        sample = candidates[:attempts] if len(known) == len(paths) else candidates
+        tally(row, [build(q) for q in sample], params.llm, ctx, cache,
+              scale=attempts / len(sample) if sample else 1.0)
+        row.basis = (f"exact: first {attempts} of {len(candidates)} candidates" if len(known) == len(paths)
+                     else f"estimated: {attempts} questions like the {len(candidates)} known ones")
+    else:
+        empty = {"id": "x", "question": "", "choices": [""] * 7, "answer": 0}
+        tally(row, [build(empty)] * attempts, params.llm, ctx, None, extra_tokens=250)
+        row.basis = f"estimated: {attempts} questions of ~250 tokens (inputs missing)"
+    resamples = sum(SOLVE_WRONG_SHARE ** k for k in range(1, params.max_resamples + 1))
+    default = 1 + resamples + (1.0 if params.quality.enabled else 0.0)
+    observed_overhead(row, ctx.metrics("solve", key), default, per="attempted")
+    if row.overhead_basis == "default":
+        row.overhead_basis = (f"default: {SOLVE_WRONG_SHARE:.0%} wrong first solutions re-sampled"
+                              + (", + the quality gate" if params.quality.enabled else ""))
+    return params.llm
+
+
+def plan_summarize(key: Optional[str], ctx: Context, row: StagePlan) -> LLMParams:
+    from stages import summarize as stage
+    params = stage.load_params(None, ctx.params_path)
+    cache = ctx.root / (ctx.arg("summarize", None, "--cache-dir") or "-")
+    prompts = stage.Prompts.load()
+    source = ctx.arg("summarize", None, "--input")
+    if source and ctx.exists(source):
+        reports = stage.read_reports(source)
+        requests, multi = [], 0
+        for report in reports:
+            chunks = stage.chunk_report(report, params.max_chunk_tokens, params.tokens_per_char)
+            requests += [stage.map_request(report, c, len(chunks), prompts) for c in chunks]
+            multi += len(chunks) > 1
+        tally(row, requests, params.llm, ctx, cache)
+        row.basis = f"exact: {len(reports)} reports, {len(requests)} map calls; + {multi} merges (in the overhead)"
+        default = 1 + multi / max(1, len(requests)) + DEFAULT_OVERHEAD["summarize"] - 1
+    else:
+        assumed = ctx.plan.assumed.get("summarize")
+        if assumed is None:
+            row.basis = "unknown: input missing and no plan.assumed.summarize"
+            return params.llm
+        report = stage.Report(doc_id="x", source="x", path="x", title="", pages=())
+        chunk = stage.Chunk(0, (), 0)
+        template = stage.map_request(report, chunk, 1, prompts)
+        tally(row, [template] * assumed.items, params.llm, ctx, None, extra_tokens=assumed.item_tokens)
+        row.basis = (f"estimated: {assumed.items} reports of {assumed.item_tokens} tokens "
+                     "(plan.assumed), one map call each")
+        default = DEFAULT_OVERHEAD["summarize"]
+    observed_overhead(row, ctx.metrics("summarize", None), default, per="reports")
+    return params.llm
+
+
+PLANNERS: dict[str, Callable[[Optional[str], Context, StagePlan], LLMParams]] = {
+    "summarize": plan_summarize, "filter": plan_filter, "transform": plan_transform,
+    "synthesize": plan_synthesize, "solve": plan_solve}
+
+
+# ------------------------------------------------------------------------ the plan
+def make_plan(root: Path, params_path: str = PARAMS_FILE) -> dict[str, Any]:
+    """The plan of the workspace at ``root`` (the current directory: paths are relative)."""
+    raw = load_raw(params_path) or {}
+    ctx = Context(root, params_path, load_params(None, params_path), load_commands(root))
+    names = [s for s in LLM_STAGES if s in raw]
+    changed, status_basis = would_run(root, names)
+    rows, prices, encodings = [], {}, set()
+    # filter before the stages that estimate from it; the table keeps the DAG order
+    order = sorted(names, key=lambda s: (s != "filter", LLM_STAGES.index(s)))
+    for stage in order:
+        for key in ([None] if stage == "summarize" else list(raw.get(stage) or {})):
+            name = stage if key is None else f"{stage}@{key}"
+            row = StagePlan(name, runs=changed is None or name in changed)
+            llm = PLANNERS[stage](key, ctx, row)
+            if row.runs:
+                row.price(llm.prices)
+            else:  # up to date: dvc repro would not run it; what it asks is shown, unpriced
+                row.basis = f"up to date (dvc status); if forced: {row.basis}"
+            prices[name] = llm.prices
+            encodings.add(ctx.counter(llm.model).name)
+            rows.append(row)
+    rows.sort(key=lambda r: LLM_STAGES.index(r.stage.split("@")[0]))
+    return {"rows": rows, "status": status_basis, "encodings": sorted(encodings),
+            "total": totals(rows)}
+
+
+def totals(rows: Sequence[StagePlan]) -> dict[str, Any]:
+    return {"requests": sum(r.requests for r in rows if r.runs),
+            "uncached": sum(r.uncached for r in rows if r.runs),
+            "expected_calls": round(sum(r.uncached * r.overhead for r in rows if r.runs)),
+            "prompt_tokens": round(sum(r.prompt_tokens * r.overhead for r in rows if r.runs)),
+            "completion_tokens": round(sum(r.completion_tokens * r.overhead for r in rows if r.runs)),
+            "usd_online": round(sum(r.usd_online for r in rows), 2),
+            "usd_batch": round(sum(r.usd_batch for r in rows), 2)}
+
+
+def render(plan: dict[str, Any]) -> str:
+    head = ("| stage | runs | first draws | cached | uncached | prompt tok | completion tok | "
+            "x overhead | $ online | $ batch | basis |\n|" + "---|" * 11)
+    lines = [head]
+    for r in plan["rows"]:
+        lines.append(f"| {r.stage} | {'yes' if r.runs else 'no'} | {r.requests:,} | {r.cached:,} | "
+                     f"{r.uncached:,} | {r.prompt_tokens:,} | {r.completion_tokens:,} "
+                     f"({r.completion_basis or '–'}) | {r.overhead:.2f} ({r.overhead_basis or '–'}) | "
+                     f"{r.usd_online:,.2f} | {r.usd_batch:,.2f} | {r.basis} |")
+    t = plan["total"]
+    lines.append(f"| **total** | | {t['requests']:,} | | {t['uncached']:,} | {t['prompt_tokens']:,} | "
+                 f"{t['completion_tokens']:,} | {t['expected_calls']:,} calls | "
+                 f"**{t['usd_online']:,.2f}** | **{t['usd_batch']:,.2f}** | |")
+    notes = (f"Stages that would run: {plan['status']}. Prompt tokens: {', '.join(plan['encodings'])} "
+             "over the rendered messages + the JSON schema; tokens and $ include the overhead. "
+             "Nothing was sent and nothing written.")
+    return "\n".join(lines) + "\n\n" + notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default=PARAMS_FILE)
+    parser.add_argument("--root", default=".", help="the workspace (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    args = parser.parse_args(argv)
+    import os
+    os.chdir(args.root)
+    try:
+        plan = make_plan(Path("."), args.params)
+    except Exception as exc:  # a params error, an unreadable input: one line, no traceback
+        from stages.common.params import ParamsError
+        from stages.common.runlog import StageError
+        if not isinstance(exc, (ParamsError, StageError, ValueError, OSError)):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        out = {**plan, "rows": [{**asdict(r), "uncached": r.uncached} for r in plan["rows"]]}
+        print(json.dumps(out, ensure_ascii=False, indent=2))
+    else:
+        print(render(plan))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

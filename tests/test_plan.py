@@ -1,0 +1,121 @@
+"""``make plan`` (stages/plan.py): the cost of the LLM stages that would run, offline, writing
+nothing — exact where a stage's input exists (its real requests, looked up in its cache),
+estimated from params where it does not."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.common.io import write_records
+from stages.common.llm import LLMRequest, response_format_for
+from stages.common.llm_cache import (ENTRY_FORMAT, CacheEntry, CachedResponse, RequestSummary,
+                                     ResponseCache, cache_key)
+from stages.common.schema import SCHEMAS
+from stages.common.text import content_id
+from stages.filter import Verdict, judge_messages
+from stages.plan import Context, Counter_, PlanParams, StagePlan, load_commands, plan_filter, \
+    plan_transform
+from tests.conftest import ROOT
+
+LLM_STAGE_ROWS = {"summarize", "filter@financial_market", "filter@accounting", "filter@rules",
+                  "transform@financial_market", "transform@accounting",
+                  "synthesize@financial_market", "synthesize@accounting", "synthesize@rules",
+                  "solve@financial_market", "solve@accounting", "solve@rules"}
+
+
+def tree_state(root: Path) -> dict[str, float]:
+    """Every file's mtime, but dvc's own lock files (``dvc status`` takes its read lock)."""
+    return {str(p.relative_to(root)): p.stat().st_mtime for p in root.rglob("*")
+            if p.is_file() and ".venv" not in p.parts and "quickstart" not in p.parts
+            and "__pycache__" not in p.parts and ".git" not in p.parts
+            and p.relative_to(root).parts[:2] != (".dvc", "tmp")
+            and p.relative_to(root).parts[0] not in ("bench", "tests", "scripts", "docs")}
+
+
+def test_the_production_plan_is_offline_covers_every_llm_stage_and_writes_nothing():
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+               HF_HUB_OFFLINE="1", HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9")
+    before = tree_state(ROOT)
+    proc = subprocess.run([sys.executable, "-m", "stages.plan", "--json"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert tree_state(ROOT) == before
+    plan = json.loads(proc.stdout)
+    rows = {r["stage"]: r for r in plan["rows"]}
+    assert set(rows) == LLM_STAGE_ROWS
+    # nothing exists in the root: every stage runs, estimated from params except the slots
+    assert all(r["runs"] for r in rows.values())
+    assert rows["filter@financial_market"]["basis"].startswith("estimated")
+    assert rows["filter@financial_market"]["requests"] == 1500  # plan.assumed
+    assert rows["synthesize@accounting"]["requests"] == 700 and \
+        rows["synthesize@accounting"]["basis"].startswith("exact")
+    assert rows["solve@rules"]["requests"] == round(1000 / 0.9)  # 1,000 questions / pass share
+    assert all(r["prompt_tokens"] > 0 and r["usd_online"] > 0 for r in rows.values())
+    total = plan["total"]
+    assert total["usd_online"] == pytest.approx(sum(r["usd_online"] for r in rows.values()), abs=0.02)
+    assert total["usd_batch"] == pytest.approx(total["usd_online"] / 2, abs=0.02)  # batch: half
+    assert "o200k_base" in plan["encodings"][0]
+
+
+def mcq(i: int) -> dict:
+    question = f"문항 {i}: 채권 가격과 시장 금리의 관계에 대한 설명으로 옳은 것은? 주식 투자 포트폴리오"
+    choices = [f"채권 선택지 {i}-{k}" for k in range(4)]
+    return {"id": content_id("mcq", question, choices, 0), "source": "kmmlu_economics",
+            "domain": "", "split": "train", "question": question, "choices": choices,
+            "answer": 0, "category": "Economics", "meta": "{}"}
+
+
+def test_a_stage_whose_input_exists_is_counted_exactly_against_its_cache(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    records = [mcq(i) for i in range(5)]
+    write_records(records, SCHEMAS["mcq"], tmp_path / "data/collected/k.parquet")
+    llm = {"model": "gpt-4o", "temperature": 0.0, "max_tokens": 300, "seed": 1,
+           "prices": {"input_per_1m": 2.5, "output_per_1m": 10.0}}
+    params = {"filter": {"fm": {"input": "data/collected/k.parquet", "criteria": "금융시장 문항",
+                                "prefilter": {"keywords": {"채권": 2, "주식": 2}, "min_score": 2.0,
+                                              "min_chars": 10, "min_hangul_share": 0.3,
+                                              "max_digit_share": 0.5},
+                                "llm": llm}},
+              "transform": {"fm": {"input": "data/generated/fm/filtered.parquet",
+                                   "context": "시장", "llm": llm}}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    # two of the five judge requests are already answered (80 completion tokens each)
+    cache = ResponseCache(tmp_path / "data/llm_cache/filter/fm")
+    fmt = response_format_for(Verdict)
+    for record in records[:2]:
+        key = cache_key(model="gpt-4o", messages=judge_messages(record, "금융시장 문항"),
+                        json_schema=fmt["json_schema"], temperature=0.0, top_p=1.0,
+                        max_tokens=300, seed=1, sample_index=0, reask_index=0)
+        cache.put(key, CacheEntry(format=ENTRY_FORMAT, response=CachedResponse(
+            content="{}", finish_reason="stop", prompt_tokens=1, completion_tokens=80),
+            request=RequestSummary(model="gpt-4o", schema_name="Verdict", temperature=0.0,
+                                   top_p=1.0, max_tokens=300, seed=1, sample_index=0, reask_index=0)))
+    ctx = Context(Path("."), "params.yaml", PlanParams(), load_commands(Path(".")))
+    row = StagePlan("filter@fm", runs=True)
+    plan_filter("fm", ctx, row)
+    assert (row.requests, row.cached, row.uncached) == (5, 2, 3)
+    counter = Counter_("gpt-4o")
+    expected = sum(counter.request(LLMRequest(judge_messages(r, "금융시장 문항"), Verdict))
+                   for r in records[2:])
+    assert row.prompt_tokens == expected and row.basis.startswith("exact: 5 mcq items, 5 pass")
+    assert row.completion_tokens == 3 * 80 and row.completion_basis == "cache mean 80"
+    # transform has no input yet: its requests are the judged questions x the keep share
+    later = StagePlan("transform@fm", runs=True)
+    plan_transform("fm", ctx, later)
+    assert later.requests == round(5 * 0.75) and later.basis.startswith("estimated: filter not run")
+    assert later.completion_basis == "0.5 x max_tokens 300"
+    assert not (tmp_path / "data/generated").exists()  # nothing written
+
+
+def test_the_encoding_is_the_models_own():
+    assert Counter_("gpt-4o").encoding.encode("Hello world") == [13225, 2375]
+    assert Counter_("gpt-4o-2024-08-06").name.startswith("o200k_base")
+    assert "no encoding known" in Counter_("my-local-llama").name

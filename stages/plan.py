@@ -199,7 +199,7 @@ def cached_completion_mean(cache_dir: Optional[Path]) -> Optional[float]:
     if cache_dir is None or not cache_dir.is_dir():
         return None
     counts = []
-    for path in cache_dir.rglob("*.json"):
+    for path in cache_dir.glob("??/*.json"):  # the entries (not batches/ records)
         try:
             tokens = json.loads(path.read_bytes())["response"]["completion_tokens"]
         except (OSError, ValueError, KeyError, TypeError):

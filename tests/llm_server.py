@@ -38,6 +38,33 @@ sums the tokens of every 200. In subprocess mode the JSON config may name a resp
 factory as ``"responder": "module:callable"`` with ``"responder_config": {...}`` (its
 keyword arguments); the object it returns is the responder, and its ``usage`` / ``label`` /
 ``stats`` methods, where it has them, are the hooks.
+
+**The Batch API** (``/v1/files``, ``/v1/batches``; what the ``openai`` SDK's ``files`` and
+``batches`` resources call). State lives in the server, so a client may die mid-poll and a
+new one carry on. ``POST /v1/files`` (multipart: ``purpose``, ``file``) stores the bytes;
+``GET /v1/files/{id}`` / ``…/content`` / ``DELETE`` / ``GET /v1/files``. ``POST
+/v1/batches`` validates the input JSONL (each line: JSON with a unique ``custom_id``,
+``method`` ``"POST"``, ``url`` ``"/v1/chat/completions"``, an object ``body``; a bad file
+makes the batch ``failed`` with ``errors.data``) and answers ``validating``. The batch
+advances one step per ``GET /v1/batches/{id}`` (or :meth:`LLMTestServer.advance_batch`),
+never by the clock: ``validating`` → ``in_progress`` (→ ``finalizing``) → final at the
+``batch_polls``-th retrieval (default 2). The final status is ``completed``, or ``failed``
+/ ``expired`` as scripted (``batch_outcomes``, consumed in creation order, then
+``batch_outcome_rates``). At completion every line is answered by the chat-completions
+logic (``rule``, ``fault_rates``, ``responder``; not the ``enqueue`` script nor
+``rpm_cap``): a 200 goes to the output file as ``{"id": "batch_req_…", "custom_id",
+"response": {"status_code": 200, "request_id", "body": <chat.completion>}, "error": null}``;
+a non-200 (a fault, a rule's reply, ``batch_line_errors``) to the error file with
+``response.body = {"error": {...}}``; a failure outside HTTP (``batch_expired``,
+``batch_cancelled``, or a ``batch_line_errors`` code string) as ``"response": null,
+"error": {"code", "message"}``. An ``expired`` batch answers its first
+``batch_partial_share`` of lines (default half); so does one cancelled while in progress
+(``POST /v1/batches/{id}/cancel``: ``cancelling``, then ``cancelled`` at the next
+retrieval). Output lines come shuffled (``batch_shuffle``; OpenAI keeps no order).
+``GET /v1/batches`` lists newest first (``limit``, ``after``). ``batch_rule(request) ->
+Reply | None`` may answer any of these HTTP requests itself (a 500, a 401, a drop).
+Counters: ``stats()["batch"]`` (present once a file or batch endpoint was called),
+:attr:`LLMTestServer.batches`, ``batch_requests``, ``batch_line_requests``.
 """
 from __future__ import annotations
 
@@ -45,23 +72,27 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import copy
 import importlib
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 HOST = "127.0.0.1"
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
-            404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error",
+            404: "Not Found", 409: "Conflict", 429: "Too Many Requests", 500: "Internal Server Error",
             502: "Bad Gateway", 503: "Service Unavailable"}
 
 
@@ -205,6 +236,8 @@ class ReceivedRequest:
     received_at: float        # time.monotonic()
     status: Optional[int] = None   # what was answered (None: dropped / not yet)
     completed: bool = False        # the full response went out on an open connection
+    custom_id: Optional[str] = None  # batch lines: the line's custom_id
+    batch_id: Optional[str] = None   # batch lines: the batch it belongs to
     _parsed: Optional[dict[str, Any]] = field(default=None, repr=False, compare=False)
 
     @property
@@ -228,6 +261,152 @@ class ReceivedRequest:
         return "\n".join(str(m.get("content", "")) for m in self.messages)
 
 
+# ---------------------------------------------------------------------------- the Batch API: pieces
+_BATCH_OUTCOMES = frozenset({"completed", "failed", "expired"})
+_BATCH_FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+_BATCH_ENDPOINT = "/v1/chat/completions"
+_FILE_PURPOSES = frozenset({"assistants", "batch", "fine-tune", "vision", "user_data", "evals"})
+_ROUTE = re.compile(r"(?:/v1)?/(files|batches)(?:/([^/]+)(?:/(content|cancel))?)?")
+
+
+def _new_id(prefix: str) -> str:
+    return prefix + uuid.uuid4().hex[:24]
+
+
+class _APIError(Exception):
+    """An OpenAI-style error reply of a file / batch endpoint."""
+
+    def __init__(self, status: int, message: str, *, code: Optional[str] = None,
+                 param: Optional[str] = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status = status
+        self.error = {"message": message, "type": kind, "param": param, "code": code}
+
+
+@dataclass
+class _Batch:
+    """One batch's server-side state; ``obj`` is the Batch object the API returns."""
+    obj: dict[str, Any]
+    seq: int                        # creation order
+    lines: list[dict[str, Any]]     # the validated input lines (empty when invalid)
+    errors: list[dict[str, Any]]    # validation errors -> "failed"
+    outcome: str                    # completed / failed / expired, when it gets there
+    headers: dict[str, str]         # of the create request (batch lines carry them to ``rule``)
+    steps: int = 0                  # advances so far (retrievals, advance_batch)
+    retrievals: int = 0
+    cancelled_from: Optional[str] = None
+
+
+def _batch_route(method: str, target: str) -> Optional[tuple[str, tuple[str, ...]]]:
+    """``(handler name, args)`` of a file / batch endpoint, or None."""
+    match = _ROUTE.fullmatch(urllib.parse.urlsplit(target).path.rstrip("/"))
+    if match is None:
+        return None
+    kind, ident, sub = match.groups()
+    table = {("files", False, None, "POST"): "file_create", ("files", False, None, "GET"): "file_list",
+             ("files", True, None, "GET"): "file_get", ("files", True, None, "DELETE"): "file_delete",
+             ("files", True, "content", "GET"): "file_content",
+             ("batches", False, None, "POST"): "batch_create", ("batches", False, None, "GET"): "batch_list",
+             ("batches", True, None, "GET"): "batch_get", ("batches", True, "cancel", "POST"): "batch_cancel"}
+    name = table.get((kind, ident is not None, sub, method))
+    if name is None:
+        return None
+    return name, ((urllib.parse.unquote(ident),) if ident is not None else ())
+
+
+async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    """A ``Transfer-Encoding: chunked`` request body."""
+    parts = []
+    while True:
+        size = int((await reader.readuntil(b"\r\n")).split(b";", 1)[0].strip() or b"0", 16)
+        if size == 0:
+            while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers
+                pass
+            return b"".join(parts)
+        parts.append(await reader.readexactly(size))
+        await reader.readexactly(2)
+
+
+def _parse_multipart(content_type: str, body: bytes) -> dict[str, tuple[Optional[str], bytes]]:
+    """``{field name: (filename or None, bytes)}`` of a multipart/form-data body."""
+    match = re.search(r'boundary="?([^";]+)"?', content_type)
+    if match is None:
+        raise _APIError(400, "Invalid multipart/form-data: no boundary")
+    boundary = b"--" + match.group(1).encode("latin-1")
+    fields: dict[str, tuple[Optional[str], bytes]] = {}
+    for part in body.split(boundary)[1:]:
+        if part.startswith(b"--"):
+            break
+        if part.startswith(b"\r\n"):
+            part = part[2:]
+        head, _, data = part.partition(b"\r\n\r\n")
+        if data.endswith(b"\r\n"):
+            data = data[:-2]
+        disposition = ""
+        for line in head.decode("utf-8", "replace").split("\r\n"):
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-disposition":
+                disposition = value
+        field_name = re.search(r'(?:^|[;\s])name="([^"]*)"', disposition)
+        filename = re.search(r'filename="([^"]*)"', disposition)
+        if field_name:
+            fields[field_name.group(1)] = (filename.group(1) if filename else None, data)
+    return fields
+
+
+def _validate_batch_input(data: bytes, endpoint: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(lines, errors)`` of a batch input JSONL; ``errors`` are BatchError objects
+    (``code``, ``message``, ``param``, ``line``: 1-based), at most one per line."""
+    lines: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
+    seen: set[str] = set()
+
+    def error(number: Optional[int], code: str, message: str, param: Optional[str] = None) -> None:
+        errors.append({"code": code, "message": message, "param": param, "line": number})
+
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        error(None, "invalid_file_format", "The batch input file is not UTF-8 text.")
+        return [], errors
+    for number, raw in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 is JSON
+        if not raw.strip():
+            continue
+        try:
+            item = json.loads(raw)
+        except ValueError:
+            error(number, "invalid_json_line", "This line is not parseable as valid JSON.")
+            continue
+        if not isinstance(item, dict):
+            error(number, "invalid_json_line", "This line is not a JSON object.")
+            continue
+        missing = [key for key in ("custom_id", "method", "url", "body") if key not in item]
+        if missing:
+            error(number, "missing_required_parameter",
+                  f"Missing required parameter: '{missing[0]}'.", missing[0])
+            continue
+        custom_id = item["custom_id"]
+        if not isinstance(custom_id, str) or not custom_id:
+            error(number, "invalid_type", "'custom_id' must be a non-empty string.", "custom_id")
+        elif custom_id in seen:
+            error(number, "duplicate_custom_id",
+                  f"The custom_id '{custom_id}' is not unique in this file.", "custom_id")
+        elif item["method"] != "POST":
+            error(number, "invalid_method", f"Only POST is supported, not {item['method']!r}.", "method")
+        elif item["url"] != endpoint:
+            error(number, "invalid_url", f"The URL {item['url']!r} of this line does not match "
+                                         f"the batch's endpoint {endpoint!r}.", "url")
+        elif not isinstance(item["body"], dict):
+            error(number, "invalid_type", "'body' must be a JSON object.", "body")
+        else:
+            lines.append(item)
+        if isinstance(custom_id, str):
+            seen.add(custom_id)
+    if not lines and not errors:
+        error(None, "empty_file", "The batch input file is empty.")
+    return ([] if errors else lines), errors
+
+
 # ---------------------------------------------------------------------------- the server
 class LLMTestServer:
     """Scriptable OpenAI-compatible server on a background thread (see module docstring)."""
@@ -241,7 +420,12 @@ class LLMTestServer:
                  usage: Optional[Callable[[dict[str, Any], str], tuple[int, int]]] = None,
                  label: Optional[Callable[[dict[str, Any]], str]] = None,
                  extra_stats: Optional[Callable[[], dict[str, Any]]] = None,
-                 keep_bodies: bool = True):
+                 keep_bodies: bool = True, batch_polls: int = 2,
+                 batch_outcomes: Optional[Iterable[str]] = None,
+                 batch_outcome_rates: Optional[dict[str, float]] = None,
+                 batch_line_errors: Union[None, float, Iterable[str], Mapping[str, Any]] = None,
+                 batch_partial_share: float = 0.5, batch_shuffle: bool = True,
+                 batch_rule: Optional[Callable[[ReceivedRequest], Optional[Reply]]] = None):
         self.responder = responder
         self.latency = latency
         self.jitter = jitter
@@ -274,6 +458,25 @@ class LLMTestServer:
         self._ready = threading.Event()
         self._stopping: Optional[asyncio.Event] = None
         self._startup_error: Optional[BaseException] = None
+        # -- the Batch API (see the module docstring)
+        self.batch_polls = batch_polls                # retrievals until a batch is final
+        self.batch_outcomes: collections.deque[str] = collections.deque(batch_outcomes or ())
+        self.batch_outcome_rates = dict(batch_outcome_rates or {})  # {"failed": p, "expired": p}
+        for outcome in list(self.batch_outcomes) + list(self.batch_outcome_rates):
+            if outcome not in _BATCH_OUTCOMES:
+                raise ValueError(f"unknown batch outcome {outcome!r} (one of {sorted(_BATCH_OUTCOMES)})")
+        self.batch_line_errors = batch_line_errors    # rate, custom_ids, or {custom_id: error}
+        self.batch_partial_share = batch_partial_share  # expired / cancelled: share answered
+        self.batch_shuffle = batch_shuffle
+        self.batch_rule = batch_rule
+        self._batch_rng = random.Random(f"batch-{seed}")
+        self._files: dict[str, dict[str, Any]] = {}   # id -> {"object": {...}, "data": bytes}
+        self._batches: dict[str, _Batch] = {}         # id -> state, in creation order
+        self._batch_requests: list[ReceivedRequest] = []
+        self._batch_line_requests: list[ReceivedRequest] = []
+        self.batch_counts: collections.Counter = collections.Counter()
+        self.batch_line_kinds: collections.Counter = collections.Counter()
+        self.batch_line_tokens: collections.Counter = collections.Counter()
 
     # -- scripting and inspection (thread-safe)
     def enqueue(self, *replies: Reply) -> None:
@@ -301,6 +504,13 @@ class LLMTestServer:
             self.label_counts.clear()
             self.tokens.clear()
             self.label_tokens.clear()
+            self._files.clear()
+            self._batches.clear()
+            self._batch_requests.clear()
+            self._batch_line_requests.clear()
+            self.batch_counts.clear()
+            self.batch_line_kinds.clear()
+            self.batch_line_tokens.clear()
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -316,9 +526,75 @@ class LLMTestServer:
                 stats["labels"] = {name: {"kinds": dict(sorted(counts.items())),
                                           "tokens": dict(sorted(self.label_tokens[name].items()))}
                                    for name, counts in sorted(self.label_counts.items())}
+            if self.batch_counts:
+                stats["batch"] = self._batch_stats()
         if self.extra_stats is not None:
             stats["responder"] = self.extra_stats()
         return stats
+
+    # -- the Batch API: inspection and scripting (thread-safe)
+    @property
+    def batches(self) -> list[dict[str, Any]]:
+        """The Batch objects created so far, in creation order (copies)."""
+        with self._lock:
+            return [copy.deepcopy(batch.obj) for batch in self._batches.values()]
+
+    def batch(self, batch_id: str) -> dict[str, Any]:
+        """One Batch object as it stands (a copy; retrieving it here does not advance it)."""
+        with self._lock:
+            return copy.deepcopy(self._batches[batch_id].obj)
+
+    def batch_input_lines(self, batch_id: str) -> list[dict[str, Any]]:
+        """The validated input lines of a batch (empty when its file was invalid)."""
+        with self._lock:
+            return copy.deepcopy(self._batches[batch_id].lines)
+
+    def advance_batch(self, batch_id: str, steps: int = 1) -> dict[str, Any]:
+        """Move a batch on as ``steps`` retrievals would (without counting them)."""
+        with self._lock:
+            batch = self._batches[batch_id]
+            for _ in range(steps):
+                self._advance(batch)
+            return copy.deepcopy(batch.obj)
+
+    def file_bytes(self, file_id: str) -> bytes:
+        """The stored bytes of an uploaded, output or error file."""
+        with self._lock:
+            return self._files[file_id]["data"]
+
+    @property
+    def files(self) -> list[dict[str, Any]]:
+        """The File objects stored (uploads, then outputs as made), copies."""
+        with self._lock:
+            return [dict(entry["object"]) for entry in self._files.values()]
+
+    @property
+    def batch_requests(self) -> list[ReceivedRequest]:
+        """The HTTP requests to file / batch endpoints (headers, bodies, statuses)."""
+        with self._lock:
+            return list(self._batch_requests)
+
+    @property
+    def batch_line_requests(self) -> list[ReceivedRequest]:
+        """One record per batch line answered (``custom_id``, ``batch_id``, ``status``)."""
+        with self._lock:
+            return list(self._batch_line_requests)
+
+    def _batch_stats(self) -> dict[str, Any]:
+        # Called under self._lock.
+        counts = self.batch_counts
+        return {"requests": counts["requests"], "files_uploaded": counts["files_uploaded"],
+                "file_reads": counts["file_reads"], "batches_created": counts["batches_created"],
+                "batch_lines": counts["batch_lines"], "retrievals": counts["retrievals"],
+                "lists": counts["lists"], "cancels": counts["cancels"],
+                "statuses": dict(sorted(collections.Counter(
+                    b.obj["status"] for b in self._batches.values()).items())),
+                "created": [{"id": b.obj["id"], "lines": len(b.lines), "status": b.obj["status"],
+                             "outcome": b.outcome, "retrievals": b.retrievals,
+                             "metadata": b.obj["metadata"]} for b in self._batches.values()],
+                "line_kinds": dict(sorted(self.batch_line_kinds.items())),
+                "line_tokens": {"prompt": self.batch_line_tokens["prompt"],
+                                "completion": self.batch_line_tokens["completion"]}}
 
     @property
     def port(self) -> int:
@@ -410,8 +686,11 @@ class LLMTestServer:
                         headers[name.strip().lower()] = value.strip()
                 length = int(headers.get("content-length", "0") or 0)
                 try:
-                    body = await reader.readexactly(length) if length else b""
-                except (asyncio.IncompleteReadError, ConnectionError):
+                    if "chunked" in headers.get("transfer-encoding", "").lower():
+                        body = await _read_chunked(reader)
+                    else:
+                        body = await reader.readexactly(length) if length else b""
+                except (asyncio.IncompleteReadError, ConnectionError, ValueError):
                     return
                 keep_alive = headers.get("connection", "").lower() != "close"
                 if not await self._respond(method, target, headers, body, reader, writer):
@@ -428,6 +707,9 @@ class LLMTestServer:
         """Answer one request; False when the connection must end."""
         if target == "/_stats":
             return await self._write(writer, 200, self.stats(), {})
+        route = _batch_route(method, target)
+        if route is not None:
+            return await self._batch_respond(route, method, target, headers, body, writer)
         if not (method == "POST" and target.rstrip("/").endswith("/chat/completions")):
             return await self._write(writer, 404, {"error": {"message": f"no route {method} {target}",
                                                              "type": "invalid_request_error"}}, {})
@@ -524,6 +806,10 @@ class LLMTestServer:
             self._window.append(now)
         if self._script:
             return self._script.popleft()
+        return self._rule_or_fault(record)
+
+    def _rule_or_fault(self, record: ReceivedRequest) -> Reply:
+        """``rule``, then the random faults, then a plain 200 (called under self._lock)."""
         if self.rule is not None:
             reply = self.rule(record)
             if reply is not None:
@@ -580,10 +866,11 @@ class LLMTestServer:
         }, kind
 
     async def _write(self, writer: asyncio.StreamWriter, status: int, payload: dict[str, Any],
-                     headers: dict[str, str], raw_body: Optional[bytes] = None) -> bool:
+                     headers: dict[str, str], raw_body: Optional[bytes] = None,
+                     content_type: str = "application/json") -> bool:
         data = raw_body if raw_body is not None else json.dumps(payload, ensure_ascii=False).encode("utf-8")
         head = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}",
-                "content-type: application/json", f"content-length: {len(data)}"]
+                f"content-type: {content_type}", f"content-length: {len(data)}"]
         head += [f"{name}: {value}" for name, value in headers.items()]
         try:
             writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + data)
@@ -591,6 +878,353 @@ class LLMTestServer:
         except (ConnectionError, RuntimeError):
             return False
         return not writer.is_closing()
+
+    # -- the Batch API: HTTP
+    async def _batch_respond(self, route: tuple[str, tuple[str, ...]], method: str, target: str,
+                             headers: dict[str, str], body: bytes,
+                             writer: asyncio.StreamWriter) -> bool:
+        """Answer one file / batch request (no latency: these are bookkeeping calls)."""
+        name, args = route
+        reply_headers: dict[str, str] = {}
+        with self._lock:
+            record = ReceivedRequest(len(self._batch_requests), method, target, headers, body,
+                                     time.monotonic())
+            self._batch_requests.append(record)
+            self.batch_counts["requests"] += 1
+            reply = self.batch_rule(record) if self.batch_rule is not None else None
+            if reply is not None and (reply.drop or reply.status != 200):
+                status, payload = reply.status, {"error": reply.error or {"message": "error"}}
+                reply_headers = reply.headers
+            else:
+                reply = None
+                try:
+                    status, payload = getattr(self, f"_api_{name}")(record, *args)
+                except _APIError as exc:
+                    status, payload = exc.status, {"error": exc.error}
+                except Exception as exc:  # noqa: BLE001 - a broken responder / rule: say so
+                    status, payload = 500, {"error": {
+                        "message": f"test server error: {exc!r}", "type": "server_error",
+                        "param": None, "code": None}}
+            # before the reply is written: a client that has its answer sees the status recorded
+            record.status = None if reply is not None and reply.drop else status
+        try:
+            if reply is not None and reply.drop:
+                writer.transport.abort()
+                return False
+            if isinstance(payload, bytes):
+                ok = await self._write(writer, status, {}, reply_headers, payload,
+                                       "application/octet-stream")
+            else:
+                ok = await self._write(writer, status, payload, reply_headers)
+            with self._lock:
+                record.completed = ok
+            return ok
+        finally:
+            record._parsed = None
+            if not self.keep_bodies:
+                record.raw_body = b""
+
+    def _store_file(self, filename: str, data: bytes, purpose: str) -> dict[str, Any]:
+        # Called under self._lock.
+        now = int(time.time())
+        obj = {"id": _new_id("file-"), "object": "file", "bytes": len(data), "created_at": now,
+               "filename": filename, "purpose": purpose, "status": "processed",
+               "expires_at": now + 30 * 86400 if purpose.startswith("batch") else None,
+               "status_details": None}
+        self._files[obj["id"]] = {"object": obj, "data": data}
+        return obj
+
+    def _file_entry(self, file_id: str) -> dict[str, Any]:
+        entry = self._files.get(file_id)
+        if entry is None:
+            raise _APIError(404, f"No such File object: {file_id}", param="id")
+        return entry
+
+    def _api_file_create(self, record: ReceivedRequest) -> tuple[int, Any]:
+        content_type = record.headers.get("content-type", "")
+        if "multipart/form-data" not in content_type:
+            raise _APIError(400, "Uploads must be multipart/form-data.")
+        fields = _parse_multipart(content_type, record.raw_body)
+        for key in ("purpose", "file"):
+            if key not in fields:
+                raise _APIError(400, f"Missing required parameter: '{key}'.", param=key,
+                                code="missing_required_parameter")
+        purpose = fields["purpose"][1].decode("utf-8", "replace").strip()
+        if purpose not in _FILE_PURPOSES:
+            raise _APIError(400, f"Invalid value for 'purpose': {purpose!r}.", param="purpose",
+                            code="invalid_value")
+        filename, data = fields["file"]
+        obj = self._store_file(filename or "file", data, purpose)
+        self.batch_counts["files_uploaded"] += 1
+        return 200, dict(obj)
+
+    def _api_file_get(self, record: ReceivedRequest, file_id: str) -> tuple[int, Any]:
+        return 200, dict(self._file_entry(file_id)["object"])
+
+    def _api_file_content(self, record: ReceivedRequest, file_id: str) -> tuple[int, Any]:
+        data = self._file_entry(file_id)["data"]
+        self.batch_counts["file_reads"] += 1
+        return 200, data
+
+    def _api_file_delete(self, record: ReceivedRequest, file_id: str) -> tuple[int, Any]:
+        self._file_entry(file_id)
+        del self._files[file_id]
+        return 200, {"id": file_id, "object": "file", "deleted": True}
+
+    def _api_file_list(self, record: ReceivedRequest) -> tuple[int, Any]:
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(record.path).query)
+        purpose = (query.get("purpose") or [None])[0]
+        data = [dict(e["object"]) for e in reversed(self._files.values())
+                if purpose is None or e["object"]["purpose"] == purpose]
+        return 200, {"object": "list", "data": data, "has_more": False,
+                     "first_id": data[0]["id"] if data else None,
+                     "last_id": data[-1]["id"] if data else None}
+
+    def _batch_entry(self, batch_id: str) -> _Batch:
+        batch = self._batches.get(batch_id)
+        if batch is None:
+            raise _APIError(404, f"No batch found with id '{batch_id}'.", param="batch_id")
+        return batch
+
+    def _api_batch_create(self, record: ReceivedRequest) -> tuple[int, Any]:
+        try:
+            params = json.loads(record.raw_body or b"{}")
+        except ValueError:
+            params = None
+        if not isinstance(params, dict):
+            raise _APIError(400, "We could not parse the JSON body of your request.")
+        for key in ("input_file_id", "endpoint", "completion_window"):
+            if not params.get(key):
+                raise _APIError(400, f"Missing required parameter: '{key}'.", param=key,
+                                code="missing_required_parameter")
+        endpoint, window = params["endpoint"], params["completion_window"]
+        if endpoint != _BATCH_ENDPOINT:
+            raise _APIError(400, f"Invalid value for 'endpoint': {endpoint!r}; this server batches "
+                                 f"only {_BATCH_ENDPOINT}.", param="endpoint", code="invalid_value")
+        if window != "24h":
+            raise _APIError(400, f"Invalid value for 'completion_window': {window!r}; only '24h' "
+                                 "is supported.", param="completion_window", code="invalid_value")
+        metadata = params.get("metadata")
+        if metadata is not None and not (
+                isinstance(metadata, dict) and len(metadata) <= 16
+                and all(isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512
+                        for k, v in metadata.items())):
+            raise _APIError(400, "Invalid 'metadata': at most 16 string keys (≤64 characters) "
+                                 "with string values (≤512 characters).", param="metadata",
+                            code="invalid_value")
+        entry = self._file_entry(params["input_file_id"])
+        if entry["object"]["purpose"] != "batch":
+            raise _APIError(400, f"The input file {params['input_file_id']} must be uploaded with "
+                                 f"purpose 'batch', not {entry['object']['purpose']!r}.",
+                            param="input_file_id", code="invalid_value")
+        lines, errors = _validate_batch_input(entry["data"], endpoint)
+        if self.batch_outcomes:
+            outcome = self.batch_outcomes.popleft()
+        else:
+            outcome, roll = "completed", self._batch_rng.random()
+            for name, rate in self.batch_outcome_rates.items():
+                if roll < rate:
+                    outcome = name
+                    break
+                roll -= rate
+        if errors:
+            outcome = "failed"
+        now = int(time.time())
+        model = lines[0]["body"].get("model") if lines else None
+        obj = {"id": _new_id("batch_"), "object": "batch", "endpoint": endpoint, "model": model,
+               "errors": None, "input_file_id": params["input_file_id"],
+               "completion_window": window, "status": "validating", "output_file_id": None,
+               "error_file_id": None, "created_at": now, "in_progress_at": None,
+               "expires_at": now + 24 * 3600, "finalizing_at": None, "completed_at": None,
+               "failed_at": None, "expired_at": None, "cancelling_at": None, "cancelled_at": None,
+               "request_counts": {"total": 0, "completed": 0, "failed": 0}, "usage": None,
+               "metadata": metadata}
+        self._batches[obj["id"]] = _Batch(obj, len(self._batches), lines, errors, outcome,
+                                          dict(record.headers))
+        self.batch_counts["batches_created"] += 1
+        self.batch_counts["batch_lines"] += len(lines)
+        return 200, copy.deepcopy(obj)
+
+    def _api_batch_get(self, record: ReceivedRequest, batch_id: str) -> tuple[int, Any]:
+        batch = self._batch_entry(batch_id)
+        batch.retrievals += 1
+        self.batch_counts["retrievals"] += 1
+        self._advance(batch)
+        return 200, copy.deepcopy(batch.obj)
+
+    def _api_batch_list(self, record: ReceivedRequest) -> tuple[int, Any]:
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(record.path).query)
+        try:
+            limit = int((query.get("limit") or ["20"])[0])
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= 100:
+            raise _APIError(400, "Invalid 'limit': it must be an integer from 1 to 100.",
+                            param="limit", code="invalid_value")
+        self.batch_counts["lists"] += 1
+        newest_first = sorted(self._batches.values(), key=lambda b: -b.seq)
+        after = (query.get("after") or [None])[0]
+        if after is not None:
+            cursor = self._batches.get(after)
+            newest_first = [b for b in newest_first if cursor is not None and b.seq < cursor.seq]
+        page = [copy.deepcopy(b.obj) for b in newest_first[:limit]]
+        return 200, {"object": "list", "data": page, "has_more": len(newest_first) > limit,
+                     "first_id": page[0]["id"] if page else None,
+                     "last_id": page[-1]["id"] if page else None}
+
+    def _api_batch_cancel(self, record: ReceivedRequest, batch_id: str) -> tuple[int, Any]:
+        batch = self._batch_entry(batch_id)
+        self.batch_counts["cancels"] += 1
+        status = batch.obj["status"]
+        if status in _BATCH_FINAL:
+            raise _APIError(409, f"Cannot cancel a batch with status '{status}'.")
+        if status != "cancelling":
+            batch.cancelled_from = status
+            batch.obj.update(status="cancelling", cancelling_at=int(time.time()))
+        return 200, copy.deepcopy(batch.obj)
+
+    # -- the Batch API: progress (called under self._lock)
+    def _advance(self, batch: _Batch) -> None:
+        """One step: validating -> in_progress (-> finalizing) -> final at ``batch_polls``;
+        a cancelling batch becomes cancelled."""
+        obj = batch.obj
+        if obj["status"] in _BATCH_FINAL:
+            return
+        if obj["status"] == "cancelling":
+            self._finish(batch, "cancelled")
+            return
+        batch.steps += 1
+        polls = max(1, int(self.batch_polls))
+        if batch.steps >= polls:
+            self._finish(batch, batch.outcome)
+            return
+        if batch.outcome == "failed":  # failing in validation: it stays there until then
+            return
+        now = int(time.time())
+        if obj["status"] == "validating":
+            obj.update(status="in_progress", in_progress_at=now)
+            obj["request_counts"]["total"] = len(batch.lines)
+        if batch.outcome == "completed" and polls >= 3 and batch.steps == polls - 1:
+            obj.update(status="finalizing", finalizing_at=now)
+
+    def _finish(self, batch: _Batch, status: str) -> None:
+        obj, now = batch.obj, int(time.time())
+        if status == "failed":
+            errors = batch.errors or [{
+                "code": "token_limit_exceeded", "param": None, "line": None,
+                "message": f"Enqueued token limit reached for {obj['model'] or 'test-model'} in "
+                           "organization org-test. Limit: 90,000 enqueued tokens. Please try "
+                           "again once some in_progress batches have been completed."}]
+            obj.update(status="failed", failed_at=now, errors={"object": "list", "data": errors})
+            return
+        total = len(batch.lines)
+        if status == "completed":
+            answered = total
+        elif status == "expired" or batch.cancelled_from in ("in_progress", "finalizing"):
+            answered = int(total * self.batch_partial_share)
+        else:  # cancelled while validating: nothing ran
+            answered = total = 0
+        outputs: list[dict[str, Any]] = []
+        failures: list[dict[str, Any]] = []
+        tokens = [0, 0]
+        for line in batch.lines[:answered]:
+            ok, entry, usage = self._answer_line(batch, line)
+            (outputs if ok else failures).append(entry)
+            tokens[0] += usage[0]
+            tokens[1] += usage[1]
+        code, message = (("batch_expired", "This request could not be executed before the "
+                                           "completion window expired.")
+                         if status == "expired" else
+                         ("batch_cancelled", "This request was not executed because the batch "
+                                             "was cancelled."))
+        for line in batch.lines[answered:total]:
+            failures.append({"id": _new_id("batch_req_"), "custom_id": line["custom_id"],
+                             "response": None, "error": {"code": code, "message": message}})
+        if self.batch_shuffle:
+            self._batch_rng.shuffle(outputs)
+            self._batch_rng.shuffle(failures)
+        for kind, entries in (("output", outputs), ("error", failures)):
+            if entries:
+                data = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries).encode("utf-8")
+                file_obj = self._store_file(f"batch_{obj['id']}_{kind}.jsonl", data, "batch_output")
+                obj[f"{kind}_file_id"] = file_obj["id"]
+        obj["request_counts"] = {"total": total, "completed": len(outputs), "failed": len(failures)}
+        obj["usage"] = {"input_tokens": tokens[0], "input_tokens_details": {"cached_tokens": 0},
+                        "output_tokens": tokens[1], "output_tokens_details": {"reasoning_tokens": 0},
+                        "total_tokens": tokens[0] + tokens[1]}
+        if obj["in_progress_at"] is None and total:
+            obj["in_progress_at"] = now
+        if status == "completed" and obj["finalizing_at"] is None:
+            obj["finalizing_at"] = now
+        obj["status"] = status
+        obj[f"{status}_at"] = now
+
+    def _line_error(self, custom_id: str) -> Union[None, Reply, str]:
+        """What ``batch_line_errors`` makes of a line: None, a non-200 Reply, or an error code."""
+        spec = self.batch_line_errors
+        if spec is None:
+            return None
+        if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+            return Reply.server_error() if self._batch_rng.random() < spec else None
+        if isinstance(spec, Mapping):
+            if custom_id not in spec:
+                return None
+            value = spec[custom_id]
+            if isinstance(value, (Reply, str)) or hasattr(value, "status"):
+                return value
+            status = int(value)
+            if status == 429:
+                return Reply.rate_limited()
+            if status == 400:
+                return Reply.bad_request()
+            return Reply.server_error(status) if status >= 500 else Reply(
+                status=status, error={"message": f"error {status}", "type": "invalid_request_error",
+                                      "code": None, "param": None})
+        return Reply.server_error() if custom_id in spec else None
+
+    def _answer_line(self, batch: _Batch,
+                     line: dict[str, Any]) -> tuple[bool, dict[str, Any], tuple[int, int]]:
+        """One batch line through the chat-completions logic: (succeeded, its output /
+        error line, its (prompt, completion) tokens)."""
+        custom_id = line["custom_id"]
+        raw = json.dumps(line["body"], ensure_ascii=False).encode("utf-8")
+        record = ReceivedRequest(len(self._batch_line_requests), "POST", line["url"],
+                                 dict(batch.headers), raw, time.monotonic(),
+                                 custom_id=custom_id, batch_id=batch.obj["id"])
+        self._batch_line_requests.append(record)
+        entry: dict[str, Any] = {"id": _new_id("batch_req_"), "custom_id": custom_id}
+        usage = (0, 0)
+        try:
+            scripted = self._line_error(custom_id)
+            if isinstance(scripted, str):
+                entry.update(response=None, error={"code": scripted,
+                                                   "message": f"The request failed ({scripted})."})
+                record.status, kind = None, scripted
+            else:
+                reply = scripted if scripted is not None else self._rule_or_fault(record)
+                if reply.drop or reply.raw_body is not None:  # nothing like that in a batch
+                    reply = Reply.server_error()
+                response: dict[str, Any] = {"status_code": reply.status,
+                                            "request_id": "req_" + uuid.uuid4().hex}
+                if reply.status == 200:
+                    payload, kind = self._completion(record, reply)
+                    payload["id"] = f"chatcmpl-batch-{record.index}"
+                    usage = (payload["usage"]["prompt_tokens"], payload["usage"]["completion_tokens"])
+                else:
+                    payload = {"error": reply.error or {"message": "error"}}
+                    kind = "5xx" if reply.status >= 500 else str(reply.status)
+                response["body"] = payload
+                entry.update(response=response, error=None)
+                record.status = reply.status
+            record.completed = True
+        finally:
+            record._parsed = None
+            if not self.keep_bodies:
+                record.raw_body = b""
+        self.batch_line_kinds[kind] += 1
+        self.batch_line_tokens["prompt"] += usage[0]
+        self.batch_line_tokens["completion"] += usage[1]
+        return record.status == 200, entry, usage
 
 
 def free_port() -> int:
@@ -615,14 +1249,26 @@ class ServerProcess:
               latency_range: Optional[tuple[float, float]] = None,
               retry_after: Optional[float] = None, responder: Optional[str] = None,
               responder_config: Optional[dict[str, Any]] = None, port: int = 0,
-              keep_bodies: bool = True, startup_timeout: float = 60.0) -> "ServerProcess":
+              keep_bodies: bool = True, startup_timeout: float = 60.0,
+              batch_polls: int = 2, batch_outcomes: Optional[list[str]] = None,
+              batch_outcome_rates: Optional[dict[str, float]] = None,
+              batch_line_errors: Union[None, float, list[str], dict[str, Any]] = None,
+              batch_partial_share: float = 0.5, batch_shuffle: bool = True) -> "ServerProcess":
         """``responder``: ``"module:callable"``, a factory called with ``responder_config``
-        in the server process (the repository root is on its ``sys.path``)."""
+        in the server process (the repository root is on its ``sys.path``). ``batch_*``: as
+        for :class:`LLMTestServer` (``batch_line_errors``: a rate, a list of custom_ids, or
+        ``{custom_id: status or error code}``)."""
         config = {"latency": latency, "jitter": jitter, "rpm_cap": rpm_cap,
                   "fault_rates": fault_rates or {}, "seed": seed, "latency_range": latency_range,
                   "retry_after": retry_after, "responder": responder,
                   "responder_config": responder_config or {}, "port": port,
-                  "keep_bodies": keep_bodies}
+                  "keep_bodies": keep_bodies, "batch_polls": batch_polls,
+                  "batch_outcomes": list(batch_outcomes or []),
+                  "batch_outcome_rates": batch_outcome_rates or {},
+                  "batch_line_errors": (sorted(batch_line_errors)
+                                        if isinstance(batch_line_errors, (set, frozenset))
+                                        else batch_line_errors),
+                  "batch_partial_share": batch_partial_share, "batch_shuffle": batch_shuffle}
         root = str(Path(__file__).resolve().parents[1])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [root] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
@@ -688,7 +1334,13 @@ def server_from_config(config: dict[str, Any]) -> LLMTestServer:
                          rpm_cap=config.get("rpm_cap"), fault_rates=config.get("fault_rates"),
                          seed=config.get("seed", 0), port=config.get("port", 0),
                          latency_range=tuple(latency_range) if latency_range else None,
-                         retry_after=config.get("retry_after"), **hooks)
+                         retry_after=config.get("retry_after"),
+                         batch_polls=config.get("batch_polls", 2),
+                         batch_outcomes=config.get("batch_outcomes"),
+                         batch_outcome_rates=config.get("batch_outcome_rates"),
+                         batch_line_errors=config.get("batch_line_errors"),
+                         batch_partial_share=config.get("batch_partial_share", 0.5),
+                         batch_shuffle=config.get("batch_shuffle", True), **hooks)
 
 
 async def _serve_until_stdin_closes(config: dict[str, Any]) -> None:
@@ -705,7 +1357,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", help='JSON: {"latency", "jitter", "rpm_cap", "fault_rates", "seed", '
                                        '"latency_range", "retry_after", "responder", '
-                                       '"responder_config", "port", "keep_bodies"}')
+                                       '"responder_config", "port", "keep_bodies", "batch_polls", '
+                                       '"batch_outcomes", "batch_outcome_rates", '
+                                       '"batch_line_errors", "batch_partial_share", '
+                                       '"batch_shuffle"}')
     config = json.loads(parser.parse_args(argv).config)
     asyncio.run(_serve_until_stdin_closes(config))
 

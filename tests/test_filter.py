@@ -421,3 +421,25 @@ def test_a_stage_at_its_budget_cap_writes_nothing_and_a_rerun_pays_only_the_rest
         r.headers[ITEM_HEADER] for r in server.completions_requests[:sent])
     kept, _, metrics = outputs(tmp_path)
     assert len(kept) == 12 and metrics["llm"]["cache_hits"] == sent
+
+
+def test_the_stage_in_batch_mode_pays_the_batch_price_for_the_same_output(tmp_path):
+    """Batch lines carry no item headers: the verdict is read off the question text."""
+    def rule(request):
+        relevant = "문항 1:" not in request.text
+        return Reply.ok(json.dumps({"relevant": relevant, "reason": "판정"}, ensure_ascii=False))
+    records = [mcq(i) for i in range(6)]
+    runs = {}
+    for mode in ("online", "batch"):
+        (tmp_path / mode).mkdir()
+        with LLMTestServer(rule=rule) as server:
+            extra = {"mode": "batch", "batch": {"poll_s": 0.01, "collect_s": 0.05}} if mode == "batch" else {}
+            write_project(tmp_path / mode, records, server, **extra)
+            proc = run_stage("filter", ARGS, tmp_path / mode)
+            assert proc.returncode == 0, proc.stderr
+            runs[mode] = (len(server.completions_requests), len(server.batches), outputs(tmp_path / mode))
+    assert runs["online"][:2] == (6, 0) and runs["batch"][:2] == (0, 1)
+    (kept, rejects, metrics), (online_kept, _, online_metrics) = runs["batch"][2], runs["online"][2]
+    assert kept == online_kept and [r["reason"] for r in rejects] == ["not_relevant"]
+    assert metrics["llm"]["batch_calls"] == 6
+    assert metrics["llm"]["cost_usd"] == pytest.approx(online_metrics["llm"]["cost_usd"] / 2, rel=1e-3)

@@ -81,6 +81,7 @@ from openai.lib._pydantic import to_strict_json_schema
 from openai.types.chat import ChatCompletion
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from stages.common.llm_batch import Batcher, BatchParams
 from stages.common.llm_cache import (ENTRY_FORMAT, CacheEntry, CacheMissError, CachedResponse,
                                      RequestSummary, ResponseCache, cache_key)
 from stages.common.params import PARAMS_FILE, ParamsError, Strict, load_raw, lookup, read_section
@@ -169,6 +170,10 @@ class LLMParams(Strict):
     backoff_max_s: float = Field(60.0, gt=0, le=3600)
     prices: Prices
     offline: bool = Field(False, description="answer from the cache only (LLM_OFFLINE=1 also forces it)")
+    mode: Literal["online", "batch"] = Field("online", description=(
+        "online: one HTTP call per answer; batch: through the Batch API at its lower price "
+        "(stages/common/llm_batch.py)"))
+    batch: BatchParams = Field(default_factory=BatchParams)
     max_usd: Optional[float] = Field(None, gt=0, description=(
         f"spend cap of one stage run in USD (worst case of each request counted before it is "
         f"sent); {BUDGET_ENV} in the environment overrides it for every stage"))
@@ -340,29 +345,48 @@ class Accounting:
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0
     cached_completion_tokens: int = 0
+    batch_calls: int = 0           # of ``calls``: answered through the Batch API
+    batch_prompt_tokens: int = 0   # of the paid tokens: at the batch prices
+    batch_completion_tokens: int = 0
+    saved_usd: float = 0.0         # what the cached answers cost when they were paid
     rejects: Counter = field(default_factory=Counter)
 
     def price(self, prompt: int, completion: int) -> float:
         """USD for ``prompt`` + ``completion`` tokens at this stage's prices."""
         return (prompt * self.prices.input_per_1m + completion * self.prices.output_per_1m) / 1e6
 
+    def price_of(self, response: CachedResponse) -> float:
+        """What ``response`` costs: online prices, or the batch prices for a batch answer."""
+        if response.batch:
+            return (response.prompt_tokens * self.prices.batch_input
+                    + response.completion_tokens * self.prices.batch_output) / 1e6
+        return self.price(response.prompt_tokens, response.completion_tokens)
+
     @property
     def cost_usd(self) -> float:
-        return self.price(self.prompt_tokens, self.completion_tokens)
+        online = self.price(self.prompt_tokens - self.batch_prompt_tokens,
+                            self.completion_tokens - self.batch_completion_tokens)
+        return online + (self.batch_prompt_tokens * self.prices.batch_input
+                         + self.batch_completion_tokens * self.prices.batch_output) / 1e6
 
     @property
     def cost_saved_usd(self) -> float:
-        return self.price(self.cached_prompt_tokens, self.cached_completion_tokens)
+        return self.saved_usd
 
     def add_response(self, response: CachedResponse, *, from_cache: bool) -> None:
         if from_cache:
             self.cache_hits += 1
             self.cached_prompt_tokens += response.prompt_tokens
             self.cached_completion_tokens += response.completion_tokens
+            self.saved_usd += self.price_of(response)
         else:
             self.calls += 1
             self.prompt_tokens += response.prompt_tokens
             self.completion_tokens += response.completion_tokens
+            if response.batch:
+                self.batch_calls += 1
+                self.batch_prompt_tokens += response.prompt_tokens
+                self.batch_completion_tokens += response.completion_tokens
 
     def add_result(self, result: Result) -> None:
         self.items += 1
@@ -383,6 +407,7 @@ class Accounting:
             "cached_prompt_tokens": self.cached_prompt_tokens,
             "cached_completion_tokens": self.cached_completion_tokens,
             "cost_saved_usd": round(self.cost_saved_usd, 6),
+            **({"batch_calls": self.batch_calls} if self.batch_calls else {}),
         }
 
 
@@ -573,6 +598,8 @@ class LLMClient:
         self._cap, self._cap_source = budget_cap(params)
         self._spent = self._reserved = 0.0  # paid in this run; worst case of those in flight
         self._over_cap, self._not_sent = False, 0
+        self._batcher = (Batcher(self, params.batch, self.cache.root / "batches")
+                         if params.mode == "batch" and not self.offline else None)
         # Whether any request has reached the endpoint (any HTTP response). Until one has, a
         # refused connection or a failed name lookup is not a transient drop: the endpoint is
         # wrong or down, and UNREACHABLE_LIMIT of them end the stage at once.
@@ -724,14 +751,19 @@ class LLMClient:
                 if entry is not None:
                     return _Fetched(entry.response, from_cache=True)
                 seed = derive_seed(self.params.seed, request.sample_index, reask)
+                p = self.params
+                summary = RequestSummary(
+                    model=p.model, schema_name=fmt["json_schema"]["name"],
+                    temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_tokens,
+                    seed=seed, sample_index=request.sample_index, reask_index=reask)
+                if self._batcher is not None:
+                    fetched = await self._fetch_batch(key, messages, fmt, seed, summary)
+                    if fetched is not None:
+                        return fetched  # the batcher filed it in the cache
                 fetched = await self._call(messages, fmt, seed, item_id,
                                            request.sample_index, reask)
                 if fetched.response is not None:
-                    p = self.params
-                    entry = CacheEntry(format=ENTRY_FORMAT, response=fetched.response, request=RequestSummary(
-                        model=p.model, schema_name=fmt["json_schema"]["name"],
-                        temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_tokens,
-                        seed=seed, sample_index=request.sample_index, reask_index=reask))
+                    entry = CacheEntry(format=ENTRY_FORMAT, response=fetched.response, request=summary)
                     try:
                         # In a thread: the fsync must not stall the event loop.
                         await asyncio.to_thread(self.cache.put, key, entry)
@@ -745,6 +777,36 @@ class LLMClient:
                 del self._key_users[key]
                 self._key_locks.pop(key, None)
 
+    async def _fetch_batch(self, key: str, messages: list[dict[str, Any]], fmt: dict[str, Any],
+                           seed: Optional[int], summary: RequestSummary) -> Optional[_Fetched]:
+        """Batch mode: the answer through the Batch API (None: send it online after all)."""
+        worst = self._worst_cost(messages) if self._cap is not None else 0.0
+        if not self._within_budget(worst):
+            return _Fetched(None, reason=_OVER_BUDGET)
+        self._reserved += worst
+        try:
+            outcome = await self._batcher.fetch(key, self._body(messages, fmt, seed), summary)
+        finally:
+            self._reserved -= worst
+        if outcome.online:
+            self.log.info("LLM item %s: %s; asking online", key[:16], outcome.detail)
+            return None
+        if outcome.response is None:
+            return _Fetched(None, reason=outcome.reason, detail=outcome.detail)
+        self._spent += self.accounting.price_of(outcome.response)
+        return _Fetched(outcome.response)
+
+    def _body(self, messages: list[dict[str, Any]], fmt: dict[str, Any],
+              seed: Optional[int]) -> dict[str, Any]:
+        """The chat completion request, online or as a batch line."""
+        p = self.params
+        body: dict[str, Any] = {"model": p.model, "messages": messages, "response_format": fmt,
+                                "temperature": p.temperature, "top_p": p.top_p,
+                                p.token_limit_field: p.max_tokens}
+        if seed is not None:
+            body["seed"] = seed
+        return body
+
     # -- one answer over HTTP: the single retry layer
     async def _call(self, messages: list[dict[str, Any]], fmt: dict[str, Any],
                     seed: Optional[int], item_id: str, sample_index: int = 0,
@@ -754,11 +816,7 @@ class LLMClient:
         # answers file (scripts/record_llm.py) and for server-side logs. Headers are not
         # part of the cache key: they never change the answer of a real model.
         options = {"headers": item_headers(item_id, sample_index, reask)}
-        body: dict[str, Any] = {"model": p.model, "messages": messages, "response_format": fmt,
-                                "temperature": p.temperature, "top_p": p.top_p,
-                                p.token_limit_field: p.max_tokens}
-        if seed is not None:
-            body["seed"] = seed
+        body = self._body(messages, fmt, seed)
         estimate = estimate_tokens(messages, p.max_tokens) if self._tpm else 0
         worst = self._worst_cost(messages) if self._cap is not None else 0.0
         for attempt in range(1, p.max_attempts + 1):

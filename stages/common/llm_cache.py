@@ -126,6 +126,7 @@ class CachedResponse(BaseModel):
     prompt_tokens: int = Field(ge=0)
     completion_tokens: int = Field(ge=0)
     served_model: Optional[str] = None
+    batch: bool = False  # answered through the Batch API (priced at the batch prices)
 
 
 class CacheEntry(BaseModel):
@@ -174,7 +175,10 @@ class ResponseCache:
     def put(self, key: str, entry: CacheEntry) -> Path:
         """Write ``entry`` atomically (temp file beside it, fsync, rename); return its path."""
         path = self.path_for(key)
-        text = dumps_json(entry.model_dump(mode="json"))
+        data = entry.model_dump(mode="json")
+        if not data["response"]["batch"]:  # online entries keep their bytes of before
+            del data["response"]["batch"]
+        text = dumps_json(data)
         with atomic_path(path, suffix=".part") as tmp:
             tmp.write_text(text, encoding="utf-8")
         return path

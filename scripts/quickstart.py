@@ -158,8 +158,27 @@ def _detail(stage: str, metrics: dict[str, Any]) -> str:
         return f"{metrics.get('tokens')} tokens"
     llm = metrics.get("llm")
     if isinstance(llm, dict):
-        return f"LLM: {llm.get('calls', 0)} calls, {llm.get('cached', llm.get('cache_hits', 0))} from cache"
+        paid = llm.get("prompt_tokens", 0) + llm.get("completion_tokens", 0)
+        saved = llm.get("cached_prompt_tokens", 0) + llm.get("cached_completion_tokens", 0)
+        return (f"LLM: {llm.get('calls', 0)} calls, {paid:,} tokens, ${llm.get('cost_usd', 0):.4f}; "
+                f"{llm.get('cache_hits', 0)} from cache ({saved:,} tokens, ${llm.get('cost_saved_usd', 0):.4f} saved)")
     return ""
+
+
+def llm_total(workspace: Path) -> str:
+    """One line: what the LLM stages spent in their last runs, and what their caches saved."""
+    calls = hits = 0
+    spent = saved = 0.0
+    for metrics_file in sorted((workspace / "metrics").rglob("*.json")):
+        llm = json.loads(metrics_file.read_text(encoding="utf-8")).get("llm")
+        if isinstance(llm, dict):
+            calls += llm.get("calls", 0)
+            hits += llm.get("cache_hits", 0)
+            spent += llm.get("cost_usd", 0.0)
+            saved += llm.get("cost_saved_usd", 0.0)
+    return (f"LLM, all stages' last runs: {calls} paid calls, ${spent:.4f} spent; {hits} answers "
+            f"from the response caches, ${saved:.4f} saved (`make plan WORKSPACE=<workspace>`: "
+            "what a change would cost before it runs)")
 
 
 def summary(workspace: Path) -> str:
@@ -177,7 +196,7 @@ def summary(workspace: Path) -> str:
         if isinstance(rejected, dict):
             rejected = sum(v for v in rejected.values() if isinstance(v, int))
         lines.append(f"{name:30} {_headline(metrics):>16} {rejected!s:>8}  {_detail(stage, metrics)}")
-    lines += ["",
+    lines += ["", llm_total(workspace), "",
               "Outputs: data/collected, data/generated, data/mixtures, models/<version>, reports/index.html",
               "Rejects with reasons: data/rejects/<stage>/<key>.parquet",
               "Metrics: cd <workspace> && dvc metrics show",

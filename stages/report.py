@@ -90,6 +90,40 @@ def load_inputs(params: ReportParams, versions: list[str], eval_dir: str, train_
     return data
 
 
+def load_llm_metrics(paths: list[str]) -> dict[str, dict[str, Any]]:
+    """stage@key -> the ``llm`` block of its metrics (files, or directories of per-key files)."""
+    found: dict[str, dict[str, Any]] = {}
+    for raw in paths:
+        path = Path(raw)
+        files = sorted(path.glob("*.json")) if path.is_dir() else [path] if path.is_file() else []
+        for file in files:
+            llm = _read_json(file).get("llm")
+            if isinstance(llm, dict):
+                found[file.stem if file == path else f"{path.name}@{file.stem}"] = llm
+    return found
+
+
+def llm_rows(llm: dict[str, dict[str, Any]]) -> list[list[str]]:
+    """One row per LLM stage and a total: calls, tokens and dollars spent and saved."""
+    rows, total = [], {"calls": 0, "batch_calls": 0, "cache_hits": 0, "tokens": 0,
+                       "cost_usd": 0.0, "cost_saved_usd": 0.0}
+    for name, m in llm.items():
+        tokens = m.get("prompt_tokens", 0) + m.get("completion_tokens", 0)
+        values = {"calls": m.get("calls", 0), "batch_calls": m.get("batch_calls", 0),
+                  "cache_hits": m.get("cache_hits", 0), "tokens": tokens,
+                  "cost_usd": m.get("cost_usd", 0.0), "cost_saved_usd": m.get("cost_saved_usd", 0.0)}
+        for k, v in values.items():
+            total[k] += v
+        rows.append([html.escape(name), *_llm_cells(values)])
+    rows.append(["<b>total</b>", *_llm_cells(total)])
+    return rows
+
+
+def _llm_cells(v: dict[str, Any]) -> list[str]:
+    return [f"{v['calls']:,}", f"{v['batch_calls']:,}", f"{v['cache_hits']:,}", f"{v['tokens']:,}",
+            f"${v['cost_usd']:.4f}", f"${v['cost_saved_usd']:.4f}"]
+
+
 # ------------------------------------------------------------------------ tables (pure)
 def composition(manifests: dict[str, dict[str, Any]], versions: list[str]
                 ) -> tuple[list[str], dict[str, dict[str, int]]]:
@@ -348,6 +382,13 @@ def render_html(data: dict[str, Any], figures: list[str]) -> str:
         "<code>python -m stages.lineage models/&lt;version&gt;</code> re-checks them.</p>",
         _table(["version", "parent", "base model", "mixture", "manifest", "adapter", "sources"],
                lineage_html, "lineage"),
+        "<h2 id='llm'>LLM calls and cost</h2>",
+        "<p class='note'>Per LLM stage, from its last run's metrics: paid calls (of them through "
+        "the Batch API), answers served by the response cache, paid tokens, dollars spent and "
+        "what the cached answers would have cost. <code>make plan</code> gives the cost of a run "
+        "before it starts.</p>",
+        _table(["stage", "calls", "batch", "from cache", "tokens", "spent", "saved by cache"],
+               llm_rows(data.get("llm", {})), "llm"),
         "</body></html>",
     ]
     return "\n".join(parts) + "\n"
@@ -410,6 +451,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models-dir", required=True)
     parser.add_argument("--live-dir", required=True)
     parser.add_argument("--versions", required=True, nargs="+", help="the versions, in order")
+    parser.add_argument("--llm-metrics", nargs="*", default=[],
+                        help="metrics files / directories of the LLM stages (calls and cost)")
     args = parser.parse_args(argv)
     timer = Timer()
     params = load_params(None, args.params)
@@ -417,6 +460,7 @@ def main(argv: list[str] | None = None) -> None:
 
     data = load_inputs(params, args.versions, args.eval_dir, args.train_dir, args.mixtures_dir,
                        args.models_dir, args.live_dir)
+    data["llm"] = load_llm_metrics(args.llm_metrics)
     with atomic_dir(args.out) as tmp:
         figures = render_figures(data, Path(tmp), params.figure_dpi)
         write_text(render_html(data, figures), Path(tmp) / "index.html")

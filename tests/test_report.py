@@ -95,13 +95,27 @@ def _args() -> list[str]:
     return ["--versions", *VERSIONS, "--eval-dir", "metrics/eval", "--train-dir", "metrics/train",
             "--mixtures-dir", "data/mixtures", "--models-dir", "models",
             "--live-dir", "dvclive/train", "--out", "reports", "--metrics", "metrics/report.json",
-            "--log", "logs/report.log"]
+            "--log", "logs/report.log", "--llm-metrics", "metrics/summarize.json", "metrics/filter"]
+
+
+LLM_METRICS = {"filter/fm": {"calls": 3, "cache_hits": 7, "prompt_tokens": 900, "completion_tokens": 100,
+                             "cost_usd": 0.0033, "cost_saved_usd": 0.0071},
+               "summarize": {"calls": 2, "batch_calls": 2, "cache_hits": 0, "prompt_tokens": 4000,
+                             "completion_tokens": 1000, "cost_usd": 0.01, "cost_saved_usd": 0.0}}
+
+
+def write_llm_metrics(ws: Path) -> None:
+    for rel, llm in LLM_METRICS.items():
+        path = ws / "metrics" / f"{rel}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"records": 1, "llm": llm}), encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
     ws = tmp_path_factory.mktemp("report_ws")
     write_inputs(ws)
+    write_llm_metrics(ws)
     report = load_raw(ROOT / "params.yaml")["report"]
     (ws / "params.yaml").write_text(yaml.safe_dump({"report": report}), encoding="utf-8")
     result = run_stage("report", _args(), ws)
@@ -146,6 +160,10 @@ def test_report_writes_the_page_the_figures_and_metrics(built: Path):
     metrics = json.loads((built / "metrics" / "report.json").read_text(encoding="utf-8"))
     assert metrics["best_version"] == "v6" and metrics["versions"] == 8
     assert metrics["versions_above_baseline"] == 6
+    # the money: per LLM stage and in total
+    assert "LLM calls and cost" in page.headings
+    assert "filter@fm" in text and "$0.0033" in text and "$0.0071" in text
+    assert "$0.0133" in text and "5,000" in text     # total spent; summarize tokens
 
 
 def test_report_is_deterministic(built: Path, tmp_path: Path):
@@ -195,7 +213,7 @@ def test_page_in_headless_chromium_names_every_version_and_shows_its_figures(bui
     for version in ["base", *VERSIONS]:
         assert version in text, f"{version} not on the rendered page"
     assert page.headings == ["Accuracy against the baseline", "Data composition per version",
-                             "Training", "Lineage"]
+                             "Training", "Lineage", "LLM calls and cost"]
     assert sorted(page.images) == sorted(FIGURES)
     for src in page.images:                      # relative paths that resolve to real PNGs
         assert (built / "reports" / src).is_file()

@@ -190,7 +190,9 @@ def summary(workspace: Path) -> str:
         stage_name = "evaluate" if stage == "eval" else stage  # metrics/eval/<key>.json
         name = stage_name if len(rel.parts) == 1 else f"{stage_name}@{rel.parts[1]}"
         metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
-        rejected = metrics.get("rejected", 0)
+        # every reject row of the stage (filter's `rejected` counts judge errors only)
+        by_reason = metrics.get("rejects_by_reason")
+        rejected = sum(by_reason.values()) if isinstance(by_reason, dict) else metrics.get("rejected", 0)
         if stage == "extract":
             rejected = metrics.get("files_rejected", 0) + metrics.get("pages_rejected", 0)
         if isinstance(rejected, dict):

@@ -155,6 +155,23 @@ def balanced_targets(item_ids: list[str]) -> dict[str, int]:
     return {item: rank % N_CHOICES for rank, item in enumerate(ranked)}
 
 
+def split_askable(records: list[dict[str, Any]], key: str
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """(records worth a request, rejects): an original whose choices repeat (after folding
+    case and spacing) can never pass :func:`check_rewrite` — kept word for word it fails
+    ``duplicate_choices``, reworded it fails ``mapping_inconsistent`` — so it is not sent."""
+    askable, rejects = [], []
+    for record in records:
+        folded = [_fold(normalize_text(c)) for c in record["choices"]]
+        twins = sorted({letter(i) for i, f in enumerate(folded) if folded.count(f) > 1})
+        if twins:
+            rejects.append(reject(STAGE, key, record["id"], "original_duplicate_choices",
+                                  f"original choices {', '.join(twins)} say the same"))
+        else:
+            askable.append(record)
+    return askable, rejects
+
+
 def build_records(records: list[dict[str, Any]], results: list[Result], key: str
                   ) -> tuple[list[dict[str, Any]], list[dict[str, str]], Counter]:
     """LLM results -> (7-choice records, rejects, model-letter counts). Pure."""
@@ -214,10 +231,12 @@ def main(argv: list[str] | None = None) -> None:
         raise StageError(f"transform@{key}: {path}: {exc}") from None
     if not records:
         raise StageError(f"transform@{key}: {path} has no questions")
-    requests = [LLMRequest(transform_messages(r, params.context), SevenChoiceMCQ, r["id"]) for r in records]
+    askable, unaskable = split_askable(records, key)
+    requests = [LLMRequest(transform_messages(r, params.context), SevenChoiceMCQ, r["id"]) for r in askable]
     log.info("%d questions -> 7 choices with %s", len(records), params.llm.model)
     results, accounting = run_batch(params.llm, requests, logger=log, desc=f"transform@{key}")
-    out, rejects, model_letters = build_records(records, results, key)
+    out, rejects, model_letters = build_records(askable, results, key)
+    rejects = unaskable + rejects
     for r in rejects:
         log.info("reject %s: %s %s", r["item"], r["reason"], r["detail"])
     write_records(rejects, SCHEMAS["reject"], args.rejects)

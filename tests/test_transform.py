@@ -17,7 +17,8 @@ from stages.common.schema import SCHEMAS, validate_table
 from stages.common.text import content_id
 from stages.common.prompts import place_answer
 from stages.transform import (SevenChoiceMCQ, TransformReject, balanced_targets, build_records,
-                              _hash_int, check_rewrite, letter_histogram, transform_messages)
+                              _hash_int, check_rewrite, letter_histogram, split_askable,
+                              transform_messages)
 from tests.conftest import run_stage
 from tests.llm_server import LLMTestServer, Reply
 
@@ -226,3 +227,16 @@ def test_stage_end_to_end_tracks_answers_rejects_and_reports_letters(tmp_path):
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert API_KEY.encode() not in path.read_bytes(), path
+
+
+def test_an_original_with_repeated_choices_is_rejected_before_any_request():
+    """Such an item can never pass check_rewrite (verbatim: duplicate_choices; reworded:
+    mapping_inconsistent), so it is not worth a paid call."""
+    twin = original(7)
+    twin = {**twin, "choices": ["같은 선택지", "다른 선택지", "같은  선택지 ", "셋째"]}
+    askable, rejects = split_askable([original(1), twin, original(2)], "fm")
+    assert [r["id"] for r in askable] == [original(1)["id"], original(2)["id"]]
+    assert [(r["item"], r["reason"]) for r in rejects] == [(twin["id"], "original_duplicate_choices")]
+    assert "A, C" in rejects[0]["detail"]
+    with pytest.raises(TransformReject):  # what the model's faithful rewrite would have met
+        check_rewrite(twin, parsed(rewrite_for(twin)))

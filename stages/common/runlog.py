@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
+import warnings
 import sys
 import time
 from pathlib import Path
@@ -26,7 +28,48 @@ class StageError(Exception):
     """An expected, user-facing failure: the message says what and where (param, path)."""
 
 
+# Third-party messages known to be harmless in this pipeline, each matched exactly, so that a
+# run's output shows only what matters (any other warning still prints):
+# - transformers 5 renamed gradient checkpointing to activation checkpointing; peft, trl and the
+#   SFTConfig keys this project maps one-to-one still use the old names, which work until v6;
+# - bitsandbytes tries the optional `kernels` package for a faster CPU 4-bit matmul and falls
+#   back to its own (correct) kernel when it is not installed;
+# - transformers' checkpoint sorting notes that mtimes are coarse and sorts by step number.
+KNOWN_HARMLESS_WARNINGS = (
+    r"`(is_)?gradient_checkpointing(_enable|_kwargs)?` is deprecated and will be removed in v6",)
+KNOWN_HARMLESS_LOGS = {
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+    "transformers.trainer_utils": "mtime may not be reliable on this filesystem",
+}
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def quiet_known_warnings() -> None:
+    """Silence exactly the messages above (idempotent); off a terminal, also the hub's and
+    transformers' progress bars ("Loading weights …"), which only fill logs there."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        hub = sys.modules.get("huggingface_hub")
+        if hub is not None:
+            hub.utils.disable_progress_bars()
+    for pattern in KNOWN_HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=FutureWarning)
+    for name, prefix in KNOWN_HARMLESS_LOGS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) and f.prefix == prefix for f in logger.filters):
+            logger.addFilter(_DropMessage(prefix))
+
+
 def setup_logging(log_path: str | Path | None, name: str) -> logging.Logger:
+    quiet_known_warnings()
     logger = logging.getLogger(name)
     logger.setLevel(logging.INFO)
     logger.handlers.clear()

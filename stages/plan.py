@@ -22,7 +22,9 @@ How each figure is had, per stage (the table's ``basis`` column says which appli
 - prompt tokens are counted with the model's own encoding (``o200k_base`` for gpt-4o, from the
   offline package ``bpe-openai``) over the messages, plus the chat format's few tokens per
   message and the JSON schema sent as ``response_format``;
-- completion tokens are the mean of the answers already in the stage's cache, else
+- completion tokens are the mean of the answers already in the stage's cache, else the mean of
+  the bundled sample answers of that stage (``data/samples/llm_cache/<stage>/``, written to the
+  same response schemas, counted with the model's encoding), else
   ``plan.completion_share`` × ``max_tokens``;
 - the overhead is what the stage's last metrics observed (calls per item), else the defaults
   below, stated in the table.
@@ -56,6 +58,7 @@ DEFAULT_OVERHEAD = {"filter": 1.02, "transform": 1.05, "summarize": 1.05, "synth
 SOLVE_WRONG_SHARE = 0.15
 SOLVE_FAIL_SHARE = 0.10
 MESSAGE_TOKENS, REPLY_TOKENS = 4, 3  # the chat format's per-message and reply-priming tokens
+SAMPLE_ANSWERS = Path("data/samples/llm_cache")  # the quickstart's recorded answers, per stage
 
 
 class AssumedInput(Strict):
@@ -148,6 +151,7 @@ class Context:
     # filter domain -> (the records its judge sees, exact?) for transform/synthesize estimates
     judged: dict[str, tuple[list[dict[str, Any]], float]] = field(default_factory=dict)
     assumed_tokens: dict[str, int] = field(default_factory=dict)  # filter domain -> item tokens
+    sample_means: dict[str, Optional[float]] = field(default_factory=dict)
 
     def exists(self, rel: str) -> bool:
         return (self.root / rel).exists()
@@ -163,6 +167,22 @@ class Context:
             return json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
+
+    def sample_completion_mean(self, stage: str, counter: Counter_) -> Optional[float]:
+        """Mean length, in the model's encoding, of the bundled sample answers of ``stage``
+        (``data/samples/llm_cache/<stage>/``: written to the same schemas): the prior before
+        the stage's own cache holds any answer."""
+        if stage not in self.sample_means:
+            lengths = []
+            for path in sorted((self.root / SAMPLE_ANSWERS / stage).glob("**/??/*.json")):
+                try:
+                    content = json.loads(path.read_bytes())["response"]["content"]
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue
+                if content:
+                    lengths.append(counter.text(content))
+            self.sample_means[stage] = statistics.fmean(lengths) if lengths else None
+        return self.sample_means[stage]
 
     def counter(self, model: str) -> Counter_:
         if model not in self.counters:
@@ -232,9 +252,11 @@ def tally(row: StagePlan, requests: Sequence[LLMRequest], llm: LLMParams, ctx: C
         if id(request) not in counted:
             counted[id(request)] = counter.request(request)
         prompt += counted[id(request)] + extra_tokens
-    mean = cached_completion_mean(cache_dir)
+    mean, basis = cached_completion_mean(cache_dir), "cache mean"
+    if mean is None:
+        mean, basis = ctx.sample_completion_mean(row.stage.split("@")[0], counter), "sample answers' mean"
     each = mean if mean is not None else ctx.plan.completion_share * llm.max_tokens
-    row.completion_basis = (f"cache mean {mean:.0f}" if mean is not None else
+    row.completion_basis = (f"{basis} {mean:.0f}" if mean is not None else
                             f"{ctx.plan.completion_share:g} x max_tokens {llm.max_tokens}")
     row.requests += round(len(requests) * scale)
     row.cached += round(cached * scale)

@@ -139,6 +139,16 @@ def test_a_second_quickstart_recomputes_nothing_and_leaves_the_repository_untouc
     assert root_git_status() == (project.parent / "root_status.txt").read_text(encoding="utf-8")
 
 
+def test_make_plan_after_the_quickstart_has_nothing_to_pay(project):
+    """Every LLM stage is up to date, and even forced each first draw is in its cache: the
+    plan's cache keys are the client's (issue 15)."""
+    proc = run([sys.executable, "-m", "stages.plan", "--json"], project, env=project_env(project))
+    plan = json.loads(proc.stdout)
+    assert plan["total"]["uncached"] == 0 and plan["total"]["usd_online"] == 0
+    assert len(plan["rows"]) == 12 and not any(r["runs"] for r in plan["rows"])
+    assert all(r["requests"] == r["cached"] > 0 for r in plan["rows"]), plan["rows"]
+
+
 def test_default_remote_lies_outside_the_work_tree(project):
     url = run([DVC, "remote", "list"], project).stdout.split()
     assert url[0] == "storage" and "(default)" in url

@@ -311,9 +311,7 @@ def replan(done: Path, inputs: Path, until: str, write: bool) -> int:
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = (f"### `make plan` against that rehearsal's spend — {when} (`bench/rehearsal.py "
             f"--replan`, plan code of {commit}; completion prior: the bundled sample answers' "
-            "mean per stage)
-
-" + plan_table(plans, stage_metrics(finished)))
+            "mean per stage)\n\n" + plan_table(plans, stage_metrics(finished)))
     print(text)
     if write:
         record(text)

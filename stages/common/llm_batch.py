@@ -34,12 +34,14 @@ import asyncio
 import hashlib
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Optional
 
 from pydantic import Field
+from tqdm import tqdm
 
 from stages.common.io import write_json
 from stages.common.llm_cache import ENTRY_FORMAT, CacheEntry, CachedResponse, RequestSummary
@@ -232,10 +234,13 @@ class Batcher:
         """Poll to the final status; file every answer into the cache; key -> (answer, why not)."""
         api = self.client._api()
         start, seen = time.monotonic(), None
+        bar = tqdm(total=len(record["keys"]), desc=f"batch {record['batch_id']}", unit="req",
+                   leave=False, disable=not sys.stderr.isatty())
         while True:
             batch = await self.call(lambda: api.batches.retrieve(record["batch_id"]))
             counts = batch.request_counts
             state = (batch.status, getattr(counts, "completed", 0), getattr(counts, "failed", 0))
+            bar.update((state[1] or 0) + (state[2] or 0) - bar.n)
             if state != seen:
                 self.client.log.info("LLM batch %s: %s, %s/%s done, %s failed", batch.id,
                                      batch.status, state[1], getattr(counts, "total", "?"), state[2])
@@ -249,6 +254,7 @@ class Batcher:
                     f"(batch.max_wait_s); its id is recorded in {self.directory}: re-run the stage "
                     "(dvc repro) to resume polling it; nothing is submitted twice")
             await asyncio.sleep(self.params.poll_s)
+        bar.close()
         answers = await self.read_results(batch, record)
         record["status"] = "collected"
         record["final_status"] = batch.status

@@ -28,3 +28,12 @@ def test_exactly_the_known_harmless_messages_are_silenced(caplog):
                       FutureWarning)
         warnings.warn("`torch_dtype` is deprecated and will be removed in v6", FutureWarning)
     assert [str(w.message) for w in caught] == ["`torch_dtype` is deprecated and will be removed in v6"]
+
+
+def test_dvc_reads_yaml_with_the_c_loader():
+    """DVC parses params.yaml once per stage: with ruamel's pure-Python loader a no-op
+    `dvc status` of the quickstart DAG took 5.2 s, with the C loader 2.3 s
+    (bench/dvc_status.py). ruamel.yaml.clib is pinned in requirements.lock for that."""
+    from ruamel.yaml import YAML
+
+    assert YAML(typ="safe").Parser.__name__ == "CParser"

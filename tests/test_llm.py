@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -715,7 +716,8 @@ def test_the_budget_cap_stops_before_crossing_and_a_rerun_resumes_without_repayi
     $0.09; each answer really costs less. Serially, requests go out while spent + worst <= cap."""
     dear = {"input_per_1m": 1000.0, "output_per_1m": 1000.0}
     params = make_params(tmp_path, server, prices=dear, concurrency=1, max_usd=0.5)
-    worst = Accounting(params.prices).price(estimate_tokens(messages(0), 0), params.max_tokens)
+    schema = math.ceil(len(json.dumps(response_format_for(Verdict))) / 3)  # billed as prompt
+    worst = Accounting(params.prices).price(estimate_tokens(messages(0), 0) + schema, params.max_tokens)
     with pytest.raises(StageError) as err:
         run_requests(params, requests_for(range(20)))
     sent = len(server.completions_requests)
@@ -755,3 +757,26 @@ def test_the_environment_cap_overrides_the_params_and_is_checked(tmp_path, serve
             run_requests(params, requests_for(range(2)))
     with pytest.raises(ValidationError):
         make_params(tmp_path, server, max_usd=0)
+
+
+def test_at_the_cap_sequential_calls_under_run_all_finish_and_are_cached(tmp_path):
+    """solve's pattern: tasks each making several complete() calls under run_all; the first
+    refusal must not cancel the paid requests still in flight."""
+    from stages.common.llm import run_all
+    with LLMTestServer(latency=0.3) as srv:
+        params = make_params(tmp_path, srv, concurrency=8,
+                             prices={"input_per_1m": 1000.0, "output_per_1m": 1000.0})
+        worst = LLMClient(params)._worst_cost(messages(0), response_format_for(Verdict))
+        params = params.model_copy(update={"max_usd": 5.5 * worst})  # 5 worst cases in flight
+
+        async def one(llm, i):
+            await llm.complete(messages(i), Verdict, item_id=f"item-{i}")
+            await llm.complete(messages(100 + i), Verdict, item_id=f"item-{100 + i}")
+
+        async def main():
+            async with LLMClient(params) as llm:
+                await run_all([one(llm, i) for i in range(8)], "solve")
+        with pytest.raises(StageError, match="budget cap"):
+            asyncio.run(main())
+        sent = len(srv.completions_requests)
+    assert 0 < sent < 16 and cache_entries(params) == sent

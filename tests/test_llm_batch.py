@@ -138,3 +138,42 @@ def test_a_client_killed_mid_poll_resumes_its_batch_without_a_second_submission(
     for path in (tmp_path / "cache").rglob("*"):
         if path.is_file():
             assert API_KEY not in path.read_text(encoding="utf-8")
+
+
+def test_a_create_that_fails_after_the_server_made_the_batch_is_not_made_twice(tmp_path):
+    from tests import llm_server
+    with LLMTestServer() as server:
+        real, calls = server._api_batch_create, []
+
+        def create(record):  # the batch exists, then the reply is a 500
+            out = real(record)
+            calls.append(1)
+            if len(calls) == 1:
+                raise llm_server._APIError(500, "upstream hiccup after commit", kind="server_error")
+            return out
+        server._api_batch_create = create
+        results, _, _ = run_requests(batch_params(tmp_path, server), requests_for(range(5)))
+        assert len(server.batches) == 1 and len(calls) == 1  # found by its submission id
+    assert all(r.ok for r in results)
+
+
+def test_a_rerun_after_every_line_failed_sends_a_new_batch(tmp_path):
+    with LLMTestServer(batch_line_errors=1.0) as server:
+        first, _, _ = run_requests(batch_params(tmp_path, server, max_submissions=1),
+                                   requests_for(range(3)))
+        assert {r.error for r in first} == {"transport_error"}
+        server.batch_line_errors = None  # the endpoint recovered
+        server._batch_line_errors = None
+        again, _, _ = run_requests(batch_params(tmp_path, server, max_submissions=1),
+                                   requests_for(range(3)))
+        assert len(server.batches) == 2
+    assert all(r.ok for r in again)
+
+
+def test_batch_line_errors_never_carry_the_key(tmp_path):
+    def rule(request):
+        return Reply(status=401, error={"message": f"bad key {API_KEY}", "type": "auth", "code": None})
+    with LLMTestServer(rule=rule) as server:
+        results, _, _ = run_requests(batch_params(tmp_path, server, max_submissions=1),
+                                     requests_for(range(2)))
+    assert all(not r.ok and API_KEY not in r.detail for r in results)

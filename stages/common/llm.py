@@ -59,6 +59,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import hashlib
+import json
 import logging
 import math
 import os
@@ -206,6 +207,11 @@ async def run_all(coroutines: Sequence[Awaitable[T]], desc: str) -> list[T]:
     try:
         for next_done in progress(asyncio.as_completed(tasks), desc=desc, total=len(tasks)):
             await next_done
+    except BudgetExceededError:
+        # at the cap nothing new is sent, but the answers in flight are paid for: let them
+        # arrive and be cached (each other task ends soon: its next request is refused)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
     except BaseException:
         for task in tasks:
             task.cancel()
@@ -245,6 +251,10 @@ class FatalLLMError(StageError):
 
 class BudgetExceededError(StageError):
     """The next request could take the run's spend over its cap; nothing more was sent."""
+
+
+def _usd(amount: float) -> str:
+    return f"${amount:.2f}" if amount >= 0.01 else f"${amount:.6f}".rstrip("0")
 
 
 def budget_cap(params: LLMParams) -> tuple[Optional[float], str]:
@@ -780,7 +790,7 @@ class LLMClient:
     async def _fetch_batch(self, key: str, messages: list[dict[str, Any]], fmt: dict[str, Any],
                            seed: Optional[int], summary: RequestSummary) -> Optional[_Fetched]:
         """Batch mode: the answer through the Batch API (None: send it online after all)."""
-        worst = self._worst_cost(messages) if self._cap is not None else 0.0
+        worst = self._worst_cost(messages, fmt, batch=True) if self._cap is not None else 0.0
         if not self._within_budget(worst):
             return _Fetched(None, reason=_OVER_BUDGET)
         self._reserved += worst
@@ -818,7 +828,7 @@ class LLMClient:
         options = {"headers": item_headers(item_id, sample_index, reask)}
         body = self._body(messages, fmt, seed)
         estimate = estimate_tokens(messages, p.max_tokens) if self._tpm else 0
-        worst = self._worst_cost(messages) if self._cap is not None else 0.0
+        worst = self._worst_cost(messages, fmt) if self._cap is not None else 0.0
         for attempt in range(1, p.max_attempts + 1):
             self._raise_if_fatal()
             async with self._semaphore:
@@ -879,9 +889,15 @@ class LLMClient:
             self._tpm.credit(estimate - response.prompt_tokens - response.completion_tokens)
         return response
 
-    def _worst_cost(self, messages: Sequence[Mapping[str, Any]]) -> float:
-        """What one answer can cost at most: the prompt (estimated high) and all of max_tokens."""
-        prompt = estimate_tokens(messages, 0)
+    def _worst_cost(self, messages: Sequence[Mapping[str, Any]], fmt: Mapping[str, Any],
+                    batch: bool = False) -> float:
+        """What one answer can cost at most: the prompt (estimated high) with the JSON schema
+        it carries (billed as prompt tokens), and all of max_tokens; at the batch prices for a
+        batch line."""
+        prompt = estimate_tokens(messages, 0) + math.ceil(len(json.dumps(fmt)) / 3)
+        if batch:
+            prices = self.params.prices
+            return (prompt * prices.batch_input + self.params.max_tokens * prices.batch_output) / 1e6
         return self.accounting.price(prompt, self.params.max_tokens)
 
     def _within_budget(self, worst: float) -> bool:
@@ -897,7 +913,7 @@ class LLMClient:
 
     def budget_error(self, desc: str) -> BudgetExceededError:
         return BudgetExceededError(
-            f"{desc}: stopped at the budget cap ${self._cap:.2f} ({self._cap_source}): spent "
+            f"{desc}: stopped at the budget cap {_usd(self._cap)} ({self._cap_source}): spent "
             f"${self._spent:.4f} in this run on {self.accounting.calls} calls; {self._not_sent} "
             "requests not sent, as the next could cross the cap. Every completed answer is "
             f"cached: raise llm.max_usd (or {BUDGET_ENV}) and re-run to continue without paying "

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import secrets
 import json
 import logging
 import sys
@@ -52,6 +53,11 @@ if TYPE_CHECKING:
     from stages.common.llm import LLMClient
 
 ENDPOINT = "/v1/chat/completions"
+
+
+def _redact(text: str) -> str:
+    from stages.common.llm import _redact as redact
+    return redact(text)
 FINAL = ("completed", "failed", "expired", "cancelled")
 log = logging.getLogger(__name__)
 
@@ -88,11 +94,13 @@ class Outcome:
     detail: str = ""
 
 
-def submission_id(keys: list[str], attempt: int) -> str:
-    """Names one submission of these requests: the same lines sent again after a failed or
-    expired batch are a new submission; a run killed while creating finds its own again."""
-    text = f"{attempt}\n" + "\n".join(sorted(keys))
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
+def submission_id(keys: list[str]) -> str:
+    """Names one submission (recorded before anything is sent): a digest of its keys and a
+    random part, so that a later submission of the same keys (a re-run after every line
+    failed, a resubmission) is never mistaken for an earlier batch; a run killed while
+    creating finds its own batch again by this id (``metadata.submission``)."""
+    digest = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:12]
+    return f"{digest}-{secrets.token_hex(4)}"
 
 
 @dataclass
@@ -110,7 +118,7 @@ class Batcher:
     async def fetch(self, key: str, body: dict[str, Any], summary: RequestSummary) -> Outcome:
         if self._resumed is None:
             self._resumed = asyncio.ensure_future(self.resume())
-        await self._resumed
+        await asyncio.shield(self._resumed)  # one caller's cancellation must not stop it
         entry = self.client.cache.get(key)  # answered by a batch of an earlier run
         if entry is not None:
             return Outcome(entry.response)
@@ -128,6 +136,8 @@ class Batcher:
 
     def _flush(self) -> None:
         self._timer = None
+        for key in [k for k, line in self.pending.items() if line.future.done()]:
+            del self.pending[key]  # cancelled callers: not worth paying for
         lines = list(self.pending.values())[:self.params.max_lines]
         for line in lines:
             del self.pending[line.key]
@@ -153,6 +163,8 @@ class Batcher:
             self._settle(line, answers.get(line.key))
 
     def _settle(self, line: Line, got: Optional[tuple[Optional[CachedResponse], str]]) -> None:
+        if line.future.done():  # its caller was cancelled: nobody waits, nothing to resend
+            return
         response, detail = got if got is not None else (None, "no line in the batch's output")
         if response is not None:
             line.future.set_result(Outcome(response))
@@ -177,23 +189,24 @@ class Batcher:
 
     async def submit(self, lines: list[Line]) -> dict[str, Any]:
         keys = [line.key for line in lines]
-        sid = submission_id(keys, max(line.submissions for line in lines))
+        sid = submission_id(keys)
         jsonl = "".join(json.dumps({"custom_id": line.key, "method": "POST", "url": ENDPOINT,
                                     "body": line.body}, ensure_ascii=False) + "\n" for line in lines)
         record = {"submission": sid, "status": "prepared", "batch_id": None, "input_file_id": None,
                   "keys": keys, "summaries": {l.key: l.summary.model_dump(mode="json") for l in lines}}
         self.write_record(record)
         api = self.client._api()
-        found = await self.find_submitted(sid)
-        if found is None:
-            uploaded = await self.call(lambda: api.files.create(
-                file=(f"{sid}.jsonl", jsonl.encode("utf-8")), purpose="batch"))
-            record.update(input_file_id=uploaded.id, status="uploaded")
-            self.write_record(record)
-            found = await self.call(lambda: api.batches.create(
-                input_file_id=uploaded.id, endpoint=ENDPOINT,
-                completion_window=self.params.completion_window, metadata={"submission": sid}))
-            self.batches += 1
+        uploaded = await self.call(lambda: api.files.create(
+            file=(f"{sid}.jsonl", jsonl.encode("utf-8")), purpose="batch"))
+        record.update(input_file_id=uploaded.id, status="uploaded")
+        self.write_record(record)
+        # a failed create may still have created the batch (500 after the fact, a dropped
+        # reply): before each retry, look for it by its submission id — never create twice
+        found = await self.call(lambda: api.batches.create(
+            input_file_id=uploaded.id, endpoint=ENDPOINT,
+            completion_window=self.params.completion_window, metadata={"submission": sid}),
+            before_retry=lambda: self.find_submitted(sid))
+        self.batches += 1
         record.update(batch_id=found.id, status="submitted")
         self.write_record(record)
         self.client.log.info("LLM batch %s submitted: %d requests (submission %s)", found.id,
@@ -274,7 +287,7 @@ class Batcher:
                     key, answer = self.parse_line(json.loads(text), record)
                     if key in record["summaries"]:
                         answers[key] = answer
-        why = f"batch {batch.id} {batch.status}" + (f": {batch.errors}" if batch.errors else "")
+        why = _redact(f"batch {batch.id} {batch.status}" + (f": {batch.errors}" if batch.errors else ""))
         for key in record["keys"]:
             answers.setdefault(key, (None, why))
         return answers
@@ -288,7 +301,8 @@ class Batcher:
         if line.get("error") or response.get("status_code") != 200:
             error = line.get("error") or (response.get("body") or {}).get("error") or {}
             status = f"HTTP {response['status_code']}: " if response.get("status_code") else ""
-            return key, (None, f"{status}{error.get('code') or ''} {error.get('message') or ''}".strip())
+            detail = f"{status}{error.get('code') or ''} {error.get('message') or ''}".strip()
+            return key, (None, _redact(detail))
         cached = self.client._to_cached(ChatCompletion.model_validate(response.get("body") or {}))
         if cached is None:
             return key, (None, "malformed completion in the batch output")
@@ -299,16 +313,32 @@ class Batcher:
                                                   request=RequestSummary(**summary)))
         return key, (cached, "")
 
-    async def call(self, make: Callable[[], Any]) -> Any:
-        """An SDK call of the Batch API with the layer's retries (429, 5xx, drops)."""
+    async def call(self, make: Callable[[], Any],
+                   before_retry: Optional[Callable[[], Any]] = None) -> Any:
+        """An SDK call of the Batch API with the layer's retries (429, 5xx, drops);
+        ``before_retry`` may return what the failed call did after all (then no retry)."""
         import openai
+        from stages.common.llm import FatalLLMError
         client = self.client
         for attempt in range(1, client.params.max_attempts + 1):
             try:
                 return await make()
+            except openai.NotFoundError as exc:
+                where = exc.request.url.path if getattr(exc, "request", None) else "Files/Batches"
+                client._fatal = FatalLLMError(
+                    f"LLM endpoint {client.params.base_url or 'api.openai.com'} has no Batch API "
+                    f"(HTTP 404 on {where}); use llm.mode: online with this endpoint")
+                raise client._fatal from None
             except openai.APIError as exc:
                 failure = client._classify(exc)
-                if failure.kind in ("fatal", "reject") or attempt == client.params.max_attempts:
+                if failure.kind == "fatal":
+                    client._fatal = FatalLLMError(f"LLM Batch API: {failure.detail}")
+                    raise client._fatal from None
+                if failure.kind == "reject" or attempt == client.params.max_attempts:
                     raise StageError(f"LLM Batch API: {failure.detail}") from None
                 await asyncio.sleep(client._backoff(attempt, failure.retry_after))
+                if before_retry is not None:
+                    done = await before_retry()
+                    if done is not None:
+                        return done
         raise AssertionError("unreachable")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -90,6 +91,7 @@ def project(tmp_path_factory) -> Path:
     (base / "root_status.txt").write_text(root_git_status(), encoding="utf-8")
     first = run_quickstart(project)
     (base / "quickstart.out").write_text(first.stdout, encoding="utf-8")
+    (base / "quickstart.err").write_text(first.stderr, encoding="utf-8")
     run(["git", "add", "dvc.lock", "metrics"], project)  # metrics live in git, as DVC intends
     run(["git", "commit", "-q", "-m", "repro"], project)
     return project
@@ -101,6 +103,14 @@ VERSIONS = ("v1", "v2", "v3", "v4", "v5_1", "v5_2", "v5_3", "v6")
 
 def test_the_quickstart_runs_every_stage_offline(project):
     assert "Quickstart summary" in (project.parent / "quickstart.out").read_text(encoding="utf-8")
+    # no third-party warning or progress bar among the stages' output (issue 13 §4): every
+    # WARNING line left is a stage's own logger (`<stage>@<key>:`)
+    output = [line for name in ("quickstart.out", "quickstart.err")
+              for line in (project.parent / name).read_text(encoding="utf-8").splitlines()]
+    noise = [line for line in output if re.search(r"Warning\b|warnings\.warn|kernels-community|"
+                                                  r"it/s\]|mtime may not", line)
+             or (" WARNING " in line and not re.search(r" WARNING \w+(@\w+)?: ", line))]
+    assert not noise, noise[:5]
     metrics = {p.relative_to(project / "metrics").with_suffix("").as_posix():
                json.loads(p.read_text(encoding="utf-8"))
                for p in (project / "metrics").rglob("*.json")}

@@ -48,6 +48,7 @@ import os
 import sys
 import tempfile
 import zipfile
+from typing import Any, Iterable, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -588,14 +589,19 @@ KRX = [
 ]
 
 
-def krx_csv() -> bytes:
-    # Excel-on-Windows style: BOM, CRLF record terminators, LF inside quoted cells.
+def excel_csv(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> bytes:
+    """Excel-on-Windows style CSV, as the contest file: UTF-8 BOM, CRLF record terminators,
+    LF inside quoted cells (also used by bench/rehearsal_data.py)."""
     buf = io.StringIO(newline="")
     writer = csv.writer(buf, lineterminator="\r\n", quoting=csv.QUOTE_MINIMAL)
-    writer.writerow(["prompt", "response"])
-    for row in KRX:
-        writer.writerow([row["prompt"], row["response"]])
+    writer.writerow(list(header))
+    for row in rows:
+        writer.writerow(list(row))
     return "\ufeff".encode("utf-8") + buf.getvalue().encode("utf-8")
+
+
+def krx_csv() -> bytes:
+    return excel_csv(["prompt", "response"], ([row["prompt"], row["response"]] for row in KRX))
 
 
 # =============================================================================== qa_rules.json
@@ -819,20 +825,23 @@ _FIXED_DT = datetime.datetime(2024, 1, 1, 0, 0, 0)
 _ZIP_DT = (1980, 1, 1, 0, 0, 0)
 
 
-def kozh_xlsx() -> bytes:
+def xlsx_bytes(columns: Sequence[str], rows: Iterable[Sequence[Any]], title: str,
+               creator: str = "make_samples.py") -> bytes:
+    """A one-sheet workbook with fixed document dates and zip member stamps: the same bytes on
+    every run with the pinned openpyxl (also used by bench/rehearsal_data.py)."""
     from openpyxl import Workbook
     from openpyxl.writer.excel import ExcelWriter
 
     wb = Workbook()
     ws = wb.active
     ws.title = "Sheet1"
-    ws.append(KOZH_COLUMNS)
-    for index, (field, ko, zh) in enumerate(KOZH, start=1):
-        ws.append([f"KOZH-SAMPLE-{index:04d}", field, ko, zh])
+    ws.append(list(columns))
+    for row in rows:
+        ws.append(list(row))
     props = wb.properties
-    props.creator = "make_samples.py"
-    props.lastModifiedBy = "make_samples.py"
-    props.title = "AI Hub ko-zh style SAMPLE (fictional, written for this repository)"
+    props.creator = creator
+    props.lastModifiedBy = creator
+    props.title = title
     props.created = _FIXED_DT
     props.modified = _FIXED_DT
     raw = io.BytesIO()
@@ -848,6 +857,11 @@ def kozh_xlsx() -> bytes:
             member.external_attr = 0o600 << 16
             dst.writestr(member, src.read(info.filename))
     return out.getvalue()
+
+
+def kozh_xlsx() -> bytes:
+    rows = ([f"KOZH-SAMPLE-{i:04d}", field, ko, zh] for i, (field, ko, zh) in enumerate(KOZH, start=1))
+    return xlsx_bytes(KOZH_COLUMNS, rows, "AI Hub ko-zh style SAMPLE (fictional, written for this repository)")
 
 
 # =============================================================================== AI Hub econ calc (cp949)

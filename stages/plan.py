@@ -33,9 +33,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
-import string
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
@@ -46,7 +46,8 @@ from pydantic import Field
 
 from stages.common.llm import LLMParams, LLMRequest, Prices, response_format_for
 from stages.common.llm_cache import ResponseCache, cache_key
-from stages.common.params import PARAMS_FILE, Strict, load_raw, read_section, read_yaml
+from stages.common.params import PARAMS_FILE, ParamsError, Strict, load_raw, read_section, read_yaml
+from stages.common.runlog import StageError
 
 PARAMS = ("plan",)
 LLM_STAGES = ("summarize", "filter", "transform", "synthesize", "solve")
@@ -83,7 +84,7 @@ def load_params(key: str | None = None, path: str = PARAMS_FILE) -> PlanParams:
 
 
 # ------------------------------------------------------------------------ counting
-class Counter_:
+class TokenCounter:
     """Prompt tokens of a request with the model's encoding (bpe-openai: offline)."""
 
     def __init__(self, model: str):
@@ -147,7 +148,7 @@ class Context:
     params_path: str
     plan: PlanParams
     commands: dict[str, str]                 # dvc.yaml stage -> its raw cmd
-    counters: dict[str, Counter_] = field(default_factory=dict)
+    counters: dict[str, TokenCounter] = field(default_factory=dict)
     # filter domain -> (the records its judge sees, exact?) for transform/synthesize estimates
     judged: dict[str, tuple[list[dict[str, Any]], float]] = field(default_factory=dict)
     assumed_tokens: dict[str, int] = field(default_factory=dict)  # filter domain -> item tokens
@@ -168,7 +169,7 @@ class Context:
         except (OSError, ValueError):
             return None
 
-    def sample_completion_mean(self, stage: str, counter: Counter_) -> Optional[float]:
+    def sample_completion_mean(self, stage: str, counter: TokenCounter) -> Optional[float]:
         """Mean length, in the model's encoding, of the bundled sample answers of ``stage``
         (``data/samples/llm_cache/<stage>/``: written to the same schemas): the prior before
         the stage's own cache holds any answer."""
@@ -184,9 +185,9 @@ class Context:
             self.sample_means[stage] = statistics.fmean(lengths) if lengths else None
         return self.sample_means[stage]
 
-    def counter(self, model: str) -> Counter_:
+    def counter(self, model: str) -> TokenCounter:
         if model not in self.counters:
-            self.counters[model] = Counter_(model)
+            self.counters[model] = TokenCounter(model)
         return self.counters[model]
 
 
@@ -507,15 +508,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default=".", help="the workspace (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
-    import os
     os.chdir(args.root)
     try:
         plan = make_plan(Path("."), args.params)
-    except Exception as exc:  # a params error, an unreadable input: one line, no traceback
-        from stages.common.params import ParamsError
-        from stages.common.runlog import StageError
-        if not isinstance(exc, (ParamsError, StageError, ValueError, OSError)):
-            raise
+    except (ParamsError, StageError, ValueError, OSError) as exc:  # one line, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:

@@ -19,7 +19,7 @@ from stages.common.llm_cache import (ENTRY_FORMAT, CacheEntry, CachedResponse, R
 from stages.common.schema import SCHEMAS
 from stages.common.text import content_id
 from stages.filter import Verdict, judge_messages
-from stages.plan import Context, Counter_, PlanParams, StagePlan, load_commands, plan_filter, \
+from stages.plan import Context, TokenCounter, PlanParams, StagePlan, load_commands, plan_filter, \
     plan_transform
 from tests.conftest import ROOT
 
@@ -102,7 +102,7 @@ def test_a_stage_whose_input_exists_is_counted_exactly_against_its_cache(tmp_pat
     row = StagePlan("filter@fm", runs=True)
     plan_filter("fm", ctx, row)
     assert (row.requests, row.cached, row.uncached) == (5, 2, 3)
-    counter = Counter_("gpt-4o")
+    counter = TokenCounter("gpt-4o")
     expected = sum(counter.request(LLMRequest(judge_messages(r, "금융시장 문항"), Verdict))
                    for r in records[2:])
     assert row.prompt_tokens == expected and row.basis.startswith("exact: 5 mcq items, 5 pass")
@@ -116,6 +116,6 @@ def test_a_stage_whose_input_exists_is_counted_exactly_against_its_cache(tmp_pat
 
 
 def test_the_encoding_is_the_models_own():
-    assert Counter_("gpt-4o").encoding.encode("Hello world") == [13225, 2375]
-    assert Counter_("gpt-4o-2024-08-06").name.startswith("o200k_base")
-    assert "no encoding known" in Counter_("my-local-llama").name
+    assert TokenCounter("gpt-4o").encoding.encode("Hello world") == [13225, 2375]
+    assert TokenCounter("gpt-4o-2024-08-06").name.startswith("o200k_base")
+    assert "no encoding known" in TokenCounter("my-local-llama").name

@@ -163,7 +163,6 @@ def test_a_rerun_after_every_line_failed_sends_a_new_batch(tmp_path):
                                    requests_for(range(3)))
         assert {r.error for r in first} == {"transport_error"}
         server.batch_line_errors = None  # the endpoint recovered
-        server._batch_line_errors = None
         again, _, _ = run_requests(batch_params(tmp_path, server, max_submissions=1),
                                    requests_for(range(3)))
         assert len(server.batches) == 2

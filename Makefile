@@ -17,8 +17,10 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/pip install --quiet -r requirements.lock
 	touch $(STAMP)
 
+# the workspace (a git + DVC project, git-ignored here) and its default DVC remote beside it
+QUICKSTART ?= quickstart
 quickstart: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/quickstart.py
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/quickstart.py --workspace $(QUICKSTART)
 
 # every params.yaml problem at once: each section against its stage's schema, cross-section
 # rules, a stale dvc.vars.yaml (stages/check.py)
@@ -35,4 +37,4 @@ test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean-quickstart:
-	rm -rf quickstart
+	rm -rf $(QUICKSTART) $(QUICKSTART)-dvc-remote

@@ -14,9 +14,10 @@ Contract:
   More than one process: the stage relaunches itself under ``accelerate launch``.
 - outputs: ``models/<version>/`` (adapter, tokenizer, training_config.json, lineage.json,
   README.md model card), ``metrics/train/<version>.json``, dvclive loss curves under
-  ``--live-dir``, rejects, and resumable checkpoints under ``--checkpoints`` (a persistent DVC
-  out: an interrupted run resumes from its last complete checkpoint when the fingerprint of
-  its inputs and params is unchanged; otherwise it starts afresh).
+  ``--live-dir``, rejects. Resumable checkpoints go to ``--checkpoints``, scratch space that is
+  not a DVC out (so the stage stays restorable from DVC's run-cache): an interrupted run resumes
+  from its last complete checkpoint, dvclive curve included, when the fingerprint of its inputs
+  and params is unchanged; otherwise it starts afresh.
 - rejects: examples that fail the example schema, have a split other than train/dev, or whose
   prompt alone fills ``max_length`` (no answer token would be trained).
 - fails (exit 2, one line): missing base/parent/mixture, 4-bit or adamw_8bit without a usable
@@ -54,6 +55,7 @@ PARAMS = ("versions.{key}.train", "train_defaults")
 STAGE = "train"
 RUN_FILE = "run.json"          # fingerprint of the run the checkpoints belong to
 COMPLETE_MARKER = "COMPLETE"   # written after a checkpoint is fully saved
+LIVE_COPY = "dvclive"          # in a checkpoint: the dvclive curve up to its step
 ADAPTER_FILE = "adapter_model.safetensors"
 LAUNCHED_ENV = "KRX_TRAIN_LAUNCHED"  # set for the processes `accelerate launch` starts
 SPLITS = ("train", "dev")
@@ -276,8 +278,8 @@ def reset_checkpoint_dir(checkpoint_dir: str | os.PathLike, fingerprint: str) ->
 
 
 def finish_checkpoint_dir(checkpoint_dir: str | os.PathLike, fingerprint: str) -> None:
-    """The adapter is in models/<version>/ now: drop the checkpoints, keep the run record (the
-    directory is a declared out, so it must exist)."""
+    """The adapter is in models/<version>/ now: drop the checkpoints, keep the run record (a
+    finished run is never resumed)."""
     root = Path(checkpoint_dir)
     for path in root.glob("checkpoint-*"):
         shutil.rmtree(path)
@@ -359,9 +361,11 @@ def attach_adapter(model: Any, params: TrainParams, init_from: str, key: str) ->
 
 
 class CheckpointMarker:
-    """Marks a checkpoint complete once the Trainer has finished saving it (for resume)."""
+    """Marks a checkpoint complete once the Trainer has finished saving it (for resume), after
+    copying the dvclive curve so far into it: ``--live-dir`` is a plain DVC out, removed by DVC
+    before a run, so a resumed run restores the curve from its checkpoint (``restore_live``)."""
 
-    def __new__(cls):  # a TrainerCallback subclass built lazily: transformers is imported late
+    def __new__(cls, live_dir: str | None = None):  # a TrainerCallback built lazily: late import
         from transformers import TrainerCallback
 
         class _Marker(TrainerCallback):
@@ -369,8 +373,19 @@ class CheckpointMarker:
                 if state.is_world_process_zero:
                     folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                     if folder.is_dir():
+                        if live_dir and Path(live_dir).is_dir():
+                            shutil.copytree(live_dir, folder / LIVE_COPY, dirs_exist_ok=True)
                         (folder / COMPLETE_MARKER).write_text("", encoding="utf-8")
         return _Marker()
+
+
+def restore_live(checkpoint: Path, live_dir: str) -> None:
+    """The dvclive curve as it was at ``checkpoint`` (its copy), so the resumed run continues it."""
+    copy = checkpoint / LIVE_COPY
+    if Path(live_dir).exists():
+        shutil.rmtree(live_dir)
+    if copy.is_dir():
+        shutil.copytree(copy, live_dir)
 
 
 def live_callback(live_dir: str, resume: bool) -> Any:
@@ -591,8 +606,10 @@ def train(run: _Run, peft_model: Any) -> tuple[Any, dict[str, Any]]:
     import torch
     from accelerate import PartialState
 
-    callbacks = [CheckpointMarker()]
+    callbacks = [CheckpointMarker(run.args.live_dir if run.main_process else None)]
     if run.main_process:
+        if run.resume_from is not None:
+            restore_live(run.resume_from, run.args.live_dir)
         callbacks.append(live_callback(run.args.live_dir, resume=run.resume_from is not None))
     trainer = build_trainer(peft_model, run.tokenizer, run.train_rows, run.dev_rows, run.params,
                             run.args.checkpoints, callbacks)

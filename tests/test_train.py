@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -309,3 +310,30 @@ def test_gpu_bench_runs_on_cpu_with_the_tiny_shape(tmp_path: Path):
     assert baseline["tokens"] > 0 and baseline["parameters"] > 0
     assert {r["variant"] for r in rows} == {"baseline", "packing", "liger"}  # ran or said why not
     assert "| baseline |" in done.stdout
+
+
+def test_a_resumed_run_continues_the_dvclive_curve_of_its_checkpoint(tmp_path: Path):
+    """--live-dir is a plain DVC out (removed before a run, restorable from the run-cache), so
+    each checkpoint carries the curve up to its step and a resume puts it back."""
+    from types import SimpleNamespace
+
+    from stages.train import CheckpointMarker, LIVE_COPY, restore_live
+
+    live = tmp_path / "dvclive" / "train" / "v1"
+    (live / "plots" / "metrics").mkdir(parents=True)
+    curve = "step\tloss\n1\t9.0\n2\t8.0\n"
+    (live / "plots" / "metrics" / "loss.tsv").write_text(curve, encoding="utf-8")
+    checkpoints = tmp_path / "checkpoints" / "v1"
+    (checkpoints / "checkpoint-2").mkdir(parents=True)
+    marker = CheckpointMarker(str(live))
+    marker.on_save(SimpleNamespace(output_dir=str(checkpoints)),
+                   SimpleNamespace(is_world_process_zero=True, global_step=2), None)
+    saved = checkpoints / "checkpoint-2"
+    assert (saved / COMPLETE_MARKER).is_file()
+    assert (saved / LIVE_COPY / "plots/metrics/loss.tsv").read_text(encoding="utf-8") == curve
+    # the run goes on past the checkpoint, is killed; DVC removes the out before the re-run
+    (live / "plots" / "metrics" / "loss.tsv").write_text(curve + "3\t7.0\n", encoding="utf-8")
+    shutil.rmtree(live)
+    restore_live(saved, str(live))
+    assert (live / "plots/metrics/loss.tsv").read_text(encoding="utf-8") == curve
+    assert find_resume_checkpoint(checkpoints, "fp") is None  # no run record: not resumable

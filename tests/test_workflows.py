@@ -1,13 +1,12 @@
-"""The quickstart and the DVC workflows users come for, with the real ``dvc`` and ``git``
-CLIs (issues 1 and 7).
+"""The quickstart and the DVC workflows users come for, with the real ``make``, ``dvc`` and
+``git`` CLIs (issues 1, 7 and 13).
 
-One module-scoped fixture builds a *git* project laid out like the repository root with the
-quickstart params (the same files ``scripts/quickstart.py`` copies, plus the root's
-``.dvc/config`` with its default remote, ``.gitignore`` and ``.dvcignore``), runs
-``scripts/quickstart.py`` on it (the whole pipeline, offline, with ``OPENAI_API_KEY`` set to
-a marker) and commits ``dvc.lock``. The pipeline runs once for the whole module: the
-quickstart checks come first, then the tests push, clone, pull, change params and kill runs
-against that project.
+One module-scoped fixture runs ``make quickstart QUICKSTART=<tmp>/quickstart`` — the command
+the README gives, in a temp directory instead of the repository's ``quickstart/`` — with
+``OPENAI_API_KEY`` set to a marker. The workspace it makes is a git + DVC project with a
+default remote beside it, committed after the run; every test drives that workspace as a user
+would (no hand-built copy): the quickstart checks come first, then the tests push, clone,
+pull, change params, revert them, and kill runs.
 """
 from __future__ import annotations
 
@@ -24,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scripts.quickstart import ROOT, offline_env, prepare_workspace
+from scripts.quickstart import GENERATED, ROOT, offline_env
 
 pytestmark = pytest.mark.slow
 
@@ -47,20 +46,6 @@ def project_env(project: Path) -> dict[str, str]:
     return env
 
 
-def make_project(path: Path) -> Path:
-    """A git + DVC project: the quickstart layout, committed, with the root's DVC config."""
-    path.mkdir(parents=True)
-    run(["git", "init", "-q", "-b", "main"], path)
-    run([DVC, "init", "-q"], path)
-    shutil.copy(ROOT / ".dvc" / "config", path / ".dvc" / "config")
-    for name in (".gitignore", ".dvcignore"):
-        shutil.copy(ROOT / name, path / name)
-    prepare_workspace(ROOT, path)
-    run(["git", "add", "-A"], path)
-    run(["git", "commit", "-q", "-m", "project"], path)
-    return path
-
-
 def dvc_status(project: Path) -> dict:
     return json.loads(run([DVC, "status", "--json"], project, project_env(project)).stdout or "{}")
 
@@ -80,20 +65,23 @@ def root_git_status() -> str:
 
 
 def run_quickstart(project: Path) -> subprocess.CompletedProcess:
-    return run([sys.executable, "scripts/quickstart.py", "--workspace", str(project)], ROOT,
+    """``make quickstart`` as the README says, with the workspace in a temp directory."""
+    return run(["make", "--no-print-directory", "quickstart", f"QUICKSTART={project}"], ROOT,
                project_env(project), timeout=1800)
+
+
+def head(project: Path) -> str:
+    return run(["git", "rev-parse", "HEAD"], project).stdout.strip()
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("workflows")
-    project = make_project(base / "project")
+    project = base / "quickstart"
     (base / "root_status.txt").write_text(root_git_status(), encoding="utf-8")
     first = run_quickstart(project)
     (base / "quickstart.out").write_text(first.stdout, encoding="utf-8")
     (base / "quickstart.err").write_text(first.stderr, encoding="utf-8")
-    run(["git", "add", "dvc.lock", "metrics"], project)  # metrics live in git, as DVC intends
-    run(["git", "commit", "-q", "-m", "repro"], project)
     return project
 
 
@@ -139,12 +127,23 @@ def test_the_quickstart_runs_every_stage_offline(project):
     assert (project / "reports" / "index.html").is_file()
 
 
+def test_the_workspace_is_a_git_project_committed_after_the_run(project):
+    log = run(["git", "log", "--format=%s"], project).stdout.splitlines()
+    assert log[0].startswith("quickstart run (repository at ") and len(log) == 2, log
+    assert run(["git", "status", "--porcelain"], project).stdout == ""  # outputs are git-ignored
+    tracked = set(run(["git", "ls-files"], project).stdout.splitlines())
+    assert {"dvc.yaml", "dvc.lock", "params.yaml", "dvc.vars.yaml", ".dvc/config"} <= tracked
+    assert not any(p.startswith(("data/collected/", "models/", "metrics/")) for p in tracked)
+    assert f"Committed in {project} as " in (project.parent / "quickstart.out").read_text(encoding="utf-8")
+
+
 def test_a_second_quickstart_recomputes_nothing_and_leaves_the_repository_untouched(project):
-    lock = (project / "dvc.lock").read_text(encoding="utf-8")
+    lock, commit = (project / "dvc.lock").read_text(encoding="utf-8"), head(project)
     second = run_quickstart(project)
     assert "Running stage" not in second.stdout + second.stderr
     assert (project / "dvc.lock").read_text(encoding="utf-8") == lock
     assert dvc_status(project) == {}
+    assert head(project) == commit and "Nothing new to commit" in second.stdout
     # params.yaml, dvc.yaml … of the repository itself are untouched
     assert root_git_status() == (project.parent / "root_status.txt").read_text(encoding="utf-8")
 
@@ -163,7 +162,7 @@ def test_default_remote_lies_outside_the_work_tree(project):
     url = run([DVC, "remote", "list"], project).stdout.split()
     assert url[0] == "storage" and "(default)" in url
     remote = Path(url[1]).resolve()
-    assert remote == (project.parent / "krx-finllm-dvc-remote").resolve()
+    assert remote == (project.parent / "quickstart-dvc-remote").resolve()
     assert project.resolve() not in remote.parents
 
 
@@ -184,7 +183,7 @@ def test_push_clone_pull_gives_a_clean_tree_and_nothing_to_rerun(project):
 
 
 def test_no_file_anywhere_contains_the_api_key(project):
-    remote = project.parent / "krx-finllm-dvc-remote"
+    remote = project.parent / "quickstart-dvc-remote"
     places = [project, remote]
     marker = KEY_MARKER.encode()
     leaks = []
@@ -298,6 +297,78 @@ def test_the_judge_criteria_of_a_domain_reach_exactly_the_versions_that_use_it(p
         run(["git", "checkout", "params.yaml"], project)
 
 
+# ---------------------------------------------------------------------------- edits and reverts
+def repro_output(project: Path, check: bool = True) -> str:
+    done = run([DVC, "repro"], project, project_env(project), check=check, timeout=1800)
+    return done.stdout + done.stderr
+
+
+def ran(output: str, prefix: str) -> list[str]:
+    return re.findall(rf"Running stage '({prefix}[^']*)'", output)
+
+
+def restore(project: Path, commit: str) -> None:
+    run(["git", "reset", "-q", "--hard", commit], project)
+    run([DVC, "checkout", "-f"], project, project_env(project))
+    assert dvc_status(project) == {}
+
+
+def test_a_user_edit_survives_make_quickstart_and_its_revert_comes_back_from_the_run_cache(project):
+    """Issue 13 §1 + §2: the next `make quickstart` keeps an edited knob (and commits the run);
+    reverting it restores train/evaluate from DVC's run-cache: no training step."""
+    commit = head(project)
+    try:
+        edit_params(project, lambda p: p["versions"]["v4"]["train"].setdefault("lora", {}).update(r=4))
+        edited = run_quickstart(project)
+        assert "kept your edits to" in edited.stdout and "versions.v4.train.lora.r" in edited.stdout
+        assert ran(edited.stdout + edited.stderr, "train@") == ["train@v4"]
+        params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
+        assert params["versions"]["v4"]["train"]["lora"]["r"] == 4
+        assert head(project) != commit and dvc_status(project) == {}  # the run was committed
+        model = (project / "models/v4/adapter_model.safetensors").read_bytes()
+
+        run(["git", "checkout", commit, "--", "params.yaml"], project)  # the revert
+        output = repro_output(project)
+        assert ran(output, "") == [], output[-3000:]  # nothing ran: no training, no scoring
+        for stage in ("train@v4", "evaluate@v4", "report"):
+            assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in output
+        assert dvc_status(project) == {}
+        assert (project / "models/v4/adapter_model.safetensors").read_bytes() != model
+        lock = yaml.safe_load((project / "dvc.lock").read_text(encoding="utf-8"))
+        original = yaml.safe_load(run(["git", "show", f"{commit}:dvc.lock"], project).stdout)
+        for stage in ("train@v4", "evaluate@v4"):  # the very outputs of the first run, metrics too
+            assert lock["stages"][stage]["outs"] == original["stages"][stage]["outs"], stage
+    finally:
+        restore(project, commit)
+
+
+def test_after_a_params_typo_fails_a_run_fixing_it_restores_instead_of_retraining(project):
+    commit = head(project)
+    try:
+        edit_params(project, lambda p: p["train_defaults"]["sft"].update(
+            lerning_rate=p["train_defaults"]["sft"].pop("learning_rate")))
+        failed = run([DVC, "repro"], project, project_env(project), check=False, timeout=1800)
+        assert failed.returncode != 0 and "lerning_rate" in failed.stdout + failed.stderr
+        broken = ran(failed.stdout + failed.stderr, "train@")
+        assert len(broken) == 1 and not (project / "models" / broken[0][6:]).exists()  # DVC removed it
+
+        run(["git", "checkout", "params.yaml"], project)  # the fix
+        output = repro_output(project)
+        assert ran(output, "") == [], output[-3000:]
+        assert f"Stage '{broken[0]}' is cached - skipping run, checking out outputs" in output
+        assert (project / "models" / broken[0][6:] / "adapter_model.safetensors").is_file()
+        assert dvc_status(project) == {}
+    finally:
+        restore(project, commit)
+
+
+def test_dvc_plots_show_writes_the_offline_page(project):
+    run([DVC, "plots", "show"], project, project_env(project))
+    page = (project / "dvc_plots" / "index.html").read_text(encoding="utf-8")
+    assert "cdn.jsdelivr" not in page and "vegaEmbed" in page and "train_loss" in page
+    assert "dvc_plots" not in run(["git", "status", "--porcelain"], project).stdout  # ignored
+
+
 # ---------------------------------------------------------------------------- diffs and lineage
 def test_params_and_metrics_diff_between_two_revisions(project):
     env = project_env(project)
@@ -306,7 +377,7 @@ def test_params_and_metrics_diff_between_two_revisions(project):
     source = next(iter(params["versions"]["v4"]["mix"]["sources"]))
     edit_params(project, lambda p: p["versions"]["v4"]["mix"]["sources"][source].update(fraction=0.5))
     run([DVC, "repro"], project, env, timeout=1800)
-    run(["git", "add", "params.yaml", "dvc.lock", "metrics"], project)
+    run(["git", "add", "params.yaml", "dvc.lock"], project)  # metrics are DVC's (cached outs)
     run(["git", "commit", "-q", "-m", "v4: half of its source"], project)
 
     params_diff = json.loads(run([DVC, "params", "diff", "HEAD~1", "--json"], project, env).stdout)
@@ -343,5 +414,5 @@ def test_dvc_exp_run_of_one_versions_lora_rank_is_listed(project):
         assert "v4-rank4" in text
         assert run([DVC, "exp", "show", "--csv"], project, env).stdout.count("v4-rank4") == 1
     finally:
-        run(["git", "checkout", "params.yaml", "dvc.lock", "metrics"], project)
+        run(["git", "checkout", "params.yaml", "dvc.lock"], project)
         run([DVC, "checkout", "-f"], project, env, check=False)

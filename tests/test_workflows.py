@@ -137,6 +137,41 @@ def test_the_workspace_is_a_git_project_committed_after_the_run(project):
     assert f"Committed in {project} as " in (project.parent / "quickstart.out").read_text(encoding="utf-8")
 
 
+def test_token_counts_are_qwen2s_continued_versions_train_on_new_data_v6_scored_in_two_steps(project):
+    """Issue 14: models/base holds Qwen2's tokenizer (rebuilt offline) and the manifests count
+    in it; v5_2/v5_3 replay at most 5% of their parent's mixture."""
+    import math
+
+    from transformers import AutoTokenizer
+
+    from stages.common.io import read_records
+
+    tokenizer = AutoTokenizer.from_pretrained(project / "models" / "base")
+    assert len(tokenizer) == 151646
+    assert tokenizer("Hello world", add_special_tokens=False).input_ids == [9707, 1879]
+    for version in VERSIONS:
+        manifest = json.loads((project / f"data/mixtures/{version}.json").read_text(encoding="utf-8"))
+        assert manifest["tokenizer"]["name"].startswith("Qwen/Qwen2-7B-Instruct tokenizer, rebuilt offline")
+        rows = read_records(project / f"data/mixtures/{version}.parquet")
+        direct = sum(len(tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=True,
+                                                       return_dict=True)["input_ids"]) for r in rows)
+        assert manifest["mixture"]["tokens"] == direct, version
+    for child, parent in (("v5_2", "v5_1"), ("v5_3", "v5_2")):
+        parent_ids = {r["id"] for r in read_records(project / f"data/mixtures/{parent}.parquet")}
+        replayed = [r for r in read_records(project / f"data/mixtures/{child}.parquet")
+                    if r["id"] in parent_ids]
+        assert len(replayed) <= math.ceil(0.05 * len(parent_ids)), child
+        metrics = json.loads((project / f"metrics/mix/{child}.json").read_text(encoding="utf-8"))
+        assert metrics["examples"] > len(replayed)  # the new data is the mixture
+    # each version scored the way it answers: v6 trained on the two-step pairs
+    formats = {v: json.loads((project / f"metrics/eval/{v}.json").read_text(encoding="utf-8"))
+               for v in VERSIONS}
+    assert {v for v, m in formats.items() if m["answer_format"] == "two_step"} == {"v6"}
+    assert "step-2 prompt with the generated solution" in formats["v6"]["scored_as"]
+    predictions = read_records(project / "data/eval/v6.parquet")
+    assert all(json.loads(r["detail"]).get("solution") is not None for r in predictions)
+
+
 def test_a_second_quickstart_recomputes_nothing_and_leaves_the_repository_untouched(project):
     lock, commit = (project / "dvc.lock").read_text(encoding="utf-8"), head(project)
     second = run_quickstart(project)

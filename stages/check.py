@@ -9,6 +9,9 @@ Each stage validates its own section when it starts; what only this command sees
   mixture chains with a cycle, and an excluded source reachable through a ``mixture_<v>``
   source (v6 must never contain the KRX sample or reports, MISSION.md);
 - training parents that are not versions, and init_from cycles;
+- a mixture fitted to another ``max_length`` than its version trains with (the train stage
+  refuses it as well), and a continued version that takes more than MAX_REPLAY_FRACTION of an
+  ancestor's mixture (its weights already hold that data: replay, not retraining);
 - a ``dvc.vars.yaml`` out of date with the versions.
 Every problem is printed (one line each, naming the key); exit 2 when there is any.
 

@@ -239,6 +239,50 @@ def lineage_rows(lineages: dict[str, dict[str, Any]], manifests: dict[str, dict[
     return rows
 
 
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def version_diffs(lineages: dict[str, dict[str, Any]], manifests: dict[str, dict[str, Any]],
+                  versions: list[str]) -> list[dict[str, Any]]:
+    """What changed from the version each one is compared with — its parent (a continued
+    version) or the first version (a root one): resolved training params that differ, and the
+    mixture's sources added, removed or resized (examples)."""
+    rows = []
+    for version in versions:
+        parent = (lineages.get(version, {}).get("parent") or {}).get("version")
+        against = parent or (versions[0] if version != versions[0] else None)
+        row = {"version": version, "against": against, "why": "parent" if parent else "first version",
+               "params": [], "data": []}
+        if against is not None:
+            now = _flat(lineages.get(version, {}).get("params", {}))
+            then = _flat(lineages.get(against, {}).get("params", {}))
+            row["params"] = [(key, then.get(key), now.get(key)) for key in sorted(set(now) | set(then))
+                             if now.get(key) != then.get(key)]
+            mine = {n: s.get("examples") for n, s in manifests.get(version, {}).get("sources", {}).items()}
+            theirs = {n: s.get("examples") for n, s in manifests.get(against, {}).get("sources", {}).items()}
+            row["data"] = [(name, theirs.get(name), mine.get(name)) for name in sorted(set(mine) | set(theirs))
+                           if mine.get(name) != theirs.get(name)]
+        rows.append(row)
+    return rows
+
+
+def _diff_cells(diffs: list[dict[str, Any]]) -> list[list[str]]:
+    def show(changes: list[tuple[str, Any, Any]]) -> str:
+        if not changes:
+            return "–"
+        return "<br>".join(f"<code>{html.escape(k)}</code>: {html.escape(str(a if a is not None else '–'))}"
+                           f" → {html.escape(str(b if b is not None else '–'))}" for k, a, b in changes)
+    return [[html.escape(d["version"]),
+             "–" if d["against"] is None else f"{html.escape(d['against'])} ({d['why']})",
+             show(d["params"]), show(d["data"])] for d in diffs]
+
+
 def training_rows(lineages: dict[str, dict[str, Any]], train: dict[str, dict[str, Any]],
                   manifests: dict[str, dict[str, Any]], versions: list[str]) -> list[dict[str, Any]]:
     rows = []
@@ -428,6 +472,12 @@ def render_html(data: dict[str, Any], figures: list[str]) -> str:
         figure.get("loss.png", ""),
         _table(["version", "examples", "tokens", "final loss", "dev loss", "steps", "seconds",
                 "tokenizer"], train_rows, "training"),
+        "<h2 id='changes'>What changed between versions</h2>",
+        "<p class='note'>Each version against its parent (a continued version) or the first "
+        "version: the resolved training params that differ and the mixture sources whose "
+        "examples differ (from lineage.json and the mixture manifests).</p>",
+        _table(["version", "compared with", "training params", "data (examples per source)"],
+               _diff_cells(version_diffs(data["lineage"], data["manifests"], versions)), "changes"),
         "<h2 id='lineage'>Lineage</h2>",
         "<p class='note'>version → parent → base → mixture (sha256) → manifest → adapter → "
         "source inputs (sha256 as recorded by mix). Full hashes on hover; "

@@ -12,8 +12,9 @@ Contract:
   answer is part of the completion, pad ``<|endoftext|>`` is not), the tokenizer and chat
   template of ``models/base`` (the ones evaluation uses), non-reentrant gradient checkpointing.
   More than one process: the stage relaunches itself under ``accelerate launch``.
-- outputs: ``models/<version>/`` (adapter, tokenizer, training_config.json, lineage.json,
-  README.md model card), ``metrics/train/<version>.json``, dvclive loss curves under
+- outputs: ``models/<version>/`` (adapter, tokenizer, training_config.json, lineage.json —
+  with ``answer_format``: ``two_step`` when the mixture holds step-2 examples, so evaluate
+  scores the version the way it answers —, README.md model card), ``metrics/train/<version>.json``, dvclive loss curves under
   ``--live-dir``, rejects. Resumable checkpoints go to ``--checkpoints``, scratch space that is
   not a DVC out (so the stage stays restorable from DVC's run-cache): an interrupted run resumes
   from its last complete checkpoint, dvclive curve included, when the fingerprint of its inputs

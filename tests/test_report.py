@@ -94,7 +94,10 @@ def write_inputs(ws: Path) -> None:
                                "manifest": f"data/mixtures/{version}.json",
                                "manifest_sha256": _sha(f"manifest {version}")},
                    "adapter_sha256": _sha(f"adapter {version}"), "final_loss": 2.0 - 0.1 * index,
-                   "train_seconds": 12.5, "tokenizer": "Qwen/Qwen2-7B-Instruct", "steps": 5}
+                   "train_seconds": 12.5, "tokenizer": "Qwen/Qwen2-7B-Instruct", "steps": 5,
+                   "params": {"init_from": parent or "base",
+                              "lora": {"r": 16 if version == "v4" else 8},
+                              "sft": {"learning_rate": 1e-4}}}
         (ws / "models" / version).mkdir(parents=True, exist_ok=True)
         (ws / "models" / version / "lineage.json").write_text(json.dumps(lineage), encoding="utf-8")
         (ws / "metrics" / "train").mkdir(parents=True, exist_ok=True)
@@ -232,7 +235,8 @@ def test_page_in_headless_chromium_names_every_version_and_shows_its_figures(bui
         assert version in text, f"{version} not on the rendered page"
     assert page.headings == ["Accuracy against the baseline", "Accuracy per category",
                              "Data composition per version",
-                             "Training", "Lineage", "LLM calls and cost"]
+                             "Training", "What changed between versions", "Lineage",
+                             "LLM calls and cost"]
     assert sorted(page.images) == sorted(FIGURES)
     for src in page.images:                      # relative paths that resolve to real PNGs
         assert (built / "reports" / src).is_file()
@@ -356,3 +360,29 @@ def test_only_a_significant_change_is_coloured(built: Path):
     assert "Accuracy per category" in page and "accounting_7/재무회계" in page
     metrics = json.loads((built / "metrics" / "report.json").read_text(encoding="utf-8"))
     assert metrics["significant_vs_baseline"] == ["v4", "v5_2", "v5_3", "v6"]  # v3: +4, p=0.125
+
+
+def test_each_version_is_compared_with_its_parent_or_the_first_version():
+    from stages.report import version_diffs
+
+    lineages = {"v1": {"parent": None, "params": {"init_from": "base", "lora": {"r": 8}}},
+                "v3": {"parent": {"version": "v1"}, "params": {"init_from": "v1", "lora": {"r": 8}}},
+                "v4": {"parent": None, "params": {"init_from": "base", "lora": {"r": 16}}}}
+    manifests = {"v1": {"sources": {"krx_sample": {"examples": 12}}},
+                 "v3": {"sources": {"krx_reports_json": {"examples": 2}}},
+                 "v4": {"sources": {"krx_sample": {"examples": 6}, "qa_rules": {"examples": 14}}}}
+    diffs = {d["version"]: d for d in version_diffs(lineages, manifests, ["v1", "v3", "v4"])}
+    assert diffs["v1"]["against"] is None and diffs["v1"]["params"] == []
+    assert (diffs["v3"]["against"], diffs["v3"]["why"]) == ("v1", "parent")
+    assert diffs["v3"]["params"] == [("init_from", "base", "v1")]
+    assert diffs["v3"]["data"] == [("krx_reports_json", None, 2), ("krx_sample", 12, None)]
+    assert (diffs["v4"]["against"], diffs["v4"]["why"]) == ("v1", "first version")
+    assert diffs["v4"]["params"] == [("lora.r", 8, 16)]
+    assert diffs["v4"]["data"] == [("krx_sample", 12, 6), ("qa_rules", None, 14)]
+
+
+def test_the_page_shows_what_changed(built: Path):
+    page = (built / "reports" / "index.html").read_text(encoding="utf-8")
+    table = page.split("<table class='changes'>")[1].split("</table>")[0]
+    assert "v3</td><td>v1 (parent)" in table and "v4</td><td>v1 (first version)" in table
+    assert "<code>lora.r</code>: 8 → 16" in table

@@ -404,6 +404,22 @@ def test_dvc_plots_show_writes_the_offline_page(project):
     assert "dvc_plots" not in run(["git", "status", "--porcelain"], project).stdout  # ignored
 
 
+# ---------------------------------------------------------------------------- experiments
+def test_dvc_exp_run_of_one_versions_lora_rank_is_listed(project):
+    """The rank the edit test above already trained: the experiment comes from the run-cache."""
+    env = project_env(project)
+    try:
+        run([DVC, "exp", "run", "-S", "+versions.v4.train.lora.r=4", "--name", "v4-rank4"], project, env,
+            timeout=1800)
+        shown = json.loads(run([DVC, "exp", "show", "--json"], project, env).stdout)
+        text = json.dumps(shown)
+        assert "v4-rank4" in text
+        assert run([DVC, "exp", "show", "--csv"], project, env).stdout.count("v4-rank4") == 1
+    finally:
+        run(["git", "checkout", "params.yaml", "dvc.lock"], project)
+        run([DVC, "checkout", "-f"], project, env, check=False)
+
+
 # ---------------------------------------------------------------------------- diffs and lineage
 def test_params_and_metrics_diff_between_two_revisions(project):
     env = project_env(project)
@@ -436,18 +452,3 @@ def test_lineage_traces_v5_3_through_three_levels(project):
     for version in ("v5_3", "v5_2", "v5_1"):
         assert f"models/{version}" in text
     assert "data/mixtures/v5_3.json" in text
-
-
-# ---------------------------------------------------------------------------- experiments
-def test_dvc_exp_run_of_one_versions_lora_rank_is_listed(project):
-    env = project_env(project)
-    try:
-        run([DVC, "exp", "run", "-S", "+versions.v4.train.lora.r=4", "--name", "v4-rank4"], project, env,
-            timeout=1800)
-        shown = json.loads(run([DVC, "exp", "show", "--json"], project, env).stdout)
-        text = json.dumps(shown)
-        assert "v4-rank4" in text
-        assert run([DVC, "exp", "show", "--csv"], project, env).stdout.count("v4-rank4") == 1
-    finally:
-        run(["git", "checkout", "params.yaml", "dvc.lock"], project)
-        run([DVC, "checkout", "-f"], project, env, check=False)

@@ -111,9 +111,8 @@ def remote_dir(workspace: Path) -> Path:
     return workspace.parent / f"{workspace.name}-dvc-remote"
 
 
-def git(args: list[str], workspace: Path, capture: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["git", *args], cwd=workspace, check=True, text=True,
-                          capture_output=capture)
+def git(args: list[str], workspace: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=workspace, check=True, text=True, capture_output=True)
 
 
 def init_project(root: Path, workspace: Path) -> None:

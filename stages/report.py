@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import Field
 
-from stages.common.io import atomic_dir, write_text
+from stages.common.io import atomic_dir, read_records, write_text
 from stages.common.params import PARAMS_FILE, Strict, read_section
 from stages.common.runlog import StageError, Timer, setup_logging, stage_main, stage_parser, write_metrics
 
@@ -95,8 +95,6 @@ def load_inputs(params: ReportParams, versions: list[str], eval_dir: str, train_
 
 def read_predictions(predictions_dir: str, keys: list[str]) -> dict[str, dict[str, bool]]:
     """Per key: item id (set-qualified) -> correct, from evaluate's ``data/eval/<key>.parquet``."""
-    from stages.common.io import read_records
-
     out: dict[str, dict[str, bool]] = {}
     for key in keys:
         path = Path(predictions_dir) / f"{key}.parquet"

@@ -17,7 +17,9 @@ Contract:
   tokens) — or, ``tokenizer: bpe``, a byte-level BPE (Qwen2's pre-tokenizer, NFC) trained on
   the texts of the ``--corpus`` parquet files (train/dev records only: the test split is the
   evaluation set) — and a tiny randomly initialised ``Qwen2ForCausalLM`` built from ``build``
-  saved beside it (config + safetensors); ``base.json["model"]`` is the output dir.
+  saved beside it (config + safetensors); ``base.json["model"]`` is the output dir. With
+  ``build.pretrain`` the tiny model is first pretrained on those corpus texts
+  (:func:`pretrain_tiny`; ``base.json["pretrained"]`` records steps, tokens, first/last loss).
 - deterministic: same corpus + params => byte-identical files (tokenizer.json, safetensors).
 - fails (exit 2, one line) on a missing model path, a hub model that cannot be loaded
   offline, a tokenizer whose pad equals its eos, or an empty corpus.
@@ -40,6 +42,19 @@ STAGE = "base_model"
 
 
 # ---------------------------------------------------------------------------- params
+class PretrainSpec(Strict):
+    """Brief full-rank pretraining of the tiny model on the corpus (next-token loss over the
+    concatenated train/dev texts, random windows), so that its lm_head means something: with
+    random weights no hidden state reaches a logit above ~1.3 on Qwen2's 151,646 rows and LoRA
+    cannot move the loss (bench/RESULTS.md, "Tiny model learning probe")."""
+    steps: int = Field(gt=0, description="AdamW steps")
+    batch_size: int = Field(8, gt=0, description="windows per step")
+    seq_len: int = Field(128, gt=1, description="tokens per window")
+    learning_rate: float = Field(3e-3, gt=0, description="peak; linear warmup over 10% of the "
+                                                         "steps, then cosine to 10% of it")
+    seed: int = Field(0, ge=0)
+
+
 class TinyModelSpec(Strict):
     """A tiny Qwen2-architecture model built locally (quickstart, tests): random weights over
     Qwen2's own tokenizer rebuilt offline (``tokenizer: qwen2``) or a small BPE trained on the
@@ -58,6 +73,8 @@ class TinyModelSpec(Strict):
     max_position_embeddings: int = Field(gt=0)
     initializer_range: float = Field(0.02, gt=0, description="std of the random weights")
     seed: int = Field(0, ge=0)
+    pretrain: Optional[PretrainSpec] = Field(
+        None, description="null: random weights; set: pretrained briefly on the corpus first")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "TinyModelSpec":
@@ -231,6 +248,87 @@ def tiny_model_kwargs(spec: TinyModelSpec) -> dict[str, Any]:
                 initializer_range=spec.initializer_range, seed=spec.seed)
 
 
+# ------------------------------------------------------------------------ pretraining
+def token_stream(tokenizer: Any, texts: list[str]) -> list[int]:
+    """The corpus as one id stream, each text followed by ``<|endoftext|>`` (Qwen's document
+    separator)."""
+    end = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
+    stream: list[int] = []
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [end]
+    return stream
+
+
+def output_rows(tokenizer: Any, stream: list[int]) -> list[int]:
+    """The lm_head rows pretraining learns one by one: every id of the corpus, the special
+    tokens and the tokens of the chat template around a conversation. Every other row is one
+    shared vector ("any other token"), which keeps the loss over all 151,646 rows exact while
+    each step computes ~2k logits instead of 151k."""
+    chat = tokenizer.apply_chat_template(
+        [{"role": "system", "content": "x"}, {"role": "user", "content": "x"},
+         {"role": "assistant", "content": "x"}], tokenize=True, add_generation_prompt=False)
+    if isinstance(chat, dict) or hasattr(chat, "input_ids"):
+        chat = chat["input_ids"]
+    special = tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
+    return sorted(set(stream) | set(chat) | set(special))
+
+
+def pretrain_tiny(model: Any, tokenizer: Any, texts: list[str], spec: PretrainSpec) -> dict[str, Any]:
+    """Train every weight of ``model`` (float32, AdamW) on next-token prediction over random
+    ``seq_len`` windows of the corpus stream, then write the learned lm_head rows back (the
+    rest get the shared "other" row). Deterministic for a seed. Returns what base.json records."""
+    import math
+
+    import torch
+
+    stream = token_stream(tokenizer, texts)
+    if len(stream) <= spec.seq_len + 1:
+        raise StageError(f"base_model.build.pretrain: the corpus has {len(stream)} tokens, fewer "
+                         f"than one window of seq_len {spec.seq_len}")
+    rows = output_rows(tokenizer, stream)
+    vocab, data = model.config.vocab_size, torch.tensor(stream)
+    index = torch.full((vocab,), -1, dtype=torch.long)
+    index[rows] = torch.arange(len(rows))
+    head, embed = model.lm_head.weight, model.model.embed_tokens.weight
+    # only the corpus's rows of the embedding and the lm_head are trained (as small tensors:
+    # AdamW over all 151,646 rows would cost more than the model itself)
+    learned = torch.nn.Parameter(head.detach()[rows].clone())
+    inputs = torch.nn.Parameter(embed.detach()[rows].clone())
+    other = torch.nn.Parameter(torch.zeros(head.shape[1]))
+    log_others = math.log(vocab - len(rows))
+    body = [p for n, p in model.model.named_parameters() if not n.startswith("embed_tokens")]
+    weights = [*body, learned, inputs, other]
+    optimizer = torch.optim.AdamW(weights, lr=spec.learning_rate, weight_decay=0.0)
+    warmup = max(1, spec.steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * (
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * max(0, s - warmup) / max(1, spec.steps - warmup)))))
+    losses: list[float] = []
+    with torch.random.fork_rng(devices=[]):
+        generator = torch.Generator().manual_seed(spec.seed)
+        model.train()
+        for _ in range(spec.steps):
+            starts = torch.randint(0, len(stream) - spec.seq_len - 1, (spec.batch_size,),
+                                   generator=generator)
+            window = torch.stack([data[s:s + spec.seq_len + 1] for s in starts.tolist()])
+            window = index[window]
+            hidden = model.model(inputs_embeds=inputs[window[:, :-1]]).last_hidden_state
+            logits = torch.cat([hidden @ learned.T, (hidden @ other).unsqueeze(-1) + log_others], -1)
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), window[:, 1:].flatten())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(weights, 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+    model.eval()
+    with torch.no_grad():
+        head.copy_(other.detach().expand_as(head))
+        head[rows] = learned.detach()
+        embed[rows] = inputs.detach()
+    return {"steps": spec.steps, "corpus_tokens": len(stream), "learned_rows": len(rows),
+            "loss_first": round(losses[0], 4), "loss_last": round(sum(losses[-10:]) / len(losses[-10:]), 4)}
+
+
 # ------------------------------------------------------------------------ corpus
 def corpus_texts(records: Iterable[dict[str, Any]]) -> list[str]:
     """Texts the tokenizer learns from: every text field and MCQ choice of each record,
@@ -305,21 +403,25 @@ def build_base(params: BaseModelParams, corpus: list[str], out_dir: str) -> tupl
                 "tokenizer": params.model}
         return tokenizer, None, info
     texts: list[str] = []
+    if params.build.tokenizer == "bpe" or params.build.pretrain is not None:
+        texts = read_corpus(corpus)
+        if not texts:
+            raise StageError(f"base_model: no text in the corpus files {corpus}")
     if params.build.tokenizer == "qwen2":
         tokenizer, source = build_qwen2_tokenizer()
         name = f"{QWEN2_NAME} tokenizer, rebuilt offline from {source['rebuilt_from']}"
     else:
-        texts = read_corpus(corpus)
-        if not texts:
-            raise StageError(f"base_model: no text in the corpus files {corpus}")
         tokenizer, source = build_tokenizer(texts, params.build.vocab_size), None
         name = f"{params.model} (BPE trained on the corpus)"
     check_tokenizer(tokenizer, "base_model (built tokenizer)")
     model = build_tiny_model(tokenizer, **tiny_model_kwargs(params.build))
+    pretrained = None
+    if params.build.pretrain is not None:
+        pretrained = pretrain_tiny(model, tokenizer, texts, params.build.pretrain)
     info = {"model": out_dir, "revision": params.revision, "built": True,
             "name": params.model, "tokenizer": name, "tokenizer_source": source,
             "build": params.build.model_dump(), "corpus": list(corpus),
-            "corpus_texts": len(texts)}
+            "corpus_texts": len(texts), "pretrained": pretrained}
     return tokenizer, model, info
 
 
@@ -349,6 +451,8 @@ def main(argv: list[str] | None = None) -> None:
     if model is not None:
         metrics["parameters"] = sum(p.numel() for p in model.parameters())
         metrics["corpus_texts"] = info["corpus_texts"]
+        if info["pretrained"]:
+            metrics["pretrain"] = info["pretrained"]
     write_metrics(args.metrics, metrics)
     log.info("base model %s (built=%s, vocab %d) -> %s (%.1fs)", info["model"], info["built"],
              len(tokenizer), args.out, timer.seconds)

@@ -239,3 +239,61 @@ def test_stage_rejects_a_tokenizer_whose_pad_is_eos(tmp_path: Path, tokenizer):
     (ws / "upstream" / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     done = run_stage("base_model", _args(), ws)
     assert done.returncode == 2 and "must be set and differ from eos" in done.stderr
+
+
+# ------------------------------------------------------------------------ pretraining
+PRETRAIN = {"steps": 40, "batch_size": 4, "seq_len": 16, "learning_rate": 1e-2}
+
+
+def _corpus_loss(model, tokenizer, texts: list[str]) -> float:
+    """Mean next-token loss over all 'vocab' rows of the full model on the corpus texts."""
+    from stages.base_model import token_stream
+
+    ids = torch.tensor([token_stream(tokenizer, texts)[:200]])
+    with torch.no_grad():
+        return model(input_ids=ids, labels=ids).loss.item()
+
+
+def test_pretraining_learns_the_corpus_and_keeps_the_loss_over_the_whole_vocabulary(tokenizer):
+    """The tiny base is pretrained on the corpus with a softmax over its own rows plus one
+    shared "any other token" row; written back, the full model (every vocabulary row) has the
+    loss pretraining reached, far below the random model's ln(vocab)."""
+    from stages.base_model import PretrainSpec, output_rows, pretrain_tiny, token_stream
+
+    texts = corpus_texts([{"question": t, "answer": "A"} for t in TEXTS])
+    random_model = build_tiny_model(tokenizer, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2,
+                                    intermediate_size=64, max_position_embeddings=256)
+    before = _corpus_loss(random_model, tokenizer, texts)
+    model = build_tiny_model(tokenizer, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256)
+    info = pretrain_tiny(model, tokenizer, texts, PretrainSpec(**PRETRAIN))
+    after = _corpus_loss(model, tokenizer, texts)
+    assert before > 0.9 * torch.log(torch.tensor(float(len(tokenizer)))).item()
+    assert after < 0.5 * before and info["loss_last"] < 0.5 * info["loss_first"]
+    rows = output_rows(tokenizer, token_stream(tokenizer, texts))
+    assert info["learned_rows"] == len(rows) < len(tokenizer)
+    head = model.lm_head.weight.detach()
+    others = [i for i in range(len(tokenizer)) if i not in set(rows)]
+    assert torch.equal(head[others], head[others[0]].expand(len(others), -1))  # one shared row
+    assert set(tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<|endoftext|>"])) <= set(rows)
+
+
+def test_pretraining_is_recorded_and_deterministic_through_the_stage(tmp_path: Path):
+    build = {**BUILD, "pretrain": PRETRAIN}
+    ws = _workspace(tmp_path, {"model": "tiny-test", "revision": "local", "build": build})
+    assert run_stage("base_model", _args(), ws).returncode == 0
+    first = _digests(ws / "models" / "base")
+    info = json.loads((ws / "models" / "base" / "base.json").read_text(encoding="utf-8"))
+    assert info["pretrained"]["steps"] == 40 and info["pretrained"]["corpus_tokens"] > 0
+    metrics = json.loads((ws / "metrics" / "base_model.json").read_text(encoding="utf-8"))
+    assert metrics["pretrain"]["loss_last"] < metrics["pretrain"]["loss_first"]
+    assert run_stage("base_model", _args(), ws).returncode == 0
+    assert _digests(ws / "models" / "base") == first
+
+
+def test_pretraining_refuses_a_corpus_shorter_than_one_window(tmp_path: Path):
+    build = {**BUILD, "pretrain": {**PRETRAIN, "seq_len": 100000}}
+    ws = _workspace(tmp_path, {"model": "tiny-test", "revision": "local", "build": build})
+    done = run_stage("base_model", _args(), ws)
+    assert done.returncode == 2 and "fewer than one window of seq_len 100000" in done.stderr

@@ -13,7 +13,9 @@ derives, from the recipes and the version list,
   slots repeat the first file) — changing one source re-mixes only the versions that read it;
 - ``filter_inputs.<domain>``: the file(s) of ``filter.<domain>.input`` in the fixed dep slots
   ``a`` … ``c`` of ``filter@<domain>`` (a domain may pool several KMMLU subjects);
-- ``evaluate_keys``: ``base`` and every version (``evaluate@<key>``);
+- ``evaluate_keys``: ``base`` and every version (``evaluate@<key>``), each with ``dev``: the
+  version's mixture, whose dev split's answer loss evaluate measures (the baseline gets its
+  own model dir: it has no mixture, and its dev losses are measured in each version's stage);
 - ``version_list``: the version names, space-separated, for the report's command line;
 - ``plot_curves``: the dvclive curves of every version, for dvc.yaml's top-level plots.
 
@@ -95,7 +97,8 @@ def derive(params: dict[str, Any]) -> dict[str, Any]:
     return {
         "filter_inputs": {d: filter_slots(d, spec) for d, spec in domains.items()},
         "mix_inputs": {v: mix_slots(v, lookup(params, f"versions.{v}.mix.sources")) for v in names},
-        "evaluate_keys": [BASE_KEY, *names],
+        "evaluate_keys": {BASE_KEY: {"dev": f"models/{BASE_KEY}"},
+                          **{v: {"dev": f"data/mixtures/{v}.parquet"} for v in names}},
         "version_list": " ".join(names),
         "plot_curves": {metric: {LIVE_PLOTS.format(version=v, metric=metric): metric for v in names}
                   for metric in PLOTTED},

@@ -26,6 +26,10 @@ Contract:
   ``metrics/eval/<key>.json``: micro and macro accuracy (macro = mean over categories, a
   category being ``<set>/<category>`` or the set name), per set, per category, per number of
   choices (4 and 7 also at the top level), shuffled accuracy, items/s.
+- dev loss (``--dev``: the version's mixture; the baseline is given its own dir and has none):
+  the answer loss (``stages.common.chat.answer_loss``: the completion tokens as training labels
+  them) of the first ``dev_loss_examples`` dev examples by id, with the version's adapter and
+  with it disabled (the base): ``dev_loss: {model, base, delta, examples, tokens}``.
 - rejects (``--rejects``): unreadable or invalid rows of the sets, prompts over
   ``max_prompt_tokens``; the stage fails (exit 2) above ``max_reject_rate``, on a missing
   model/adapter, or when no item is left.
@@ -45,8 +49,9 @@ from typing import Any, Callable, Literal, Optional, Sequence
 import pyarrow as pa
 from pydantic import Field, model_validator
 
+from stages.common.chat import answer_loss
 from stages.common.evalsets import EvalCollectedSet, EvalItem, EvalLocalSet, load_sets
-from stages.common.io import write_records
+from stages.common.io import read_records, write_records
 from stages.common.params import PARAMS_FILE, Strict, read_section
 from stages.common.prompts import LETTERS, step1_prompt, step2_prompt
 from stages.common.runlog import (StageError, Timer, check_reject_rate, progress, setup_logging,
@@ -83,6 +88,9 @@ class EvaluateSettings(Strict):
     shuffle_seed: int = Field(0, ge=0, description="with the item id, seeds each item's permutation")
     max_items_per_set: Optional[int] = Field(None, ge=1, description="first N items by id per set")
     max_reject_rate: float = Field(0.2, ge=0, le=1)
+    dev_loss_examples: int = Field(
+        256, ge=0, description="examples of the version's mixture dev split (first N by id) "
+        "whose answer loss is measured with the version and with the base (adapter off); 0: none")
     generation: EvalGeneration = Field(default_factory=EvalGeneration)
     collected: dict[str, EvalCollectedSet] = Field(default_factory=dict)
     local_dir: str = Field(description="directory holding every local set (one dvc dep)")
@@ -488,7 +496,7 @@ def make_scorer(model: Any, tokenizer: Any, settings: EvaluateSettings,
     return lambda items: score_single_generate(model, tokenizer, items, size, gen.letter_max_new_tokens)
 
 
-def answer_format(model_dir: str) -> str:
+def trained_answer_format(model_dir: str) -> str:
     """``two_step`` when train recorded that the version learned the two-step format (its
     mixture holds step-2 examples), else ``single_step`` (the base model included)."""
     lineage = Path(model_dir) / "lineage.json"
@@ -513,12 +521,33 @@ def drop_long_prompts(items: list[EvalItem], tokenizer: Any, max_tokens: int
     return kept, rejects
 
 
+# ------------------------------------------------------------------------ dev loss
+def dev_losses(model: Any, tokenizer: Any, mixture: str, limit: int) -> dict[str, Any]:
+    """The answer loss on the version's dev split (its first ``limit`` examples by id) with
+    the version's adapter and with the base (adapter off): did training help on held-out
+    examples of its own data?"""
+    if not Path(mixture).is_file():
+        raise StageError(f"evaluate: --dev {mixture} is not a mixture file")
+    rows = sorted((r for r in read_records(mixture) if r.get("split") == "dev"),
+                  key=lambda r: r["id"])[:limit]
+    if not rows:
+        return {"examples": 0, "mixture": mixture}
+    loss, tokens = answer_loss(model, tokenizer, rows)
+    with model.disable_adapter():
+        base_loss, _ = answer_loss(model, tokenizer, rows)
+    return {"mixture": mixture, "examples": len(rows), "tokens": tokens, "model": round(loss, 4),
+            "base": round(base_loss, 4), "delta": round(loss - base_loss, 4)}
+
+
 @stage_main
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__, "key")
     parser.add_argument("--base", required=True, help="the base model dir (base.json, tokenizer)")
     parser.add_argument("--model", required=True, help="the base model dir (baseline) or a "
                                                          "version's adapter dir")
+    parser.add_argument("--dev", help="the version's mixture: the answer loss of its dev split "
+                                      "with the version and with the base (ignored for the "
+                                      "baseline, which dvc.yaml gives its own dir)")
     args = parser.parse_args(argv)
     key = args.key
     timer = Timer()
@@ -542,7 +571,7 @@ def main(argv: list[str] | None = None) -> None:
         if not MIN_CHOICES <= len(item.choices) <= MAX_CHOICES:
             raise StageError(f"evaluate@{key}: item {item.id} has {len(item.choices)} choices")
 
-    answers = answer_format(model_dir)
+    answers = trained_answer_format(model_dir)
     log.info("evaluating %s (%s, adapter=%s, %s) on %d items, scoring=%s, batch %d, %s",
              model_dir, info["base_weights"], info["adapter"], answers, len(items),
              settings.scoring, settings.batch_size, info["device"])
@@ -550,11 +579,16 @@ def main(argv: list[str] | None = None) -> None:
     rows = evaluate_items(items, make_scorer(model, tokenizer, settings, answers),
                           settings.shuffled, settings.shuffle_seed)
     scoring_seconds = scoring_timer.seconds
+    dev = None
+    if info["adapter"] and args.dev and settings.dev_loss_examples:
+        dev = dev_losses(model, tokenizer, args.dev, settings.dev_loss_examples)
+        log.info("dev loss %s (base %s) on %d examples of %s", dev.get("model"), dev.get("base"),
+                 dev["examples"], args.dev)
     write_records(rows, PREDICTION_SCHEMA, args.out)
     passes = 2 if settings.shuffled else 1
     metrics = {**info, "key": key, "scoring": settings.scoring, "answer_format": answers,
                "scored_as": SCORING_MODES[(settings.scoring, answers)],
-               **summarize(rows, settings.shuffled),
+               **summarize(rows, settings.shuffled), "dev_loss": dev,
                "rejected": len(rejects),
                "rejects_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
                "seconds": timer.seconds, "scoring_seconds": scoring_seconds,

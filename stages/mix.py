@@ -34,7 +34,8 @@ Order of work, streamed in Parquet batches (memory is O(examples) small integers
    order, then input order; examples of one group never remove each other);
 3. per source: the selection (count or fraction of what is left, seeded; copies only with
    ``upsample``), then the dev split by whole groups (examples from another mixture keep
-   their split, so a continued version never trains on its parent's dev set);
+   their split, so a continued version never trains on its parent's dev set); a mixture
+   that rounding left without any dev group gets one (:func:`ensure_dev_group`);
 4. the spill is streamed again into the output, then the manifest and metrics are written.
 """
 from __future__ import annotations
@@ -531,6 +532,28 @@ def select_examples(build: _Build) -> None:
             build.is_dev[chosen] = [build.parent_split.get(int(i)) == "dev" for i in chosen]
         else:
             build.is_dev[chosen] = dev_groups(build.groups[chosen], recipe.dev_size, recipe.seed + 1)
+    if recipe.dev_size > 0:
+        ensure_dev_group(build)
+
+
+def ensure_dev_group(build: _Build) -> None:
+    """Every mixture holds a dev split (evaluate measures each version's dev loss on it): when
+    rounding per source left none, the source with the most groups (first in the recipe on a
+    tie) gives one group, chosen as :func:`dev_groups` chooses, if it has two or more."""
+    chosen = build.copies > 0
+    if build.is_dev[chosen].any():
+        return
+    best, best_groups = None, 1
+    for source_index, name in enumerate(build.names):
+        if build.recipe.sources[name].format == "example":
+            continue  # a replayed parent keeps its own splits
+        members = np.flatnonzero((build.sources == source_index) & chosen)
+        groups = len(np.unique(build.groups[members]))
+        if groups > best_groups:
+            best, best_groups = members, groups
+    if best is not None:
+        distinct = len(np.unique(build.groups[best]))
+        build.is_dev[best] = dev_groups(build.groups[best], 1 / distinct, build.recipe.seed + 1)
 
 
 # ---- pass 4: stream the spill into the output, dedup rejects with their text

@@ -44,6 +44,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, model_validator
 
+from stages.common.chat import answer_loss, chat_ids, tokenized_example
 from stages.common.io import atomic_dir, dumps_json, read_records, write_json, write_records, write_text
 from stages.common.params import (PARAMS_FILE, ParamsError, Strict, deep_merge, load_raw, lookup,
                                   origin_locator, validate_params)
@@ -105,6 +106,8 @@ class SftParams(Strict):
     gradient_checkpointing: bool
     gradient_checkpointing_kwargs: dict[str, bool] = Field(
         default_factory=lambda: {"use_reentrant": False})
+    logging_strategy: Literal["steps", "epoch"] = Field(
+        "steps", description="epoch: one logged loss per epoch (its mean), for small mixtures")
     logging_steps: int = Field(gt=0)
     save_steps: int = Field(gt=0, description="checkpoint every N steps (resume points)")
     save_total_limit: int = Field(gt=0)
@@ -221,12 +224,6 @@ def split_examples(records: list[dict[str, Any]], version: str
     return train, dev, rejects
 
 
-def _ids(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                        add_generation_prompt=generation_prompt)
-    return list(out["input_ids"])
-
-
 def measure_examples(tokenizer: Any, rows: list[dict[str, Any]], max_length: int, version: str
                      ) -> tuple[list[dict[str, Any]], list[dict[str, str]], Counter]:
     """Token accounting with the training chat template, the way trl tokenizes
@@ -234,8 +231,8 @@ def measure_examples(tokenizer: Any, rows: list[dict[str, Any]], max_length: int
     counts: ``tokens`` (after truncation to max_length), ``completion_tokens``, ``truncated``)."""
     kept, rejects, counts = [], [], Counter()
     for row in rows:
-        prompt_len = len(_ids(tokenizer, row["prompt"], True))
-        total = len(_ids(tokenizer, row["prompt"] + row["completion"], False))
+        prompt_len = len(chat_ids(tokenizer, row["prompt"], True))
+        total = len(chat_ids(tokenizer, row["prompt"] + row["completion"], False))
         if prompt_len >= max_length:
             rejects.append(reject(STAGE, version, row["id"], "prompt_too_long",
                                   f"prompt is {prompt_len} tokens >= max_length {max_length}"))
@@ -418,6 +415,7 @@ def build_trainer(model: Any, tokenizer: Any, train_rows: list[dict[str, Any]],
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
+    score_labelled_positions_on_cpu()
     sft = params.sft.model_dump()
     if not dev_rows:
         sft["eval_strategy"] = "no"
@@ -425,7 +423,9 @@ def build_trainer(model: Any, tokenizer: Any, train_rows: list[dict[str, Any]],
                        use_cpu=not torch.cuda.is_available(),
                        include_num_input_tokens_seen="non_padding", disable_tqdm=True,
                        **sft)
-    columns = lambda rows: [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]  # noqa: E731
+    # trl's own tokenizing map would fingerprint (pickle) the whole 151k-token tokenizer:
+    # ~19 s per version in the quickstart; the columns it would compute are handed over instead
+    columns = lambda rows: [tokenized_example(tokenizer, r) for r in rows]  # noqa: E731
     trainer = SFTTrainer(
         model=model, args=config, processing_class=tokenizer,
         train_dataset=Dataset.from_list(columns(train_rows)),
@@ -433,6 +433,28 @@ def build_trainer(model: Any, tokenizer: Any, train_rows: list[dict[str, Any]],
         callbacks=callbacks or [])
     fp32_adapter_masters(trainer.model)
     return trainer
+
+
+def score_labelled_positions_on_cpu() -> bool:
+    """trl's fused lm_head scores only the labelled positions where its Triton kernel runs
+    (CUDA, XPU) and every position elsewhere, so that tile shapes stay fixed for compiled
+    backends (Neuron). On CPU nothing is compiled, and each prompt position costs a
+    151,646-wide projection that the completion-only loss then multiplies by zero (~1.4 s of
+    a quickstart step, bench/RESULTS.md). Make that one decision — the name is only read
+    there in ``trl.trainer.utils`` — compact on CPU as well; the tile math is unchanged (the
+    loss is the same: tests/test_train.py). Idempotent; False when trl has no such hook."""
+    import trl.trainer.utils as trl_utils
+
+    original = getattr(trl_utils, "_use_triton", None)
+    if original is None or getattr(original, "compact_on_cpu", False):
+        return False
+
+    def compact(device: Any) -> bool:
+        return device.type == "cpu" or original(device)
+
+    compact.compact_on_cpu = True  # type: ignore[attr-defined]
+    trl_utils._use_triton = compact
+    return True
 
 
 def fp32_adapter_masters(model: Any) -> int:
@@ -496,9 +518,10 @@ def model_card(lineage: dict[str, Any]) -> str:
 
 
 def write_version(out_dir: str, peft_model: Any, tokenizer: Any, lineage_wo_adapter: dict[str, Any],
-                  training_config: dict[str, Any]) -> dict[str, Any]:
+                  training_config: dict[str, Any], sample: list[dict[str, Any]]) -> dict[str, Any]:
     """models/<version>/ written whole (atomic dir). Returns the final lineage."""
     with atomic_dir(out_dir) as tmp:
+        write_json(sample, Path(tmp) / LOSS_SAMPLE)
         peft_model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         lineage = dict(lineage_wo_adapter, adapter_sha256=file_sha256(Path(tmp) / ADAPTER_FILE))
@@ -646,6 +669,55 @@ def load_peft_model(run: _Run) -> Any:
 
 
 # ---- training loop
+START_SAMPLE = 32              # training examples (first by id) the start and end losses use
+LOSS_SAMPLE = "loss_sample.json"  # in models/<version>: those examples, for a continued version
+
+
+def loss_sample(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"id": r["id"], "prompt": r["prompt"], "completion": r["completion"]}
+            for r in sorted(rows, key=lambda r: r["id"])[:START_SAMPLE]]
+
+
+def start_losses(run: _Run, model: Any) -> dict[str, Any]:
+    """Answer losses of the weights training starts from (not measured when resuming: those
+    are a checkpoint's): ``start_loss`` on the version's first ``START_SAMPLE`` examples; for a
+    continued version also ``start_loss_base`` (the same with the adapter off) and
+    ``start_loss_on_parent`` — on the examples the parent measured its ``end_loss`` on
+    (``models/<parent>/loss_sample.json``), so that one reads the version starts where its
+    parent ended (``parent_end_loss``)."""
+    out = dict.fromkeys(("start_loss", "start_loss_base", "start_loss_on_parent", "parent_end_loss"))
+    if run.resume_from is not None:
+        return out
+    model.eval()
+    out["start_loss"] = round(answer_loss(model, run.tokenizer, loss_sample(run.train_rows),
+                                          training_safe=True)[0], 4)
+    if run.params.parent is not None:
+        with model.disable_adapter():
+            out["start_loss_base"] = round(answer_loss(model, run.tokenizer, loss_sample(run.train_rows),
+                                                       training_safe=True)[0], 4)
+        sample = Path(run.args.init_from) / LOSS_SAMPLE
+        if sample.is_file():
+            rows = json.loads(sample.read_text(encoding="utf-8"))
+            out["start_loss_on_parent"] = round(answer_loss(model, run.tokenizer, rows,
+                                                            training_safe=True)[0], 4)
+            lineage = json.loads((Path(run.args.init_from) / "lineage.json").read_text(encoding="utf-8"))
+            out["parent_end_loss"] = lineage.get("end_loss")
+    model.train()
+    return out
+
+
+LOSS_KEYS = ("start_loss", "start_loss_base", "start_loss_on_parent", "parent_end_loss", "end_loss")
+
+
+def end_loss(run: _Run, model: Any) -> float:
+    """The answer loss of the trained weights on the version's loss sample. Plain no-grad
+    inference: no training follows (and after the dev evaluation bitsandbytes may already
+    hold the weights in its inference layout, which only runs without grad)."""
+    model.eval()
+    loss, _ = answer_loss(model, run.tokenizer, loss_sample(run.train_rows))
+    return round(loss, 4)
+
+
 def train(run: _Run, peft_model: Any) -> tuple[Any, dict[str, Any]]:
     import torch
     from accelerate import PartialState
@@ -659,9 +731,11 @@ def train(run: _Run, peft_model: Any) -> tuple[Any, dict[str, Any]]:
                             run.args.checkpoints, callbacks)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    start = start_losses(run, trainer.model)
     timer = Timer()
     result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
     eval_loss = trainer.evaluate()["eval_loss"] if run.dev_rows else None
+    start["end_loss"] = end_loss(run, trainer.model)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     peak, peak_kind = peak_memory_mb()
     PartialState().wait_for_everyone()
@@ -671,7 +745,7 @@ def train(run: _Run, peft_model: Any) -> tuple[Any, dict[str, Any]]:
         "eval_loss": None if eval_loss is None else float(eval_loss),
         "runtime": float(result.metrics.get("train_runtime", timer.seconds)),
         "tokens_seen": int(trainer.state.num_input_tokens_seen),
-        "steps": int(trainer.state.global_step), "peak": peak, "peak_kind": peak_kind}
+        "steps": int(trainer.state.global_step), "peak": peak, "peak_kind": peak_kind, **start}
 
 
 # ---- save model and create model card
@@ -694,6 +768,7 @@ def save_version(run: _Run, trainer: Any, outcome: dict[str, Any]) -> dict[str, 
         "tokenizer": base_info.get("tokenizer", base_info["model"]),
         "final_loss": outcome["final_loss"], "mean_train_loss": outcome["mean_train_loss"],
         "eval_loss": outcome["eval_loss"], "steps": outcome["steps"],
+        **{k: outcome[k] for k in LOSS_KEYS},
         "examples": {"train": len(run.train_rows), "dev": len(run.dev_rows), "rejected": len(run.rejects)},
         "resumed_from": run.resume_from.name if run.resume_from else None,
         **answer_format(run.train_rows),
@@ -701,7 +776,8 @@ def save_version(run: _Run, trainer: Any, outcome: dict[str, Any]) -> dict[str, 
     training_config = {"version": key, "init_from": args.init_from, "resolved_params": params.model_dump(),
                        "sft_config": {k: v for k, v in trainer.args.to_dict().items()
                                       if isinstance(v, (str, int, float, bool, list, dict, type(None)))}}
-    lineage = write_version(args.out, trainer.model, run.tokenizer, lineage, training_config)
+    lineage = write_version(args.out, trainer.model, run.tokenizer, lineage, training_config,
+                            loss_sample(run.train_rows))
     finish_checkpoint_dir(args.checkpoints, run.fingerprint)
     run.log.info("train@%s: %d steps, final loss %.4f, %d tokens seen in %.1fs -> %s", key,
                  lineage["steps"], outcome["final_loss"], outcome["tokens_seen"], outcome["runtime"],
@@ -715,6 +791,7 @@ def train_metrics(run: _Run, lineage: dict[str, Any], outcome: dict[str, Any], t
     return {
         "final_loss": outcome["final_loss"], "mean_train_loss": lineage["mean_train_loss"],
         "eval_loss": lineage["eval_loss"], "steps": lineage["steps"],
+        **{k: lineage[k] for k in LOSS_KEYS},
         "train_seconds": lineage["train_seconds"],
         "tokens_seen": tokens_seen,
         "tokens_per_second": round(tokens_seen / runtime, 1) if runtime > 0 else None,

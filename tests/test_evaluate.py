@@ -365,6 +365,12 @@ def workspace(tmp_path_factory, tokenizer) -> Path:
                         "domain": "financial_market", "split": split, "question": question,
                         "choices": choices, "answer": answer, "category": "Economics", "meta": "{}"})
     write_records(records, SCHEMAS["mcq"], ws / "data" / "collected" / "kmmlu_economics.parquet")
+    # v1's mixture: its dev split answers "D", the letter the v1 adapter always gives
+    examples = [{"id": f"e{i}", "version": "v1", "source": "krx_sample", "split": split,
+                 "prompt": [{"role": "user", "content": f"질문 {i}\n### 정답:"}],
+                 "completion": [{"role": "assistant", "content": "D"}]}
+                for i, split in enumerate(["train", "dev", "train", "dev", "dev"])]
+    write_records(examples, SCHEMAS["example"], ws / "data" / "mixtures" / "v1.parquet")
     shutil.copytree(SAMPLES, ws / "data" / "samples" / "eval")
     settings = load_evaluate(None, ROOT / "params.yaml").model_dump()
     settings["collected"] = {"kmmlu_economics": {"input": "data/collected/kmmlu_economics.parquet",
@@ -381,7 +387,9 @@ def workspace(tmp_path_factory, tokenizer) -> Path:
 
 def _args(key: str) -> list[str]:
     """The arguments dvc.yaml's evaluate cmd passes."""
-    return [key, "--base", "models/base", "--model", f"models/{key}", "--out", f"data/eval/{key}.parquet",
+    dev = "models/base" if key == "base" else f"data/mixtures/{key}.parquet"
+    return [key, "--base", "models/base", "--model", f"models/{key}", "--dev", dev,
+            "--out", f"data/eval/{key}.parquet",
             "--rejects", f"data/rejects/evaluate/{key}.parquet",
             "--metrics", f"metrics/eval/{key}.json", "--log", f"logs/evaluate/{key}.log"]
 
@@ -403,6 +411,12 @@ def test_stage_scores_base_and_version_side_by_side(workspace: Path, monkeypatch
     assert base["by_set"]["kmmlu_economics"]["accuracy"] == round(2 / 3, 6)
     assert v1["by_set"]["kmmlu_economics"]["accuracy"] == round(1 / 3, 6)
     assert base["adapter"] is False and v1["adapter"] is True and v1["model"] == "models/v1"
+    # the dev loss: v1's 3 dev examples (the train ones are not read), each scored on its
+    # answer "D", <|im_end|> and the newline, with the adapter and without it (the base)
+    dev = v1["dev_loss"]
+    assert dev["examples"] == 3 and dev["tokens"] == 9 and dev["mixture"] == "data/mixtures/v1.parquet"
+    assert dev["model"] != dev["base"] and dev["delta"] == pytest.approx(dev["model"] - dev["base"], abs=1e-3)
+    assert base["dev_loss"] is None  # the baseline has no mixture of its own
     predictions = {key: read_records(workspace / f"data/eval/{key}.parquet") for key in ("base", "v1")}
     assert {r["predicted"] for r in predictions["base"]} == {0}
     assert {r["predicted"] for r in predictions["v1"]} == {3}
@@ -445,7 +459,7 @@ def test_planted_scores_match_on_gpu_in_bfloat16(tokenizer, tmp_path: Path):
 def test_each_model_is_scored_the_way_it_was_trained_to_answer(tokenizer, tmp_path: Path):
     """Issue 14 §3: a two-step version (lineage answer_format two_step) generates its solution,
     then answers after the step-2 prompt; a single-step one answers the step-1 prompt."""
-    from stages.evaluate import EvaluateSettings, answer_format, first_letter, make_scorer
+    from stages.evaluate import EvaluateSettings, first_letter, make_scorer, trained_answer_format
 
     model = planted_model(tokenizer, "B")
     items = items_with_answers([1, 0, 1], [4, 4, 7])
@@ -466,8 +480,8 @@ def test_each_model_is_scored_the_way_it_was_trained_to_answer(tokenizer, tmp_pa
     assert first_letter("블록체인", 4) is None and first_letter("", 4) is None
     (tmp_path / "v6").mkdir()
     (tmp_path / "v6" / "lineage.json").write_text(json.dumps({"answer_format": "two_step"}))
-    assert answer_format(str(tmp_path / "v6")) == "two_step"
-    assert answer_format(str(tmp_path)) == "single_step"  # no lineage: the base model
+    assert trained_answer_format(str(tmp_path / "v6")) == "two_step"
+    assert trained_answer_format(str(tmp_path)) == "single_step"  # no lineage: the base model
 
 
 def test_train_records_whether_a_version_learns_the_two_step_format():

@@ -652,3 +652,21 @@ def test_dvc_status_marks_only_the_changed_version_stale(tmp_path, monkeypatch):
     (proj / "data/generated/accounting/pairs.parquet").write_text("data/generated/accounting/pairs.parquet")
     (proj / "data/mixtures/v5_1.parquet").write_text("v5_1 re-mixed")
     assert stale() == {"mix@v5_1", "mix@v5_2"}
+
+
+def test_a_mixture_too_small_for_its_dev_share_still_gets_one_dev_group(tmp_path: Path, tokenizer):
+    """round(0.05 x 6 groups) = 0 per source; every mixture still holds a dev split (evaluate
+    measures each version's dev loss on it): one group of its largest source, here krx (6
+    groups) rather than rules (2)."""
+    krx = [qa("krx_sample", f"{words(700 + i, 6)}에 대해 설명하시오.", f"{words(800 + i, 8)}이다.")
+           for i in range(6)]
+    rules = [qa("qa_rules", f"{words(900 + i, 6)}의 취지는?", f"{words(950 + i, 8)}.")
+             for i in range(2)]
+    data = {"krx_sample": ("qa", krx), "qa_rules": ("qa", rules)}
+    src = {"krx_sample": {"format": "prompt_answer", "fraction": 1.0, "upsample": False},
+           "qa_rules": {"format": "prompt_answer", "fraction": 1.0, "upsample": False}}
+    _, rows, _ = run_build(tmp_path, "small", recipe(src, dev_size=0.05), data, tokenizer)
+    dev = [r for r in rows if r["split"] == "dev"]
+    assert len(rows) == 8 and len(dev) == 1 and dev[0]["source"] == "krx_sample"
+    _, rows, _ = run_build(tmp_path, "none", recipe(src, dev_size=0.0), data, tokenizer)
+    assert not [r for r in rows if r["split"] == "dev"]  # dev_size 0: no dev split asked for

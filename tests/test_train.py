@@ -166,6 +166,14 @@ def test_chained_version_starts_from_the_parent_adapter(trained_v1: Path):
     assert lineage["parent"] == {"version": "v1", "path": "models/v1",
                                  "adapter_sha256": v1["adapter_sha256"]}
     assert lineage["adapter_sha256"] != v1["adapter_sha256"]  # it trained further
+    # it starts where v1 ended: on the examples v1 measured its end loss on (saved beside its
+    # adapter), v3's starting weights give that loss; the base on v3's own examples differs
+    sample = json.loads((parent_dir / "loss_sample.json").read_text(encoding="utf-8"))
+    assert len(sample) == v1["examples"]["train"] and v1["end_loss"] is not None
+    assert lineage["parent_end_loss"] == v1["end_loss"]
+    assert lineage["start_loss_on_parent"] == pytest.approx(v1["end_loss"], rel=0.02)
+    assert lineage["start_loss"] != lineage["start_loss_base"]
+    assert v1["start_loss_base"] is None and v1["start_loss"] > v1["end_loss"]  # v1 learnt
     assert "`v1` (adapter sha256" in (trained_v1 / "models/v3/README.md").read_text(encoding="utf-8")
 
 
@@ -392,3 +400,67 @@ def test_adapter_master_weights_stay_fp32_so_a_1e_5_update_is_not_rounded_away(t
     after = dict(trainer.model.named_parameters())[name].detach()
     changed = (after - before).abs()
     assert changed.max().item() > 5e-6 and (changed > 0).float().mean().item() > 0.5
+
+
+def _raw_rows() -> list[dict]:
+    return [{"prompt": _example(i, q, a)["prompt"], "completion": _example(i, q, a)["completion"]}
+            for i, (q, a) in enumerate(QUESTIONS)]
+
+
+def test_the_columns_handed_to_trl_are_trls_own_tokenization(tokenizer, tmp_path: Path):
+    """build_trainer hands trl pre-tokenized columns (trl's own map would pickle the whole
+    tokenizer to fingerprint it); they give exactly the input ids and labels trl makes from the
+    raw prompt/completion rows."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    model = build_tiny_model(tokenizer, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             num_key_value_heads=1, intermediate_size=64)
+    params = _resolved("v1", "models/base")
+    params = params.model_copy(update={"quant": params.quant.model_copy(update={"load_in_4bit": False})})
+    ours = build_trainer(attach_adapter(model, params, "models/base", "v1"), tokenizer, _raw_rows(),
+                         [], params, str(tmp_path / "ours"))
+    config = SFTConfig(output_dir=str(tmp_path / "trl"), report_to="none", use_cpu=True,
+                       max_length=params.sft.max_length, completion_only_loss=True)
+    theirs = SFTTrainer(model=build_tiny_model(tokenizer, hidden_size=32, num_hidden_layers=1,
+                                               num_attention_heads=2, num_key_value_heads=1,
+                                               intermediate_size=64),
+                        args=config, processing_class=tokenizer,
+                        train_dataset=Dataset.from_list(_raw_rows()))
+    for column in ("input_ids", "labels"):
+        assert ours.train_dataset[column] == theirs.train_dataset[column], column
+    assert any(label != -100 for row in ours.train_dataset["labels"] for label in row)
+
+
+def test_on_cpu_trl_scores_only_the_labelled_positions_and_the_loss_is_unchanged(tokenizer, monkeypatch):
+    """score_labelled_positions_on_cpu makes trl's fused lm_head skip the prompt positions on
+    CPU (as it does on CUDA); the loss and its gradient are those of scoring every position."""
+    import trl.trainer.utils as trl_utils
+    from trl.kernels.chunked_logprob import _use_triton as original
+
+    from stages.train import score_labelled_positions_on_cpu
+
+    model = build_tiny_model(tokenizer, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             num_key_value_heads=1, intermediate_size=64)
+    params = _resolved("v1", "models/base")
+    params = params.model_copy(update={"quant": params.quant.model_copy(update={"load_in_4bit": False})})
+    import tempfile
+    with tempfile.TemporaryDirectory() as out:
+        trainer = build_trainer(attach_adapter(model, params, "models/base", "v1"), tokenizer,
+                                _raw_rows(), [], params, out)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(QUESTIONS))])
+
+    def loss_and_grad() -> tuple[float, torch.Tensor]:
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        loss.backward()
+        grad = next(p.grad for n, p in trainer.model.named_parameters() if "lora_A" in n)
+        return loss.item(), grad.clone()
+
+    monkeypatch.setattr(trl_utils, "_use_triton", original)      # trl's choice: every position
+    every_loss, every_grad = loss_and_grad()
+    assert score_labelled_positions_on_cpu() is True
+    assert score_labelled_positions_on_cpu() is False             # idempotent
+    compact_loss, compact_grad = loss_and_grad()
+    assert compact_loss == pytest.approx(every_loss, rel=1e-5)
+    assert torch.allclose(compact_grad, every_grad, rtol=1e-4, atol=1e-7)

@@ -10,11 +10,16 @@ Contract:
 - output ``--out`` (a directory, replaced whole): ``index.html`` (self-contained: inline CSS,
   no script, figures by relative path), ``composition.png`` (tokens per source, stacked, per
   version), ``loss.png`` (training loss curves), ``accuracy.png`` (accuracy of each version
-  against the baseline), and tables: accuracy (micro, macro, shuffled, 4/7-choice, per set,
-  delta to the baseline), training, lineage (version -> parent -> mixture hash -> source
-  hashes).
-- deterministic: no timestamps, sorted keys, PNGs without a Software/date stamp, so the same
-  inputs give the same bytes (with the pinned matplotlib).
+  against the baseline), and tables: accuracy (micro with a 95% Wilson interval, macro,
+  shuffled, 4/7-choice, per set, delta to the baseline coloured only when the exact McNemar
+  test says p < ``alpha``, how each model was scored), accuracy per category, data
+  composition, training, dev loss of each version against the base (evaluate's ``dev_loss``),
+  what changed between versions, lineage, the generation funnel per domain (items at each
+  step, rejects by reason, LLM calls/tokens/dollars; from ``--llm-metrics``), LLM calls and
+  cost per stage, and the git revision the page was built from.
+- deterministic apart from that revision: no timestamps, sorted keys, PNGs without a
+  Software/date stamp, so the same inputs at the same commit give the same bytes (with the
+  pinned matplotlib).
 - fails (exit 2) when an input file of a listed version is missing or is not JSON.
 """
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import csv
 import html
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -136,17 +142,105 @@ def paired_comparison(version: dict[str, bool], baseline: dict[str, bool]) -> di
             "p_value": round(mcnemar_exact(gained, lost), 6)}
 
 
-def load_llm_metrics(paths: list[str]) -> dict[str, dict[str, Any]]:
-    """stage@key -> the ``llm`` block of its metrics (files, or directories of per-key files)."""
+def load_stage_metrics(paths: list[str]) -> dict[str, dict[str, Any]]:
+    """stage@key -> the whole metrics of that LLM stage (for the generation funnel)."""
     found: dict[str, dict[str, Any]] = {}
     for raw in paths:
         path = Path(raw)
         files = sorted(path.glob("*.json")) if path.is_dir() else [path] if path.is_file() else []
         for file in files:
-            llm = _read_json(file).get("llm")
-            if isinstance(llm, dict):
-                found[file.stem if file == path else f"{path.name}@{file.stem}"] = llm
+            found[file.stem if file == path else f"{path.name}@{file.stem}"] = _read_json(file)
     return found
+
+
+# (column, stage, metric) of the funnel, in pipeline order
+FUNNEL = (("collected", "filter", "items"), ("prefilter passed", "filter", "prefilter_passed"),
+          ("judged relevant", "filter", "relevant"), ("transformed", "transform", "records"),
+          ("synthesized", "synthesize", "records"), ("solved", "solve", "records"),
+          ("pairs", "solve", "pairs"))
+FUNNEL_STAGES = ("filter", "transform", "synthesize", "solve")
+
+
+def funnel_rows(stages: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per generation domain: items at each step (collected -> prefilter -> judge -> transform
+    / synthesize -> solved questions -> step pairs), the synthesis target, the rejects by stage
+    and reason, and the LLM calls, tokens and dollars of the domain's stages."""
+    domains = sorted({k.split("@", 1)[1] for k in stages
+                      if "@" in k and k.split("@", 1)[0] in FUNNEL_STAGES})
+    rows = []
+    for domain in domains:
+        got = {stage: stages.get(f"{stage}@{domain}") for stage in FUNNEL_STAGES}
+        counts = {column: (got[stage] or {}).get(metric) for column, stage, metric in FUNNEL}
+        rejects = {stage: dict((m or {}).get("rejects_by_reason") or {}) for stage, m in got.items()}
+        llm = [(m or {}).get("llm") or {} for m in got.values()]
+        rows.append({"domain": domain, **counts,
+                     "target": (got["synthesize"] or {}).get("target"),
+                     "target_pairs": (got["solve"] or {}).get("target_pairs"),
+                     "rejects": {k: v for k, v in rejects.items() if v},
+                     "calls": sum(m.get("calls", 0) for m in llm),
+                     "tokens": sum(m.get("prompt_tokens", 0) + m.get("completion_tokens", 0) for m in llm),
+                     "cost_usd": round(sum(m.get("cost_usd", 0.0) for m in llm), 6)})
+    return rows
+
+
+def llm_blocks(stages: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """stage@key -> the ``llm`` block of its metrics (calls, tokens, dollars)."""
+    return {name: m["llm"] for name, m in stages.items() if isinstance(m.get("llm"), dict)}
+
+
+def dev_loss_rows(evals: dict[str, dict[str, Any]], versions: list[str]) -> list[dict[str, Any]]:
+    """Per version: evaluate's answer loss on the dev split of its own mixture, with the
+    version and with the base (adapter off)."""
+    rows = []
+    for v in versions:
+        dev = (evals.get(v) or {}).get("dev_loss") or {}
+        rows.append({"version": v, "examples": dev.get("examples"), "tokens": dev.get("tokens"),
+                     "model": dev.get("model"), "base": dev.get("base"), "delta": dev.get("delta")})
+    return rows
+
+
+def _dev_loss_cells(rows: list[dict[str, Any]]) -> list[list[str]]:
+    cells = []
+    for r in rows:
+        delta = r["delta"]
+        cls = "" if delta is None else "up" if delta < 0 else "down" if delta > 0 else ""
+        cells.append([html.escape(r["version"]), _fmt(r["examples"]), _fmt(r["tokens"]),
+                      _fmt(r["model"], 4), _fmt(r["base"], 4),
+                      f"<span class='{cls}'>{'–' if delta is None else f'{delta:+.4f}'}</span>"])
+    return cells
+
+
+def _funnel_cells(rows: list[dict[str, Any]]) -> list[list[str]]:
+    cells = []
+    for r in rows:
+        synthesized = _fmt(r["synthesized"]) + (f" / {_fmt(r['target'])}" if r["target"] else "")
+        pairs = _fmt(r["pairs"]) + (f" / {_fmt(r['target_pairs'])}" if r["target_pairs"] else "")
+        reasons = "<br>".join(f"{html.escape(stage)}: " + ", ".join(
+            f"{html.escape(reason)} {n:,}" for reason, n in sorted(by.items()))
+            for stage, by in r["rejects"].items()) or "–"
+        cells.append([html.escape(r["domain"]), *[_fmt(r[c]) for c, _, _ in FUNNEL[:4]], synthesized,
+                      _fmt(r["solved"]), pairs, f"<span class='l'>{reasons}</span>", f"{r['calls']:,}",
+                      f"{r['tokens']:,}", f"${r['cost_usd']:.4f}"])
+    return cells
+
+
+def git_revision(cwd: str | os.PathLike = ".") -> str:
+    """The commit the report is built from, with a note when the work tree differs from it
+    (a report of uncommitted params says so); a sentence when there is no git repository."""
+    import subprocess
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    head = git("rev-parse", "HEAD")
+    if head is None:
+        return "not a git repository (or no commit yet)"
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return head + (" + uncommitted changes" if dirty else "")
 
 
 def llm_rows(llm: dict[str, dict[str, Any]]) -> list[list[str]]:
@@ -290,6 +384,11 @@ def training_rows(lineages: dict[str, dict[str, Any]], train: dict[str, dict[str
         rows.append({
             "version": version,
             "examples": mixture.get("examples"), "tokens": mixture.get("tokens"),
+            "start_loss": metrics.get("start_loss", lineage.get("start_loss")),
+            "start_loss_base": metrics.get("start_loss_base", lineage.get("start_loss_base")),
+            "start_loss_on_parent": metrics.get("start_loss_on_parent"),
+            "parent_end_loss": metrics.get("parent_end_loss"),
+            "parent": (lineage.get("parent") or {}).get("version"),
             "final_loss": metrics.get("final_loss", lineage.get("final_loss")),
             "eval_loss": metrics.get("eval_loss", lineage.get("eval_loss")),
             "steps": metrics.get("steps", lineage.get("steps")),
@@ -445,8 +544,6 @@ def render_html(data: dict[str, Any], figures: list[str]) -> str:
     versions, baseline = data["versions"], data["baseline"]
     acc = accuracy_rows(data["eval"], baseline, versions, data.get("predictions"))
     scoring = sorted({str(r["scoring"]) for r in acc if r["scoring"]})
-    train_rows = _training_cells(training_rows(data["lineage"], data["train"], data["manifests"],
-                                               versions))
     lineage_html = _lineage_cells(lineage_rows(data["lineage"], data["manifests"], versions))
     sources, table = composition(data["manifests"], versions)
     comp_rows = [[html.escape(v)] + [_fmt(table[v].get(s)) if s in table[v] else "" for s in sources]
@@ -461,15 +558,13 @@ def render_html(data: dict[str, Any], figures: list[str]) -> str:
         f"<p class='note'>Versions: {', '.join(html.escape(v) for v in versions)}; baseline "
         f"<b>{html.escape(baseline)}</b> = the base model without adapter. Scoring: "
         f"{html.escape(', '.join(scoring) or '–')}. Built by <code>dvc repro report</code> from "
-        "metrics/eval, metrics/train, data/mixtures/*.json and models/*/lineage.json.</p>",
+        "metrics/eval, metrics/train, data/mixtures/*.json and models/*/lineage.json, at git "
+        f"revision <code>{html.escape(str(data.get('git_revision') or 'unknown'))}</code>.</p>",
         *_accuracy_section(acc, baseline, data.get("alpha", 0.05), figure.get("accuracy.png", "")),
         "<h2 id='composition'>Data composition per version</h2>",
         figure.get("composition.png", ""),
         _table(["version", *[html.escape(s) for s in sources], "total tokens"], comp_rows, "composition"),
-        "<h2 id='training'>Training</h2>",
-        figure.get("loss.png", ""),
-        _table(["version", "examples", "tokens", "final loss", "dev loss", "steps", "seconds",
-                "tokenizer"], train_rows, "training"),
+        *_training_section(data, figure.get("loss.png", "")),
         "<h2 id='changes'>What changed between versions</h2>",
         "<p class='note'>Each version against its parent (a continued version) or the first "
         "version: the resolved training params that differ and the mixture sources whose "
@@ -482,16 +577,57 @@ def render_html(data: dict[str, Any], figures: list[str]) -> str:
         "<code>python -m stages.lineage models/&lt;version&gt;</code> re-checks them.</p>",
         _table(["version", "parent", "base model", "mixture", "manifest", "adapter", "sources"],
                lineage_html, "lineage"),
+        *_generation_section(data),
+        "</body></html>",
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def _training_section(data: dict[str, Any], figure: str) -> list[str]:
+    """Training (loss curves, start/final/dev losses) and the dev loss against the base."""
+    versions = data["versions"]
+    return [
+        "<h2 id='training'>Training</h2>",
+        figure,
+        "<p class='note'>start loss: the answer loss of the weights training starts from, on "
+        "its first 32 examples; a continued version starts from its parent's adapter: its loss "
+        "on the examples its parent measured its end loss on (where the parent ended) and the "
+        "base's loss on its own examples are shown below. final: the last logged training "
+        "loss; dev: trl's loss on the dev split after training (4-bit).</p>",
+        _table(["version", "examples", "tokens", "start loss", "final loss", "dev loss", "steps",
+                "seconds", "tokenizer"], _training_cells(training_rows(data["lineage"], data["train"], data["manifests"],
+                                             versions)), "training"),
+        "<h2 id='dev-loss'>Dev loss: each version against the base</h2>",
+        "<p class='note'>The answer loss (mean negative log-likelihood of the answer tokens, as "
+        "training computes it) on the dev split of the version's own mixture, held out of its "
+        "training: with the version's adapter and with the base model (adapter off), measured "
+        "by evaluate. Green: the version is better than the base on it.</p>",
+        _table(["version", "dev examples", "answer tokens", "version", "base", "Δ vs base"],
+               _dev_loss_cells(dev_loss_rows(data["eval"], versions)), "devloss"),
+    ]
+
+
+def _generation_section(data: dict[str, Any]) -> list[str]:
+    """The generation funnel per domain and the LLM calls and cost per stage."""
+    return [
+        "<h2 id='funnel'>Generation funnel per domain</h2>",
+        "<p class='note'>Items at each step of the question generation, from each stage's "
+        "metrics: collected (the split the filter reads) → passed the local prefilter → judged "
+        "relevant by the LLM → transformed into 7-choice questions; synthesized new questions "
+        "(of the target) → questions solved and verified → two-step training pairs (of the "
+        "target). Rejects by stage and reason, and the LLM calls, tokens and dollars of the "
+        "domain's four stages.</p>",
+        _table(["domain", *[c for c, _, _ in FUNNEL[:5]], "solved", "pairs", "rejected (reason)",
+                "LLM calls", "tokens", "spent"], _funnel_cells(funnel_rows(data.get("stages", {}))),
+               "funnel"),
         "<h2 id='llm'>LLM calls and cost</h2>",
         "<p class='note'>Per LLM stage, from its last run's metrics: paid calls (of them through "
         "the Batch API), answers served by the response cache, paid tokens, dollars spent and "
         "what the cached answers would have cost. <code>make plan</code> gives the cost of a run "
         "before it starts.</p>",
         _table(["stage", "calls", "batch", "from cache", "tokens", "spent", "saved by cache"],
-               llm_rows(data.get("llm", {})), "llm"),
-        "</body></html>",
+               llm_rows(llm_blocks(data.get("stages", {}))), "llm"),
     ]
-    return "\n".join(parts) + "\n"
 
 
 def _accuracy_section(acc: list[dict[str, Any]], baseline: str, alpha: float, figure: str
@@ -556,7 +692,17 @@ def _category_cells(acc: list[dict[str, Any]]) -> tuple[list[str], list[list[str
 
 def _training_cells(train: list[dict[str, Any]]) -> list[list[str]]:
     """The training table's HTML cells."""
-    return [[html.escape(r["version"]), _fmt(r["examples"]), _fmt(r["tokens"]),
+    def start(r: dict[str, Any]) -> str:
+        text = _fmt(r.get("start_loss"), 4)
+        if r.get("start_loss_on_parent") is not None:
+            parent = html.escape(str(r.get("parent")))
+            text += (f"<br><span class='note'>on {parent}'s examples {_fmt(r['start_loss_on_parent'], 4)}"
+                     f" ({parent} ended at {_fmt(r.get('parent_end_loss'), 4)})</span>")
+        if r.get("start_loss_base") is not None:
+            text += f"<br><span class='note'>base {_fmt(r['start_loss_base'], 4)}</span>"
+        return text
+
+    return [[html.escape(r["version"]), _fmt(r["examples"]), _fmt(r["tokens"]), start(r),
              _fmt(r["final_loss"], 4), _fmt(r["eval_loss"], 4), _fmt(r["steps"]),
              _fmt(r["train_seconds"], 1), f"<span class='l'>{html.escape(str(r['tokenizer'] or '–'))}</span>"]
             for r in train]
@@ -581,7 +727,10 @@ def report_metrics(data: dict[str, Any], figures: list[str]) -> dict[str, Any]:
     versions = [r for r in rows if r["key"] != data["baseline"] and r["micro"] is not None]
     # ties go to the version listed first (params order): the earlier, simpler recipe
     best = max(versions, key=lambda r: (r["micro"], -versions.index(r)), default=None)
+    dev = dev_loss_rows(data["eval"], data["versions"])
     return {"versions": len(data["versions"]), "figures": figures,
+            "git_revision": data.get("git_revision"),
+            "dev_loss_below_base": sorted(r["version"] for r in dev if (r["delta"] or 0) < 0),
             "baseline_micro": rows[0]["micro"],
             "best_version": best["key"] if best else None,
             "best_micro": best["micro"] if best else None,
@@ -612,7 +761,8 @@ def main(argv: list[str] | None = None) -> None:
     data = load_inputs(params, args.versions, args.eval_dir, args.train_dir, args.mixtures_dir,
                        args.models_dir, args.live_dir)
     data["predictions"] = read_predictions(args.predictions_dir, [params.baseline, *args.versions])
-    data["llm"] = load_llm_metrics(args.llm_metrics)
+    data["stages"] = load_stage_metrics(args.llm_metrics)
+    data["git_revision"] = git_revision()
     with atomic_dir(args.out) as tmp:
         figures = render_figures(data, Path(tmp), params.figure_dpi)
         write_text(render_html(data, figures), Path(tmp) / "index.html")

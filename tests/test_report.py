@@ -29,6 +29,12 @@ SOURCES = {"v1": ["krx_sample"], "v2": ["krx_sample", "financial_reports"], "v3"
            "v4": ["qa_rules", "rules"], "v5_1": ["metamath"], "v5_2": ["mixture_v5_1", "qa_rules"],
            "v5_3": ["mixture_v5_2", "report_summaries"],
            "v6": ["rules", "generated_financial_market", "metamath", "enko_translation", "table_qa"]}
+# evaluate's dev loss of each version and of the base on the version's dev split: every
+# version below the base except v2
+DEV_LOSS = {v: {"mixture": f"data/mixtures/{v}.parquet", "examples": 4, "tokens": 40,
+                "model": 2.0 + (0.9 if v == "v2" else 0.05 * i), "base": 2.5,
+                "delta": round(2.0 + (0.9 if v == "v2" else 0.05 * i) - 2.5, 4)}
+            for i, v in enumerate(["v1", "v2", "v3", "v4", "v5_1", "v5_2", "v5_3", "v6"])}
 MICRO = {"base": 0.25, "v1": 0.30, "v2": 0.20, "v3": 0.35, "v4": 0.40, "v5_1": 0.25,
          "v5_2": 0.45, "v5_3": 0.50, "v6": 0.55}
 
@@ -41,6 +47,7 @@ def _eval_metrics(key: str) -> dict:
     micro = MICRO[key]
     return {"key": key, "model": "models/base" if key == "base" else f"models/{key}",
             "adapter": key != "base", "scoring": "loglik", "items": 40,
+            "dev_loss": DEV_LOSS.get(key),
             "accuracy": {"micro": micro, "macro": micro - 0.02, "shuffled_micro": micro - 0.05,
                          "shuffled_macro": micro - 0.06, "choices_4": micro + 0.01,
                          "choices_7": micro - 0.03},
@@ -116,7 +123,8 @@ def _args() -> list[str]:
     return ["--versions", *VERSIONS, "--eval-dir", "metrics/eval", "--train-dir", "metrics/train",
             "--mixtures-dir", "data/mixtures", "--models-dir", "models",
             "--live-dir", "dvclive/train", "--predictions-dir", "data/eval", "--out", "reports", "--metrics", "metrics/report.json",
-            "--log", "logs/report.log", "--llm-metrics", "metrics/summarize.json", "metrics/filter"]
+            "--log", "logs/report.log", "--llm-metrics", "metrics/summarize.json", "metrics/filter",
+            "metrics/transform", "metrics/synthesize", "metrics/solve"]
 
 
 LLM_METRICS = {"filter/fm": {"calls": 3, "cache_hits": 7, "prompt_tokens": 900, "completion_tokens": 100,
@@ -125,11 +133,26 @@ LLM_METRICS = {"filter/fm": {"calls": 3, "cache_hits": 7, "prompt_tokens": 900, 
                              "completion_tokens": 1000, "cost_usd": 0.01, "cost_saved_usd": 0.0}}
 
 
+# the generation stages of domain "fm", as their metrics record them
+FUNNEL_METRICS = {
+    "filter/fm": {"items": 120, "prefilter_passed": 90, "relevant": 60, "records": 60,
+                  "rejects_by_reason": {"low_domain_score": 30, "not_relevant": 30}},
+    "transform/fm": {"records": 58, "rejects_by_reason": {"invalid_json": 2}},
+    "synthesize/fm": {"records": 40, "target": 40, "rejects_by_reason": {"near_duplicate": 3}},
+    "solve/fm": {"records": 95, "pairs": 190, "target_pairs": 190,
+                 "rejects_by_reason": {"hallucination": 2, "wrong_letter": 1}},
+}
+
+
 def write_llm_metrics(ws: Path) -> None:
-    for rel, llm in LLM_METRICS.items():
+    for rel, metrics in FUNNEL_METRICS.items():
+        llm = LLM_METRICS.get(rel, {"calls": 1, "prompt_tokens": 10, "completion_tokens": 5,
+                                    "cost_usd": 0.0001})
         path = ws / "metrics" / f"{rel}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"records": 1, "llm": llm}), encoding="utf-8")
+        path.write_text(json.dumps({**metrics, "llm": llm}), encoding="utf-8")
+    path = ws / "metrics" / "summarize.json"
+    path.write_text(json.dumps({"records": 1, "llm": LLM_METRICS["summarize"]}), encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +207,36 @@ def test_report_writes_the_page_the_figures_and_metrics(built: Path):
     # the money: per LLM stage and in total
     assert "LLM calls and cost" in page.headings
     assert "filter@fm" in text and "$0.0033" in text and "$0.0071" in text
-    assert "$0.0133" in text and "5,000" in text     # total spent; summarize tokens
+    assert "$0.0136" in text and "5,000" in text     # total spent; summarize tokens
+    # the funnel of domain fm, its rejects by stage and reason, its LLM cost (3 stages at $0.0001)
+    assert "Generation funnel per domain" in page.headings
+    for cell in ["120", "90", "60", "58", "40 / 40", "95", "190 / 190", "low_domain_score 30",
+                 "near_duplicate 3", "hallucination 2", "$0.0036"]:
+        assert cell in text, cell
+    # dev loss of every version next to the base's; below the base everywhere but v2
+    assert "Dev loss: each version against the base" in page.headings
+    assert metrics["dev_loss_below_base"] == sorted(v for v in VERSIONS if v != "v2")
+    assert "2.5000" in text and "+0.4000" in text
+    # built outside a git repository: the page says so instead of inventing a revision
+    assert "not a git repository" in text and metrics["git_revision"].startswith("not a git")
+
+
+def test_git_revision_names_the_commit_and_says_when_the_tree_differs(tmp_path: Path):
+    from stages.report import git_revision
+
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True,  # noqa: E731
+                                    env={**__import__("os").environ, **env})
+    assert git_revision(tmp_path).startswith("not a git repository")
+    git("init", "-q")
+    (tmp_path / "params.yaml").write_text("a: 1\n")
+    git("add", "params.yaml")
+    git("commit", "-qm", "one")
+    head = git("rev-parse", "HEAD").stdout.decode().strip()
+    assert git_revision(tmp_path) == head
+    (tmp_path / "params.yaml").write_text("a: 2\n")
+    assert git_revision(tmp_path) == head + " + uncommitted changes"
 
 
 def test_report_is_deterministic(built: Path, tmp_path: Path):
@@ -234,9 +286,13 @@ def test_page_in_headless_chromium_names_every_version_and_shows_its_figures(bui
     for version in ["base", *VERSIONS]:
         assert version in text, f"{version} not on the rendered page"
     assert page.headings == ["Accuracy against the baseline", "Accuracy per category",
-                             "Data composition per version",
-                             "Training", "What changed between versions", "Lineage",
-                             "LLM calls and cost"]
+                             "Data composition per version", "Training",
+                             "Dev loss: each version against the base",
+                             "What changed between versions", "Lineage",
+                             "Generation funnel per domain", "LLM calls and cost"]
+    for rendered in ["McNemar", "95% Wilson", "judged relevant", "hallucination 2", "+0.4000",
+                     "git revision"]:
+        assert rendered in text, rendered
     assert sorted(page.images) == sorted(FIGURES)
     for src in page.images:                      # relative paths that resolve to real PNGs
         assert (built / "reports" / src).is_file()

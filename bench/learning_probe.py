@@ -5,9 +5,15 @@ on its lm_head (the logit range LoRA can reach), learning rate, steps, LoRA rank
     python bench/learning_probe.py --workspace quickstart --version v1 --init 0.02 \
         --head-scale 5 --lr 0.05 --steps 30 --rank 8
 
-Prints the logged training losses, last/first and the dev loss after training (the numbers in
-bench/RESULTS.md, "Tiny model learning probe"). The base is built in a temp dir from the
-workspace's params (Qwen2's tokenizer, rebuilt offline); nothing in the workspace is written.
+    python bench/learning_probe.py --workspace quickstart --base quickstart/models/base \
+        --version v1 --lr 5e-3 --epochs 4 --batch 2
+
+Prints the logged training losses, last/first, trl's dev loss after training and the dev
+answer loss of the version and of the base (adapter off) on the same 4-bit model (the numbers
+in bench/RESULTS.md, "Tiny model learning probe" and "A tiny base that learns"). Without
+``--base`` a random base is built in a temp dir from the workspace's params (Qwen2's tokenizer,
+rebuilt offline); ``--base`` takes a built one (e.g. the quickstart's pretrained base). Nothing
+in the workspace is written.
 """
 from __future__ import annotations
 
@@ -30,6 +36,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--base", help="a built base directory (e.g. the workspace's models/base, "
+                                       "pretrained) instead of a random one built here")
+    parser.add_argument("--epochs", type=float, help="train epochs instead of --steps")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--logging", type=int, default=None, help="logging_steps (default steps/10)")
     parser.add_argument("--no-4bit", action="store_true")
     parser.add_argument("--fp32", action="store_true", help="sft.bf16 false, 4-bit compute in float32")
     args = parser.parse_args()
@@ -45,14 +56,24 @@ def main() -> None:
     torch.set_num_threads(2)
     ws = Path(args.workspace)
     params = yaml.safe_load((ws / "params.yaml").read_text(encoding="utf-8"))
-    spec = TinyModelSpec(**dict(params["base_model"]["build"], initializer_range=args.init))
-    tokenizer, _ = build_qwen2_tokenizer()
-    model = build_tiny_model(tokenizer, **tiny_model_kwargs(spec))
-    with torch.no_grad():
-        model.lm_head.weight.mul_(args.head_scale)
+    if args.base:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(args.base)
+    else:
+        spec = TinyModelSpec(**dict(params["base_model"]["build"], initializer_range=args.init))
+        tokenizer, _ = build_qwen2_tokenizer()
+        model = build_tiny_model(tokenizer, **tiny_model_kwargs(spec))
+        with torch.no_grad():
+            model.lm_head.weight.mul_(args.head_scale)
     defaults = params["train_defaults"]
     defaults["sft"].update(learning_rate=args.lr, max_steps=args.steps,
                            logging_steps=max(1, args.steps // 10))
+    if args.logging:
+        defaults["sft"].update(logging_steps=args.logging, logging_strategy="steps")
+    if args.epochs:
+        defaults["sft"].update(max_steps=-1, num_train_epochs=args.epochs)
+    if args.batch:
+        defaults["sft"].update(per_device_train_batch_size=args.batch)
     defaults.setdefault("quant", {})["load_in_4bit"] = not args.no_4bit
     if args.fp32:
         defaults["sft"]["bf16"] = False
@@ -62,7 +83,10 @@ def main() -> None:
     if train_params.parent is not None:
         raise SystemExit("probe root versions only (a chained one needs its parent's adapter)")
     with tempfile.TemporaryDirectory() as base, tempfile.TemporaryDirectory() as out:
-        save_base(base, tokenizer, model, {"model": base, "revision": "probe", "built": True})
+        if args.base:
+            base = args.base
+        else:
+            save_base(base, tokenizer, model, {"model": base, "revision": "probe", "built": True})
         loaded = load_base_model(base, read_base_info(base), train_params, args.version)
         peft_model = attach_adapter(loaded, train_params, base, args.version)
         rows = read_records(ws / "data" / "mixtures" / f"{args.version}.parquet")
@@ -71,7 +95,16 @@ def main() -> None:
         trainer = build_trainer(peft_model, tokenizer, train_rows, dev_rows, train_params, out)
         trainer.train()
         dev = trainer.evaluate()["eval_loss"] if dev_rows else None
+        if dev_rows:
+            from stages.evaluate import answer_loss
+            model = trainer.model
+            model.eval()
+            mine, _ = answer_loss(model, tokenizer, dev_rows)
+            with model.disable_adapter():
+                base_dev, _ = answer_loss(model, tokenizer, dev_rows)
+            print(f"dev answer loss: version {mine:.3f}, base {base_dev:.3f}")
     losses = [round(e["loss"], 2) for e in trainer.state.log_history if "loss" in e]
+    print("losses", losses, "steps", trainer.state.global_step)
     print(f"| {args.version} | {args.init} | ×{args.head_scale:g} | {args.lr:g} | {args.steps} | "
           f"{args.rank} | {'no' if args.no_4bit else 'yes'} | {losses[0]} → {losses[-1]} | "
           f"{losses[-1] / losses[0]:.2f} | {dev and round(dev, 2)} | {time.monotonic() - started:.0f} s |")

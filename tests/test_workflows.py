@@ -172,6 +172,32 @@ def test_token_counts_are_qwen2s_continued_versions_train_on_new_data_v6_scored_
     assert all(json.loads(r["detail"]).get("solution") is not None for r in predictions)
 
 
+def test_the_tiny_model_learns_and_continued_versions_start_from_their_parent(project):
+    """Issue 14 §2, on the pretrained tiny base through the QLoRA path: every root version's
+    last logged training loss is at most 85% of its first; each continued version starts
+    (before step 1) where its parent ended: the same loss on the examples the parent measured
+    its end loss on; evaluate's dev loss of every version is below the base's on that version's
+    own dev split."""
+    import csv
+
+    params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
+    base = json.loads((project / "metrics/base_model.json").read_text(encoding="utf-8"))
+    assert base["pretrain"]["loss_last"] < 0.5 * base["pretrain"]["loss_first"]
+    for version in VERSIONS:
+        with (project / f"dvclive/train/{version}/plots/metrics/loss.tsv").open(encoding="utf-8") as f:
+            losses = [float(row["loss"]) for row in csv.DictReader(f, delimiter="\t")]
+        train = json.loads((project / f"metrics/train/{version}.json").read_text(encoding="utf-8"))
+        if params["versions"][version]["train"]["init_from"] == "base":
+            assert len(losses) >= 3 and losses[-1] <= 0.85 * losses[0], (version, losses)
+            assert train["start_loss_base"] is None
+        else:  # on the examples its parent measured its end loss on, it starts there
+            assert train["start_loss_on_parent"] == pytest.approx(train["parent_end_loss"], rel=0.02), \
+                (version, train)
+            assert train["start_loss"] != train["start_loss_base"]  # the parent's adapter, not the base
+        dev = json.loads((project / f"metrics/eval/{version}.json").read_text(encoding="utf-8"))["dev_loss"]
+        assert dev["examples"] >= 1 and dev["model"] < dev["base"], (version, dev)
+
+
 def test_a_second_quickstart_recomputes_nothing_and_leaves_the_repository_untouched(project):
     lock, commit = (project / "dvc.lock").read_text(encoding="utf-8"), head(project)
     second = run_quickstart(project)

@@ -274,9 +274,11 @@ def output_rows(tokenizer: Any, stream: list[int]) -> list[int]:
 
 
 def pretrain_tiny(model: Any, tokenizer: Any, texts: list[str], spec: PretrainSpec) -> dict[str, Any]:
-    """Train every weight of ``model`` (float32, AdamW) on next-token prediction over random
-    ``seq_len`` windows of the corpus stream, then write the learned lm_head rows back (the
-    rest get the shared "other" row). Deterministic for a seed. Returns what base.json records."""
+    """Train ``model`` (float32, AdamW) on next-token prediction over random ``seq_len``
+    windows of the corpus stream: every weight of the body, and the embedding and lm_head rows
+    of :func:`output_rows`; then write those rows back (every other lm_head row gets the
+    shared "other" row; other embedding rows keep their random init). Deterministic for a
+    seed. Returns what base.json records."""
     import math
 
     import torch

@@ -688,18 +688,19 @@ def start_losses(run: _Run, model: Any) -> dict[str, Any]:
     out = dict.fromkeys(("start_loss", "start_loss_base", "start_loss_on_parent", "parent_end_loss"))
     if run.resume_from is not None:
         return out
+
+    def measure(rows: list[dict[str, Any]]) -> float:
+        return round(answer_loss(model, run.tokenizer, rows, training_safe=True)[0], 4)
+
+    own = loss_sample(run.train_rows)
     model.eval()
-    out["start_loss"] = round(answer_loss(model, run.tokenizer, loss_sample(run.train_rows),
-                                          training_safe=True)[0], 4)
+    out["start_loss"] = measure(own)
     if run.params.parent is not None:
         with model.disable_adapter():
-            out["start_loss_base"] = round(answer_loss(model, run.tokenizer, loss_sample(run.train_rows),
-                                                       training_safe=True)[0], 4)
+            out["start_loss_base"] = measure(own)
         sample = Path(run.args.init_from) / LOSS_SAMPLE
-        if sample.is_file():
-            rows = json.loads(sample.read_text(encoding="utf-8"))
-            out["start_loss_on_parent"] = round(answer_loss(model, run.tokenizer, rows,
-                                                            training_safe=True)[0], 4)
+        if sample.is_file():  # a parent trained before loss samples existed has none
+            out["start_loss_on_parent"] = measure(json.loads(sample.read_text(encoding="utf-8")))
             lineage = json.loads((Path(run.args.init_from) / "lineage.json").read_text(encoding="utf-8"))
             out["parent_end_loss"] = lineage.get("end_loss")
     model.train()

@@ -37,7 +37,7 @@ def answer_loss(model: Any, tokenizer: Any, rows: list[dict[str, Any]],
     import torch
 
     device = next(model.parameters()).device
-    embed = model.get_input_embeddings()
+    embed = model.get_input_embeddings() if training_safe else None
     total, tokens = 0.0, 0
     with torch.enable_grad() if training_safe else torch.no_grad():
         for row in rows:

@@ -35,7 +35,7 @@ from pydantic import Field, model_validator
 
 from stages.common.io import atomic_dir, read_records, write_json
 from stages.common.params import PARAMS_FILE, Strict, read_section
-from stages.common.runlog import StageError, Timer, setup_logging, stage_main, stage_parser, write_metrics
+from stages.common.runlog import StageError, Timer, run_and_exit, setup_logging, stage_main, stage_parser, write_metrics
 
 PARAMS = ("base_model",)
 STAGE = "base_model"
@@ -461,4 +461,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

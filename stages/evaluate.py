@@ -41,6 +41,7 @@ import math
 import os
 import random
 import re
+import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,8 +55,8 @@ from stages.common.evalsets import EvalCollectedSet, EvalItem, EvalLocalSet, loa
 from stages.common.io import read_records, write_records
 from stages.common.params import PARAMS_FILE, Strict, read_section
 from stages.common.prompts import LETTERS, step1_prompt, step2_prompt
-from stages.common.runlog import (StageError, Timer, check_reject_rate, progress, setup_logging,
-                                  stage_main, stage_parser, write_metrics)
+from stages.common.runlog import (StageError, Timer, check_reject_rate, progress, run_and_exit,
+                                  setup_logging, stage_main, stage_parser, write_metrics)
 from stages.common.schema import MAX_CHOICES, MIN_CHOICES, SCHEMAS, reject
 
 PARAMS = ("evaluate",)
@@ -601,4 +602,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # this process never loads 4-bit weights: keep peft from importing bitsandbytes (and, through
+    # bitsandbytes' torch.compile decorators, dynamo) only to offer them: ~1.5 s a process. Only
+    # here, not in load_model: a process that goes on to train needs bitsandbytes importable
+    sys.modules.setdefault("bitsandbytes", None)
+    run_and_exit(main)

@@ -49,8 +49,8 @@ from stages.common.io import atomic_dir, dumps_json, read_records, write_json, w
 from stages.common.params import (PARAMS_FILE, ParamsError, Strict, deep_merge, load_raw, lookup,
                                   origin_locator, validate_params)
 from stages.common.prompts import ANSWER_MARKER
-from stages.common.runlog import (StageError, Timer, check_reject_rate, setup_logging, stage_main, stage_parser,
-                                  write_metrics)
+from stages.common.runlog import (StageError, Timer, check_reject_rate, run_and_exit, setup_logging, stage_main,
+                                  stage_parser, write_metrics)
 from stages.common.schema import SCHEMAS, reject, validate
 from stages.common.text import file_sha256
 
@@ -415,12 +415,14 @@ def build_trainer(model: Any, tokenizer: Any, train_rows: list[dict[str, Any]],
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    score_labelled_positions_on_cpu()
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu:
+        fit_fused_lm_head_to_cpu()
     sft = params.sft.model_dump()
     if not dev_rows:
         sft["eval_strategy"] = "no"
     config = SFTConfig(output_dir=output_dir, report_to="none", save_strategy="steps",
-                       use_cpu=not torch.cuda.is_available(),
+                       use_cpu=on_cpu,
                        include_num_input_tokens_seen="non_padding", disable_tqdm=True,
                        **sft)
     # trl's own tokenizing map would fingerprint (pickle) the whole 151k-token tokenizer:
@@ -435,18 +437,31 @@ def build_trainer(model: Any, tokenizer: Any, train_rows: list[dict[str, Any]],
     return trainer
 
 
-def score_labelled_positions_on_cpu() -> bool:
-    """trl's fused lm_head scores only the labelled positions where its Triton kernel runs
-    (CUDA, XPU) and every position elsewhere, so that tile shapes stay fixed for compiled
-    backends (Neuron). On CPU nothing is compiled, and each prompt position costs a
-    151,646-wide projection that the completion-only loss then multiplies by zero (~1.4 s of
-    a quickstart step, bench/RESULTS.md). Make that one decision — the name is only read
-    there in ``trl.trainer.utils`` — compact on CPU as well; the tile math is unchanged (the
-    loss is the same: tests/test_train.py). Idempotent; False when trl has no such hook."""
+# vocabulary columns per tile of trl's fused lm_head on CPU; trl's 32,768 is sized for GPU
+# kernels, and on CPU the torch fallback's ~12 elementwise passes over a [tokens x 32,768] fp32
+# tile run out of cache: 2,048 is 2-3x faster from 140 to 1,400 tokens (bench/cpu_lm_head.py)
+CPU_LOGPROB_CHUNK = 2048
+
+
+def fit_fused_lm_head_to_cpu() -> bool:
+    """Two choices trl's fused lm_head (``trl.trainer.utils``, read there at call time) makes
+    for GPUs, made for CPU instead; the tile math is unchanged, so the loss and its gradient
+    are the same (tests/test_train.py):
+
+    - which positions to score: trl scores only the labelled ones on Triton devices (CUDA,
+      XPU) and every position elsewhere, so that tile shapes stay fixed for compiled backends
+      (Neuron). On CPU nothing is compiled, and each prompt position costs a 151,646-wide
+      projection that the completion-only loss then multiplies by zero: compact on CPU too;
+    - how wide a vocabulary tile is: ``CPU_LOGPROB_CHUNK`` columns instead of 32,768 (the
+      lm_head forward and backward of a 140-token batch: 0.56 s -> 0.27 s).
+
+    Called only when training on CPU. Idempotent; False when trl has no such hooks."""
     import trl.trainer.utils as trl_utils
 
     original = getattr(trl_utils, "_use_triton", None)
-    if original is None or getattr(original, "compact_on_cpu", False):
+    if original is None or not hasattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE"):
+        return False
+    if getattr(original, "compact_on_cpu", False):
         return False
 
     def compact(device: Any) -> bool:
@@ -454,6 +469,7 @@ def score_labelled_positions_on_cpu() -> bool:
 
     compact.compact_on_cpu = True  # type: ignore[attr-defined]
     trl_utils._use_triton = compact
+    trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = CPU_LOGPROB_CHUNK
     return True
 
 
@@ -845,4 +861,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_and_exit(main)

@@ -37,3 +37,44 @@ def test_dvc_reads_yaml_with_the_c_loader():
     from ruamel.yaml import YAML
 
     assert YAML(typ="safe").Parser.__name__ == "CParser"
+
+
+def test_run_and_exit_flushes_what_the_stage_wrote_and_leaves_failures_the_ordinary_way(tmp_path):
+    """run_and_exit ends a torch stage's process without the interpreter's teardown: what main
+    printed and logged is flushed first (exit 0); a StageError and an exception still exit 2
+    and 1 with their message."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    log = tmp_path / "stage.log"
+    program = f"""
+import sys
+from stages.common.runlog import StageError, run_and_exit, setup_logging, stage_main
+
+@stage_main
+def main():
+    print("printed", end="")
+    sys.stderr.write("warned")
+    setup_logging({str(log)!r}, "demo").info("logged")
+    if sys.argv[1] == "stage-error":
+        raise StageError("bad input")
+    if sys.argv[1] == "crash":
+        raise RuntimeError("boom")
+
+run_and_exit(main)
+"""
+
+    def run(mode: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", program, mode], cwd=root, capture_output=True,
+                              text=True, timeout=120)
+
+    ok = run("ok")
+    assert (ok.returncode, ok.stdout) == (0, "printed")
+    assert ok.stderr.startswith("warned")
+    assert "logged" in log.read_text(encoding="utf-8")
+    failed = run("stage-error")
+    assert failed.returncode == 2 and "error: bad input" in failed.stderr
+    crashed = run("crash")
+    assert crashed.returncode == 1 and "RuntimeError: boom" in crashed.stderr

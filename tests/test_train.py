@@ -433,12 +433,14 @@ def test_the_columns_handed_to_trl_are_trls_own_tokenization(tokenizer, tmp_path
 
 
 def test_on_cpu_trl_scores_only_the_labelled_positions_and_the_loss_is_unchanged(tokenizer, monkeypatch):
-    """score_labelled_positions_on_cpu makes trl's fused lm_head skip the prompt positions on
-    CPU (as it does on CUDA); the loss and its gradient are those of scoring every position."""
+    """fit_fused_lm_head_to_cpu makes trl's fused lm_head skip the prompt positions on CPU (as
+    it does on CUDA) and project the vocabulary in CPU_LOGPROB_CHUNK-wide tiles; the loss and
+    its gradient are those of trl's own choices (every position, 32,768-wide tiles)."""
     import trl.trainer.utils as trl_utils
     from trl.kernels.chunked_logprob import _use_triton as original
 
-    from stages.train import score_labelled_positions_on_cpu
+    import stages.train
+    from stages.train import fit_fused_lm_head_to_cpu
 
     model = build_tiny_model(tokenizer, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                              num_key_value_heads=1, intermediate_size=64)
@@ -457,10 +459,14 @@ def test_on_cpu_trl_scores_only_the_labelled_positions_and_the_loss_is_unchanged
         grad = next(p.grad for n, p in trainer.model.named_parameters() if "lora_A" in n)
         return loss.item(), grad.clone()
 
-    monkeypatch.setattr(trl_utils, "_use_triton", original)      # trl's choice: every position
+    monkeypatch.setattr(trl_utils, "_use_triton", original)      # trl's choices: every position,
+    monkeypatch.setattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", 32768)  # GPU-sized tiles
     every_loss, every_grad = loss_and_grad()
-    assert score_labelled_positions_on_cpu() is True
-    assert score_labelled_positions_on_cpu() is False             # idempotent
+    # this tokenizer has 400 tokens: tiles of 96 (the last one partial) stand for 2,048 of 151,646
+    monkeypatch.setattr(stages.train, "CPU_LOGPROB_CHUNK", 96)
+    assert fit_fused_lm_head_to_cpu() is True
+    assert fit_fused_lm_head_to_cpu() is False                    # idempotent
+    assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == 96
     compact_loss, compact_grad = loss_and_grad()
     assert compact_loss == pytest.approx(every_loss, rel=1e-5)
     assert torch.allclose(compact_grad, every_grad, rtol=1e-4, atol=1e-7)

@@ -313,7 +313,10 @@ def pretrain_tiny(model: Any, tokenizer: Any, texts: list[str], spec: PretrainSp
                                    generator=generator)
             window = torch.stack([data[s:s + spec.seq_len + 1] for s in starts.tolist()])
             window = index[window]
-            hidden = model.model(inputs_embeds=inputs[window[:, :-1]]).last_hidden_state
+            # F.embedding, not inputs[...]: the CPU backward of indexing accumulates the rows'
+            # gradients on several threads in no fixed order (a different base every run)
+            embedded = torch.nn.functional.embedding(window[:, :-1], inputs)
+            hidden = model.model(inputs_embeds=embedded).last_hidden_state
             logits = torch.cat([hidden @ learned.T, (hidden @ other).unsqueeze(-1) + log_others], -1)
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), window[:, 1:].flatten())
             loss.backward()

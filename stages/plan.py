@@ -122,6 +122,7 @@ class StagePlan:
     basis: str = ""
     requests: int = 0          # first draws the stage makes
     cached: int = 0            # of them, already answered in the cache
+    damaged: int = 0           # of the uncached, with an unreadable cache entry (paid again)
     prompt_tokens: int = 0     # of the uncached first draws
     completion_tokens: int = 0  # expected, of the uncached first draws
     completion_basis: str = ""
@@ -129,7 +130,6 @@ class StagePlan:
     overhead_basis: str = ""
     usd_online: float = 0.0
     usd_batch: float = 0.0
-    notes: list[str] = field(default_factory=list)
 
     @property
     def uncached(self) -> int:
@@ -237,19 +237,22 @@ def tally(row: StagePlan, requests: Sequence[LLMRequest], llm: LLMParams, ctx: C
     counter = ctx.counter(llm.model)
     cache = ResponseCache(cache_dir) if cache_dir is not None and cache_dir.is_dir() else None
     formats: dict[type, dict[str, Any]] = {}
-    cached = prompt = 0
+    cached = prompt = damaged = 0
     counted: dict[int, int] = {}  # an estimate repeats one template request n times
     for request in requests:
         if request.response_model not in formats:
             formats[request.response_model] = response_format_for(request.response_model)
         fmt = formats[request.response_model]
-        if cache is not None and cache.path_for(cache_key(
-                model=llm.model, messages=[dict(m) for m in request.messages],
-                json_schema=fmt["json_schema"], temperature=llm.temperature, top_p=llm.top_p,
-                max_tokens=llm.max_tokens, seed=llm.seed, sample_index=request.sample_index,
-                reask_index=0)).is_file():
-            cached += 1
-            continue
+        key = cache_key(model=llm.model, messages=[dict(m) for m in request.messages],
+                        json_schema=fmt["json_schema"], temperature=llm.temperature,
+                        top_p=llm.top_p, max_tokens=llm.max_tokens, seed=llm.seed,
+                        sample_index=request.sample_index, reask_index=0)
+        if cache is not None and cache.path_for(key).is_file():
+            # the stage reads an entry it cannot parse as a miss and pays for it again
+            if cache.get(key) is not None:
+                cached += 1
+                continue
+            damaged += 1
         if id(request) not in counted:
             counted[id(request)] = counter.request(request)
         prompt += counted[id(request)] + extra_tokens
@@ -261,6 +264,7 @@ def tally(row: StagePlan, requests: Sequence[LLMRequest], llm: LLMParams, ctx: C
                             f"{ctx.plan.completion_share:g} x max_tokens {llm.max_tokens}")
     row.requests += round(len(requests) * scale)
     row.cached += round(cached * scale)
+    row.damaged += round(damaged * scale)
     row.prompt_tokens += round(prompt * scale)
     row.completion_tokens += round((len(requests) - cached) * scale * each)
 
@@ -491,7 +495,9 @@ def render(plan: dict[str, Any]) -> str:
         lines.append(f"| {r.stage} | {'yes' if r.runs else 'no'} | {r.requests:,} | {r.cached:,} | "
                      f"{r.uncached:,} | {r.prompt_tokens:,} | {r.completion_tokens:,} "
                      f"({r.completion_basis or '–'}) | {r.overhead:.2f} ({r.overhead_basis or '–'}) | "
-                     f"{r.usd_online:,.2f} | {r.usd_batch:,.2f} | {r.basis} |")
+                     f"{r.usd_online:,.2f} | {r.usd_batch:,.2f} | {r.basis}"
+                     + (f"; {r.damaged:,} damaged cache entries, asked again" if r.damaged else "")
+                     + " |")
     t = plan["total"]
     lines.append(f"| **total** | | {t['requests']:,} | | {t['uncached']:,} | {t['prompt_tokens']:,} | "
                  f"{t['completion_tokens']:,} | {t['expected_calls']:,} calls | "

@@ -72,7 +72,9 @@ def mcq(i: int) -> dict:
             "answer": 0, "category": "Economics", "meta": "{}"}
 
 
-def test_a_stage_whose_input_exists_is_counted_exactly_against_its_cache(tmp_path, monkeypatch):
+def filter_workspace(tmp_path: Path, monkeypatch) -> tuple[list[dict], list[Path], Context]:
+    """A project with filter@fm's input (5 MCQs) and two of its five judge requests answered
+    in the cache (80 completion tokens each); the entries' paths and a plan context."""
     monkeypatch.chdir(tmp_path)
     records = [mcq(i) for i in range(5)]
     write_records(records, SCHEMAS["mcq"], tmp_path / "data/collected/k.parquet")
@@ -90,15 +92,20 @@ def test_a_stage_whose_input_exists_is_counted_exactly_against_its_cache(tmp_pat
     # two of the five judge requests are already answered (80 completion tokens each)
     cache = ResponseCache(tmp_path / "data/llm_cache/filter/fm")
     fmt = response_format_for(Verdict)
+    paths = []
     for record in records[:2]:
         key = cache_key(model="gpt-4o", messages=judge_messages(record, "금융시장 문항"),
                         json_schema=fmt["json_schema"], temperature=0.0, top_p=1.0,
                         max_tokens=300, seed=1, sample_index=0, reask_index=0)
-        cache.put(key, CacheEntry(format=ENTRY_FORMAT, response=CachedResponse(
+        paths.append(cache.put(key, CacheEntry(format=ENTRY_FORMAT, response=CachedResponse(
             content="{}", finish_reason="stop", prompt_tokens=1, completion_tokens=80),
             request=RequestSummary(model="gpt-4o", schema_name="Verdict", temperature=0.0,
-                                   top_p=1.0, max_tokens=300, seed=1, sample_index=0, reask_index=0)))
-    ctx = Context(Path("."), "params.yaml", PlanParams(), load_commands(Path(".")))
+                                   top_p=1.0, max_tokens=300, seed=1, sample_index=0, reask_index=0))))
+    return records, paths, Context(Path("."), "params.yaml", PlanParams(), load_commands(Path(".")))
+
+
+def test_a_stage_whose_input_exists_is_counted_exactly_against_its_cache(tmp_path, monkeypatch):
+    records, _, ctx = filter_workspace(tmp_path, monkeypatch)
     row = StagePlan("filter@fm", runs=True)
     plan_filter("fm", ctx, row)
     assert (row.requests, row.cached, row.uncached) == (5, 2, 3)
@@ -113,6 +120,23 @@ def test_a_stage_whose_input_exists_is_counted_exactly_against_its_cache(tmp_pat
     assert later.requests == round(5 * 0.75) and later.basis.startswith("estimated: filter not run")
     assert later.completion_basis == "0.5 x max_tokens 300"
     assert not (tmp_path / "data/generated").exists()  # nothing written
+
+
+def test_a_damaged_cache_entry_is_planned_as_a_paid_request(tmp_path, monkeypatch, caplog):
+    """The stage reads an entry it cannot parse as a miss and asks again, so the plan must
+    price it: a file cut off mid-write and one of another entry format are not "cached"."""
+    records, paths, ctx = filter_workspace(tmp_path, monkeypatch)
+    paths[0].write_bytes(paths[0].read_bytes()[:40])
+    paths[1].write_text(paths[1].read_text(encoding="utf-8").replace(
+        f'"format": {ENTRY_FORMAT}', f'"format": {ENTRY_FORMAT + 1}'), encoding="utf-8")
+    row = StagePlan("filter@fm", runs=True)
+    plan_filter("fm", ctx, row)
+    assert (row.requests, row.cached, row.uncached, row.damaged) == (5, 0, 5, 2)
+    counter = TokenCounter("gpt-4o")
+    assert row.prompt_tokens == sum(counter.request(LLMRequest(judge_messages(r, "금융시장 문항"),
+                                                               Verdict)) for r in records)
+    assert "damaged or partial" in caplog.text and "has format" in caplog.text
+    assert paths[0].is_file() and paths[1].is_file()  # the plan only reads
 
 
 def test_the_encoding_is_the_models_own():

@@ -157,6 +157,64 @@ def test_a_create_that_fails_after_the_server_made_the_batch_is_not_made_twice(t
     assert all(r.ok for r in results)
 
 
+def test_the_lost_batch_is_found_behind_a_full_page_of_newer_ones(tmp_path):
+    """A busy account: 150 other batches are created between ours and the create's failed
+    reply, so ours is on the second page of the newest-first list; found there, not made again."""
+    import copy
+    from tests import llm_server
+    with LLMTestServer() as server:
+        real, calls = server._api_batch_create, []
+
+        def create(record):
+            status, out = real(record)
+            calls.append(1)
+            if len(calls) == 1:
+                ours = server._batches[out["id"]]
+                for n in range(150):  # other submissions, newer than ours
+                    obj = {**copy.deepcopy(ours.obj), "id": f"batch_other{n:03d}",
+                           "metadata": {"submission": f"other-{n}"}}
+                    server._batches[obj["id"]] = llm_server._Batch(
+                        obj, len(server._batches), [], [], "completed", {})
+                raise llm_server._APIError(500, "upstream hiccup after commit", kind="server_error")
+            return status, out
+        server._api_batch_create = create
+        results, _, _ = run_requests(batch_params(tmp_path, server), requests_for(range(5)))
+        assert len(calls) == 1 and server.batch_counts["lists"] == 2  # page 2 held it
+        assert [b["metadata"]["submission"].startswith("other-") for b in server.batches].count(
+            False) == 1
+    assert all(r.ok for r in results)
+
+
+def test_resume_looks_for_a_lost_batch_only_where_it_can_be(tmp_path):
+    """A record killed after its upload ("uploaded", no batch id) is looked for newest first
+    down to its upload time, not through all of a long history; one killed before the upload
+    was recorded ("prepared") cannot have a batch and is not looked for. Both are dropped and
+    their requests asked again, once."""
+    import copy
+    from tests import llm_server
+    with LLMTestServer() as server:
+        params = batch_params(tmp_path, server)
+        run_requests(params, requests_for(range(2)))  # one real batch, to copy
+        (template,) = server._batches.values()
+        for n in range(250):  # two days of other batches
+            obj = {**copy.deepcopy(template.obj), "id": f"batch_old{n:03d}",
+                   "created_at": int(time.time()) - 2 * 86400 + n,
+                   "metadata": {"submission": f"old-{n}"}}
+            server._batches[obj["id"]] = llm_server._Batch(obj, len(server._batches), [], [],
+                                                            "completed", {})
+        template.obj["created_at"] -= 3 * 86400
+        records = Path(params.cache_dir) / "batches"
+        for sid, status in (("lost-1", "uploaded"), ("lost-2", "prepared")):
+            (records / f"{sid}.json").write_text(json.dumps(
+                {"submission": sid, "status": status, "batch_id": None, "input_file_id": None,
+                 "uploaded_at": time.time(), "keys": [], "summaries": {}}), encoding="utf-8")
+        lists = server.batch_counts["lists"]
+        results, _, _ = run_requests(params, requests_for(range(2, 4)))
+        assert server.batch_counts["lists"] - lists == 1  # one page: older than the upload
+        assert not (records / "lost-1.json").exists() and not (records / "lost-2.json").exists()
+    assert all(r.ok for r in results)
+
+
 def test_a_rerun_after_every_line_failed_sends_a_new_batch(tmp_path):
     with LLMTestServer(batch_line_errors=1.0) as server:
         first, _, _ = run_requests(batch_params(tmp_path, server, max_submissions=1),

@@ -198,14 +198,14 @@ class Batcher:
         api = self.client._api()
         uploaded = await self.call(lambda: api.files.create(
             file=(f"{sid}.jsonl", jsonl.encode("utf-8")), purpose="batch"))
-        record.update(input_file_id=uploaded.id, status="uploaded")
+        record.update(input_file_id=uploaded.id, status="uploaded", uploaded_at=time.time())
         self.write_record(record)
         # a failed create may still have created the batch (500 after the fact, a dropped
         # reply): before each retry, look for it by its submission id — never create twice
         found = await self.call(lambda: api.batches.create(
             input_file_id=uploaded.id, endpoint=ENDPOINT,
             completion_window=self.params.completion_window, metadata={"submission": sid}),
-            before_retry=lambda: self.find_submitted(sid))
+            before_retry=lambda: self.find_submitted(sid, record["uploaded_at"]))
         self.batches += 1
         record.update(batch_id=found.id, status="submitted")
         self.write_record(record)
@@ -213,15 +213,25 @@ class Batcher:
                              len(lines), sid)
         return record
 
-    async def find_submitted(self, sid: str) -> Any:
-        """A batch already created for this submission (a run killed inside create)."""
+    async def find_submitted(self, sid: str, since: Optional[float] = None) -> Any:
+        """A batch already created for this submission (a run killed inside create). Pages
+        through the account's batches, newest first, down to ``since`` (when the file was
+        uploaded, less an hour for clock skew) or to the last page: a busy account has more
+        than one page of batches, and a batch missed here would be paid for twice."""
         api = self.client._api()
-        page = await self.call(lambda: api.batches.list(limit=100))
-        for batch in getattr(page, "data", []) or []:
-            if (batch.metadata or {}).get("submission") == sid and batch.status not in (
-                    "failed", "expired", "cancelled"):
-                return batch
-        return None
+        after: Optional[str] = None
+        while True:
+            page = await self.call(lambda: api.batches.list(limit=100, **(
+                {"after": after} if after else {})))
+            batches = list(getattr(page, "data", None) or [])
+            for batch in batches:
+                if (batch.metadata or {}).get("submission") == sid and batch.status not in (
+                        "failed", "expired", "cancelled"):
+                    return batch
+            older = since is not None and batches and (batches[-1].created_at or 0) < since - 3600
+            if not batches or older or not getattr(page, "has_more", False):
+                return None
+            after = batches[-1].id
 
     async def resume(self) -> None:
         """Collect every batch an earlier run submitted and did not collect (never resubmit)."""
@@ -232,7 +242,9 @@ class Batcher:
             if record.get("status") == "collected":
                 continue
             if record.get("batch_id") is None:
-                found = await self.find_submitted(record["submission"])
+                # "prepared": killed before the upload was recorded, so create never ran
+                found = None if record.get("status") == "prepared" else await self.find_submitted(
+                    record["submission"], record.get("uploaded_at"))
                 if found is None:  # nothing was created: the requests will come again
                     path.unlink()
                     continue

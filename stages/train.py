@@ -324,10 +324,24 @@ def load_base_model(base_dir: str, info: dict[str, Any], params: TrainParams, ke
     if cuda:
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     try:
-        return AutoModelForCausalLM.from_pretrained(weights, revision=revision, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(weights, revision=revision, **kwargs)
     except OSError as exc:
         raise StageError(f"train@{key}: cannot load base weights {weights!r} (revision {revision}): "
                          f"{str(exc).splitlines()[0]}") from None
+    if not cuda and params.quant.load_in_4bit:
+        keep_4bit_training_layout(model)
+    return model
+
+
+def keep_4bit_training_layout(model: Any) -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a ``Linear4bit``'s weights in place
+    the first time it runs in eval mode on an input without grad (an inference layout), and
+    the next training step fails on them (``a view of a leaf Variable…``): any evaluation
+    inside a run would — ``eval_strategy``, the start-loss measurement. With that inference
+    path off, evaluation runs the kernels training runs."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
 
 
 def attach_adapter(model: Any, params: TrainParams, init_from: str, key: str) -> Any:
@@ -707,7 +721,7 @@ def start_losses(run: _Run, model: Any) -> dict[str, Any]:
         return out
 
     def measure(rows: list[dict[str, Any]]) -> float:
-        return round(answer_loss(model, run.tokenizer, rows, training_safe=True)[0], 4)
+        return round(answer_loss(model, run.tokenizer, rows)[0], 4)
 
     own = loss_sample(run.train_rows)
     model.eval()
@@ -728,9 +742,7 @@ LOSS_KEYS = ("start_loss", "start_loss_base", "start_loss_on_parent", "parent_en
 
 
 def end_loss(run: _Run, model: Any) -> float:
-    """The answer loss of the trained weights on the version's loss sample. Plain no-grad
-    inference: no training follows (and after the dev evaluation bitsandbytes may already
-    hold the weights in its inference layout, which only runs without grad)."""
+    """The answer loss of the trained weights on the version's loss sample."""
     model.eval()
     loss, _ = answer_loss(model, run.tokenizer, loss_sample(run.train_rows))
     return round(loss, 4)

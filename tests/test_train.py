@@ -144,6 +144,28 @@ def test_loss_falls_on_the_repeated_toy_set(trained_v1: Path):
     assert losses[-1] < losses[0] * 0.5  # e.g. 10.0 -> 1.0 in 8 steps
 
 
+def test_evaluating_during_4bit_cpu_training_does_not_break_training(workspace: Path, tmp_path: Path):
+    """``eval_strategy: steps`` on a 4-bit model on the CPU: bitsandbytes' inference repack (on
+    CPUs with AVX512-BF16) used to turn the weights into a layout the next training step failed
+    on, halfway through the run. The run finishes, logs its dev loss at each evaluation, and
+    the training curve is the one of the same run without evaluation."""
+    curves = {}
+    for name, extra in (("plain", {}), ("evaluated", {"eval_strategy": "steps", "eval_steps": 2})):
+        ws = tmp_path / name
+        shutil.copytree(workspace, ws, ignore=shutil.ignore_patterns("models/v*", "dvclive",
+                                                                     "checkpoints", "metrics", "logs"))
+        shutil.rmtree(ws / "models" / "v1", ignore_errors=True)
+        _params_yaml(ws, v1={"sft": {"max_steps": 6, **extra}})
+        done = run_stage("train", _args("v1", "models/base"), ws)
+        assert done.returncode == 0, done.stderr[-3000:]
+        live = ws / "dvclive/train/v1/plots/metrics"
+        curves[name] = (live / "loss.tsv").read_text(encoding="utf-8")
+    evals = (tmp_path / "evaluated/dvclive/train/v1/plots/metrics/eval/loss.tsv").read_text(encoding="utf-8")
+    # at steps 2, 4, 6, then the stage's own dev evaluation after the last step
+    assert [line.split("\t")[0] for line in evals.splitlines()[1:]] == ["2", "4", "6", "6"]
+    assert curves["evaluated"] == curves["plain"]
+
+
 def test_chained_version_starts_from_the_parent_adapter(trained_v1: Path):
     params = _resolved("v3", "models/v1")
     assert params.parent == "v1"

@@ -24,22 +24,16 @@ def tokenized_example(tokenizer: Any, row: dict[str, Any]) -> dict[str, list[int
     return {"input_ids": full, "completion_mask": [0] * prefix + [1] * (len(full) - prefix)}
 
 
-def answer_loss(model: Any, tokenizer: Any, rows: list[dict[str, Any]],
-                training_safe: bool = False) -> tuple[float, int]:
+def answer_loss(model: Any, tokenizer: Any, rows: list[dict[str, Any]]) -> tuple[float, int]:
     """Training's loss on ``rows``: the mean negative log-likelihood of the completion tokens
     (answer, ``<|im_end|>``, newline), pooled over all of them; logits only where a completion
-    token is predicted. Returns (loss, tokens).
-
-    ``training_safe``: for a 4-bit model that is trained afterwards. On a CPU with AVX512-BF16,
-    bitsandbytes repacks a ``Linear4bit``'s weights in place for inference the first time one
-    runs in eval mode on an input without grad, and training then fails in that layout; here
-    the inputs (embeddings) require grad, so the layers keep their training layout."""
+    token is predicted. Returns (loss, tokens). (A 4-bit model trained afterwards on the CPU
+    must keep its training layout: ``stages.train.keep_4bit_training_layout``.)"""
     import torch
 
     device = next(model.parameters()).device
-    embed = model.get_input_embeddings() if training_safe else None
     total, tokens = 0.0, 0
-    with torch.enable_grad() if training_safe else torch.no_grad():
+    with torch.no_grad():
         for row in rows:
             example = tokenized_example(tokenizer, row)
             ids = example["input_ids"]
@@ -48,11 +42,7 @@ def answer_loss(model: Any, tokenizer: Any, rows: list[dict[str, Any]],
                 continue
             keep = torch.tensor([t - 1 for t in targets], device=device)
             inputs = torch.tensor([ids], device=device)
-            if training_safe:
-                given = {"inputs_embeds": embed(inputs).detach().requires_grad_(True)}
-            else:
-                given = {"input_ids": inputs}
-            logits = model(**given, use_cache=False, logits_to_keep=keep).logits[0]
+            logits = model(input_ids=inputs, use_cache=False, logits_to_keep=keep).logits[0]
             logp = torch.log_softmax(logits.float(), dim=-1)
             picked = logp[torch.arange(len(targets)), torch.tensor([ids[t] for t in targets])]
             total -= picked.sum().item()

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import resource
 import shutil
@@ -392,6 +393,30 @@ class CheckpointMarker:
         return _Marker()
 
 
+class StepLog:
+    """Each logging step as one line of the stage's log (and so of ``logs/train/<v>.log``),
+    in place of the Trainer's printed dicts: step, epoch, loss, lr, grad norm, tokens seen;
+    an evaluation's dev loss. Main process only."""
+
+    def __new__(cls, log: logging.Logger):  # a TrainerCallback built lazily: late import
+        from transformers import TrainerCallback
+
+        class _StepLog(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                logs = logs or {}
+                if not state.is_world_process_zero:
+                    return
+                where = f"step {state.global_step}/{state.max_steps} (epoch {state.epoch or 0:.2f})"
+                if "loss" in logs:
+                    log.info("%s: loss %.4f, lr %.3g, grad norm %.3g, %s tokens seen", where,
+                             logs["loss"], logs.get("learning_rate", float("nan")),
+                             logs.get("grad_norm", float("nan")),
+                             f"{state.num_input_tokens_seen:,}")
+                elif "eval_loss" in logs:
+                    log.info("%s: dev loss %.4f", where, logs["eval_loss"])
+        return _StepLog()
+
+
 def restore_live(checkpoint: Path, live_dir: str) -> None:
     """The dvclive curve as it was at ``checkpoint`` (its copy), so the resumed run continues it."""
     copy = checkpoint / LIVE_COPY
@@ -427,6 +452,7 @@ def build_trainer(model: Any, tokenizer: Any, train_rows: list[dict[str, Any]],
     """trl SFTTrainer over the rows; ``params.sft`` maps one-to-one onto SFTConfig."""
     import torch
     from datasets import Dataset
+    from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
     on_cpu = not torch.cuda.is_available()
@@ -447,6 +473,7 @@ def build_trainer(model: Any, tokenizer: Any, train_rows: list[dict[str, Any]],
         train_dataset=Dataset.from_list(columns(train_rows)),
         eval_dataset=Dataset.from_list(columns(dev_rows)) if dev_rows else None,
         callbacks=callbacks or [])
+    trainer.remove_callback(PrinterCallback)  # the stage logs each step instead (StepLog)
     fp32_adapter_masters(trainer.model)
     return trainer
 
@@ -752,7 +779,7 @@ def train(run: _Run, peft_model: Any) -> tuple[Any, dict[str, Any]]:
     import torch
     from accelerate import PartialState
 
-    callbacks = [CheckpointMarker(run.args.live_dir if run.main_process else None)]
+    callbacks = [CheckpointMarker(run.args.live_dir if run.main_process else None), StepLog(run.log)]
     if run.main_process:
         if run.resume_from is not None:
             restore_live(run.resume_from, run.args.live_dir)
@@ -809,9 +836,8 @@ def save_version(run: _Run, trainer: Any, outcome: dict[str, Any]) -> dict[str, 
     lineage = write_version(args.out, trainer.model, run.tokenizer, lineage, training_config,
                             loss_sample(run.train_rows))
     finish_checkpoint_dir(args.checkpoints, run.fingerprint)
-    run.log.info("train@%s: %d steps, final loss %.4f, %d tokens seen in %.1fs -> %s", key,
-                 lineage["steps"], outcome["final_loss"], outcome["tokens_seen"], outcome["runtime"],
-                 args.out)
+    run.log.info("%d steps, final loss %.4f, %d tokens seen in %.1fs -> %s", lineage["steps"],
+                 outcome["final_loss"], outcome["tokens_seen"], outcome["runtime"], args.out)
     return lineage
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -164,6 +165,15 @@ def test_evaluating_during_4bit_cpu_training_does_not_break_training(workspace: 
     # at steps 2, 4, 6, then the stage's own dev evaluation after the last step
     assert [line.split("\t")[0] for line in evals.splitlines()[1:]] == ["2", "4", "6", "6"]
     assert curves["evaluated"] == curves["plain"]
+    # each logging step is a line of the stage's log, not a printed dict
+    log = (tmp_path / "evaluated/logs/train/v1.log").read_text(encoding="utf-8")
+    steps = re.findall(r"step (\d)/6 \(epoch [\d.]+\): loss ([\d.]+), lr \S+, grad norm \S+, "
+                       r"([\d,]+) tokens seen", log)
+    assert [s[0] for s in steps] == ["1", "2", "3", "4", "5", "6"]
+    assert [s[1] for s in steps] == [f"{float(line.split(chr(9))[1]):.4f}"
+                                     for line in curves["evaluated"].splitlines()[1:]]
+    assert re.findall(r"step (\d)/6 \(epoch [\d.]+\): dev loss", log) == ["2", "4", "6", "6"]
+    assert "{'loss'" not in done.stdout + done.stderr
 
 
 def test_chained_version_starts_from_the_parent_adapter(trained_v1: Path):

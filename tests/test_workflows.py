@@ -441,6 +441,19 @@ def test_dvc_exp_run_of_one_versions_lora_rank_is_listed(project):
         text = json.dumps(shown)
         assert "v4-rank4" in text
         assert run([DVC, "exp", "show", "--csv"], project, env).stdout.count("v4-rank4") == 1
+        # the README's narrowed table: just the experiment's param and v4's metrics
+        keep = (r"Experiment|Created|versions\.v4\.train\.lora\.r|"
+                r"metrics/(train|eval)/v4\.json:(final_loss|accuracy\.micro|dev_loss\.model)")
+        assert f"--drop '.*' --keep '{keep}'" in (ROOT / "README.md").read_text(encoding="utf-8")
+        table = run([DVC, "exp", "show", "--md", "--drop", ".*", "--keep", keep], project, env).stdout
+        cells = [[c.strip() for c in line.strip().strip("|").split("|")]
+                 for line in table.splitlines() if line.startswith("|")]
+        assert sorted(cells[0]) == sorted(
+            ["Experiment", "Created", "versions.v4.train.lora.r", "metrics/train/v4.json:final_loss",
+             "metrics/eval/v4.json:accuracy.micro", "metrics/eval/v4.json:dev_loss.model"])
+        (ours,) = [row for row in cells if "v4-rank4" in row[0]]
+        assert ours[cells[0].index("versions.v4.train.lora.r")] == "4"
+        assert float(ours[cells[0].index("metrics/eval/v4.json:dev_loss.model")]) > 0
     finally:
         run(["git", "checkout", "params.yaml", "dvc.lock"], project)
         run([DVC, "checkout", "-f"], project, env, check=False)

@@ -45,7 +45,7 @@ from typing import Any, Callable, Optional, Sequence
 from pydantic import Field
 
 from stages.common.llm import LLMParams, LLMRequest, Prices, response_format_for
-from stages.common.llm_cache import ResponseCache, cache_key
+from stages.common.llm_cache import ENTRY_FORMAT, ResponseCache, cache_key
 from stages.common.params import PARAMS_FILE, ParamsError, Strict, load_raw, read_section, read_yaml
 from stages.common.runlog import StageError
 
@@ -222,8 +222,11 @@ def cached_completion_mean(cache_dir: Optional[Path]) -> Optional[float]:
     counts = []
     for path in cache_dir.glob("??/*.json"):  # the entries (not batches/ records)
         try:
-            tokens = json.loads(path.read_bytes())["response"]["completion_tokens"]
-        except (OSError, ValueError, KeyError, TypeError):
+            entry = json.loads(path.read_bytes())
+            if entry.get("format") != ENTRY_FORMAT:  # the stage would not use it either
+                continue
+            tokens = entry["response"]["completion_tokens"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
         if tokens:
             counts.append(tokens)
@@ -239,6 +242,7 @@ def tally(row: StagePlan, requests: Sequence[LLMRequest], llm: LLMParams, ctx: C
     formats: dict[type, dict[str, Any]] = {}
     cached = prompt = damaged = 0
     counted: dict[int, int] = {}  # an estimate repeats one template request n times
+    usable: dict[str, bool] = {}  # cache key -> its entry reads as the stage would use it
     for request in requests:
         if request.response_model not in formats:
             formats[request.response_model] = response_format_for(request.response_model)
@@ -249,7 +253,9 @@ def tally(row: StagePlan, requests: Sequence[LLMRequest], llm: LLMParams, ctx: C
                         sample_index=request.sample_index, reask_index=0)
         if cache is not None and cache.path_for(key).is_file():
             # the stage reads an entry it cannot parse as a miss and pays for it again
-            if cache.get(key) is not None:
+            if key not in usable:  # an estimate repeats one request: read (and warn) once
+                usable[key] = cache.get(key) is not None
+            if usable[key]:
                 cached += 1
                 continue
             damaged += 1

@@ -185,6 +185,38 @@ def test_the_lost_batch_is_found_behind_a_full_page_of_newer_ones(tmp_path):
     assert all(r.ok for r in results)
 
 
+def test_a_list_whose_cursor_does_not_move_ends_the_search(tmp_path):
+    """An endpoint that ignores ``after`` and always says ``has_more``: the search stops when a
+    page repeats (never an endless run of list calls), and the create is retried once."""
+    import copy
+    import dataclasses
+    from tests import llm_server
+    with LLMTestServer() as server:
+        params = batch_params(tmp_path, server)
+        run_requests(params, requests_for(range(2)))
+        (template,) = server._batches.values()
+        for n in range(150):
+            obj = {**copy.deepcopy(template.obj), "id": f"batch_x{n:03d}",
+                   "metadata": {"submission": f"x-{n}"}}
+            server._batches[obj["id"]] = llm_server._Batch(obj, len(server._batches), [], [],
+                                                            "completed", {})
+        real_create, real_list, creates = server._api_batch_create, server._api_batch_list, []
+
+        def create(record):  # the first create of the run fails before making anything
+            creates.append(1)
+            if len(creates) == 1:
+                raise llm_server._APIError(500, "upstream hiccup", kind="server_error")
+            return real_create(record)
+
+        def stuck(record):  # always the first page
+            return real_list(dataclasses.replace(record, path=record.path.split("?")[0] + "?limit=100"))
+        server._api_batch_create, server._api_batch_list = create, stuck
+        lists = server.batch_counts["lists"]
+        results, _, _ = run_requests(params, requests_for(range(2, 5)))
+        assert server.batch_counts["lists"] - lists == 2 and len(creates) == 2
+    assert all(r.ok for r in results)
+
+
 def test_resume_looks_for_a_lost_batch_only_where_it_can_be(tmp_path):
     """A record killed after its upload ("uploaded", no batch id) is looked for newest first
     down to its upload time, not through all of a long history; one killed before the upload

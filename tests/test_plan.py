@@ -20,7 +20,7 @@ from stages.common.schema import SCHEMAS
 from stages.common.text import content_id
 from stages.filter import Verdict, judge_messages
 from stages.plan import Context, TokenCounter, PlanParams, StagePlan, load_commands, plan_filter, \
-    plan_transform
+    plan_transform, render, totals
 from tests.conftest import ROOT
 
 LLM_STAGE_ROWS = {"summarize", "filter@financial_market", "filter@accounting", "filter@rules",
@@ -135,7 +135,10 @@ def test_a_damaged_cache_entry_is_planned_as_a_paid_request(tmp_path, monkeypatc
     counter = TokenCounter("gpt-4o")
     assert row.prompt_tokens == sum(counter.request(LLMRequest(judge_messages(r, "금융시장 문항"),
                                                                Verdict)) for r in records)
-    assert "damaged or partial" in caplog.text and "has format" in caplog.text
+    assert caplog.text.count("damaged or partial") == 1 and caplog.text.count("has format") == 1
+    assert row.completion_basis == "0.5 x max_tokens 300"  # neither entry's tokens are a mean
+    table = render({"rows": [row], "total": totals([row]), "status": "test", "encodings": ["o200k_base"]})
+    assert "; 2 damaged cache entries, asked again |" in table
     assert paths[0].is_file() and paths[1].is_file()  # the plan only reads
 
 

@@ -145,6 +145,19 @@ def test_loss_falls_on_the_repeated_toy_set(trained_v1: Path):
     assert losses[-1] < losses[0] * 0.5  # e.g. 10.0 -> 1.0 in 8 steps
 
 
+def test_the_4bit_base_loaded_for_cpu_training_has_bitsandbytes_inference_repack_off(workspace, monkeypatch):
+    """Whatever this CPU has: with AVX512-BF16 reported, every Linear4bit would repack its
+    weights the first time it ran in eval mode without grad; the model train loads has that
+    off on every 4-bit layer (the test below shows why, on a CPU that has it)."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    info = json.loads((workspace / "models/base/base.json").read_text(encoding="utf-8"))
+    model = load_base_model(str(workspace / "models/base"), info, _resolved("v1", "models/base"), "v1")
+    layers = [m for m in model.modules() if isinstance(m, bnb_modules.Linear4bit)]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+
+
 def test_evaluating_during_4bit_cpu_training_does_not_break_training(workspace: Path, tmp_path: Path):
     """``eval_strategy: steps`` on a 4-bit model on the CPU: bitsandbytes' inference repack (on
     CPUs with AVX512-BF16) used to turn the weights into a layout the next training step failed
@@ -153,9 +166,10 @@ def test_evaluating_during_4bit_cpu_training_does_not_break_training(workspace: 
     curves = {}
     for name, extra in (("plain", {}), ("evaluated", {"eval_strategy": "steps", "eval_steps": 2})):
         ws = tmp_path / name
-        shutil.copytree(workspace, ws, ignore=shutil.ignore_patterns("models/v*", "dvclive",
-                                                                     "checkpoints", "metrics", "logs"))
-        shutil.rmtree(ws / "models" / "v1", ignore_errors=True)
+        shutil.copytree(workspace, ws, ignore=shutil.ignore_patterns("dvclive", "checkpoints",
+                                                                     "metrics", "logs"))
+        for trained in (ws / "models").glob("v*"):  # what other tests trained there
+            shutil.rmtree(trained)
         _params_yaml(ws, v1={"sft": {"max_steps": 6, **extra}})
         done = run_stage("train", _args("v1", "models/base"), ws)
         assert done.returncode == 0, done.stderr[-3000:]

@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from stages.common.llm import LLMClient
 
 ENDPOINT = "/v1/chat/completions"
+LIST_PAGE = 100  # batches per page of the list (the API's maximum)
 
 
 def _redact(text: str) -> str:
@@ -220,16 +221,23 @@ class Batcher:
         than one page of batches, and a batch missed here would be paid for twice."""
         api = self.client._api()
         after: Optional[str] = None
+        seen: set[str] = set()
         while True:
-            page = await self.call(lambda: api.batches.list(limit=100, **(
+            page = await self.call(lambda: api.batches.list(limit=LIST_PAGE, **(
                 {"after": after} if after else {})))
             batches = list(getattr(page, "data", None) or [])
             for batch in batches:
                 if (batch.metadata or {}).get("submission") == sid and batch.status not in (
                         "failed", "expired", "cancelled"):
                     return batch
-            older = since is not None and batches and (batches[-1].created_at or 0) < since - 3600
-            if not batches or older or not getattr(page, "has_more", False):
+            if not batches or batches[-1].id in seen:  # the end, or a cursor that did not move
+                return None
+            seen.update(batch.id for batch in batches)
+            oldest = batches[-1].created_at  # unknown: not known to be older
+            if since is not None and oldest is not None and oldest < since - 3600:
+                return None
+            more = getattr(page, "has_more", None)  # left out (None): a full page may have more
+            if more is False or (more is None and len(batches) < LIST_PAGE):
                 return None
             after = batches[-1].id
 
@@ -243,8 +251,9 @@ class Batcher:
                 continue
             if record.get("batch_id") is None:
                 # "prepared": killed before the upload was recorded, so create never ran
+                # a record of older code has no uploaded_at: its file was last written then
                 found = None if record.get("status") == "prepared" else await self.find_submitted(
-                    record["submission"], record.get("uploaded_at"))
+                    record["submission"], record.get("uploaded_at") or path.stat().st_mtime)
                 if found is None:  # nothing was created: the requests will come again
                     path.unlink()
                     continue

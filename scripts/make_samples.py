@@ -17,6 +17,7 @@ Files written (paths relative to ``--out``, default ``data/samples``):
 * ``raw/qa_rules.json``, ``raw/table_qa.jsonl``, ``raw/top100_companies.json``
 * ``raw/aihub_kozh.xlsx``                one sheet, columns ID, 분야, 한국어, 중국어
 * ``raw/aihub_econ_calc.csv``            CP949
+* ``raw/prices/{stock,index}_prices.csv`` generated price series (scripts/make_price_samples.py)
 
 ``data/samples/README.md``, ``data/samples/pdfs/`` and ``data/samples/quickstart.params.yaml``
 are not written here.
@@ -998,6 +999,9 @@ def build() -> dict[str, bytes]:
     files["raw/top100_companies.json"] = _json(COMPANIES)
     files["raw/aihub_kozh.xlsx"] = kozh_xlsx()
     files["raw/aihub_econ_calc.csv"] = econ_calc_csv()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from make_price_samples import sample_files as price_files
+    files.update({f"raw/prices/{name}": data for name, data in price_files().items()})
     return files
 
 

@@ -33,7 +33,7 @@ from stages.common.params import PARAMS_FILE, ParamsError, check_key_names, load
 from stages.dvc_vars import VARS_FILE, check_version_entries, is_current
 
 # section -> (per key?, the stage's loader). Imported lazily: each stage module owns its schema.
-KEYED = ("collect", "extract", "filter", "transform", "synthesize", "solve")
+KEYED = ("collect", "extract", "filter", "transform", "synthesize", "solve", "stock", "agent")
 SINGLE = ("base_model", "summarize", "evaluate", "report", "plan")
 SHARED = ("llm_defaults", "mix_defaults", "train_defaults")  # read through the sections above
 
@@ -89,6 +89,8 @@ def mix_problems(raw: dict[str, Any], recipes: dict[str, Any]) -> list[str]:
     known = set(raw.get("collect") or {}) | extract | {f"{k}_json" for k in extract}
     known |= {f"generated_{k}" for k in raw.get("solve") or {}}
     known |= {f"mixture_{v}" for v in raw.get("versions") or {}}
+    known |= {f"stock_{k}" for k in raw.get("stock") or {}}
+    known |= {f"agent_{k}{s}" for k in raw.get("agent") or {} for s in ("", "_conversations")}
     if "summarize" in raw:
         known.add("report_summaries")
     problems = []
@@ -112,6 +114,49 @@ def mix_problems(raw: dict[str, Any], recipes: dict[str, Any]) -> list[str]:
         if banned:
             problems.append(f"versions.{version}.mix: excluded sources {sorted(banned)} are in the "
                             "recipe (directly or through a mixture_ source)")
+    return problems
+
+
+def stock_problems(raw: dict[str, Any]) -> list[str]:
+    """``stock.<key>`` reads collected price sources of the right series; ``stock_<key>`` is a
+    mix source name, so no collect key may start with ``stock_``."""
+    collect = raw.get("collect") or {}
+    problems = [f"collect.{k}: a collect key starting with '{prefix}' reads as the {prefix[:-1]} "
+                "stage's mix source; rename it" for k in collect for prefix in ("stock_", "agent_")
+                if str(k).startswith(prefix)]
+
+    def series(name: str) -> Any:
+        spec = collect.get(name)
+        if not isinstance(spec, dict) or spec.get("kind") != "prices":
+            return None
+        return (spec.get("prices") or {}).get("series")
+
+    for key, spec in (raw.get("stock") or {}).items():
+        if not isinstance(spec, dict):
+            continue
+        for name in spec.get("prices") or []:
+            if series(name) != "stock":
+                problems.append(f"stock.{key}.prices: {name!r} is not a collect source of kind "
+                                "prices with series stock")
+        source = (spec.get("calendar") or {}).get("source")
+        if series(source) != "index":
+            problems.append(f"stock.{key}.calendar.source: {source!r} is not a collect source of "
+                            "kind prices with series index")
+    # every price-derived training table ends before the cutoff of every stock key that asks
+    # questions about the same prices: a later table would hand the model the stock labels
+    for key, spec in (raw.get("agent") or {}).items():
+        if not isinstance(spec, dict):
+            continue
+        for name in spec.get("prices") or []:
+            if series(name) != "stock":
+                problems.append(f"agent.{key}.prices: {name!r} is not a collect source of kind "
+                                "prices with series stock")
+        for skey, sspec in (raw.get("stock") or {}).items():
+            shared = set(spec.get("prices") or []) & set((sspec or {}).get("prices") or [])
+            if shared and str(spec.get("cutoff")) > str((sspec or {}).get("cutoff")):
+                problems.append(f"agent.{key}.cutoff {spec.get('cutoff')} is after "
+                                f"stock.{skey}.cutoff {sspec.get('cutoff')} over {sorted(shared)}: "
+                                "agent training tables would reach into the held-out stock period")
     return problems
 
 
@@ -177,6 +222,7 @@ def check(path: str | Path = PARAMS_FILE, root: str | Path | None = None) -> lis
     raw = load_raw(path)
     problems, valid = section_problems(raw, str(path))
     problems += mix_problems(raw, valid["recipes"])
+    problems += stock_problems(raw)
     problems += train_problems(valid["trains"])
     problems += length_problems(valid["recipes"], valid["trains"])
     problems += replay_problems(valid["recipes"], valid["trains"])

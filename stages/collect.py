@@ -10,12 +10,16 @@ Contract:
 - rejects (``data/rejects/collect/<source>.parquet``, always written): malformed rows, empty
   fields, answers that are not an index into the choices, duplicate choices, duplicates —
   each with a reason; counts in the metrics JSON;
+- price sources (``kind: prices``) take a columnar path of their own
+  (:mod:`stages.sources.prices`): rows checked in columns, rejects with reasons, a ``prices``
+  table sorted by (ticker, date);
 - fails (exit 2, nothing written) when the input is unusable as a whole (missing path,
   wrong encoding, missing column) or the reject rate exceeds ``max_reject_rate``.
 """
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 from stages.common.io import write_records
 from stages.common.params import PARAMS_FILE, read_section
@@ -49,6 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     key = args.source
     params, log, timer = begin_stage(args, "collect", key, load_params)
+    if params.kind == "prices":
+        return collect_prices_stage(params, key, args, log, timer)
 
     rows = load_rows(params, key)
     where = params.hub.repo if params.loader == "hub" else params.input
@@ -79,6 +85,34 @@ def main(argv: list[str] | None = None) -> None:
     write_metrics(args.metrics, metrics)
     log.info("%d records, %d rejected, %d duplicates removed -> %s (%.1fs)", len(records), bad,
              counts["duplicates_removed"], args.out, timer.seconds)
+
+
+def collect_prices_stage(params: SourceParams, key: str, args: Any, log: Any, timer: Any) -> None:
+    from stages.common.io import write_parquet
+    from stages.common.schema import validate_prices_table
+    from stages.sources.prices import collect_prices
+    result = collect_prices(params, key)
+    reasons = Counter(r["reason"] for r in result.rejects)
+    for r in result.rejects:
+        log.info("reject %s: %s %s", r["item"], r["reason"], r["detail"])
+    write_records(result.rejects, SCHEMAS["reject"], args.rejects)
+    rows = result.counts["rows_read"]
+    check_reject_rate(len(result.rejects), rows, params.max_reject_rate, f"collect@{key}")
+    if not result.table.num_rows:
+        raise StageError(f"collect@{key}: no price rows from {params.input}")
+    validate_prices_table(result.table)
+    write_parquet(result.table, args.out)
+    write_metrics(args.metrics, {
+        "kind": "prices", "series": params.prices.series, "rows_read": rows,
+        "records": result.table.num_rows, "rejected": len(result.rejects),
+        "rejects_by_reason": dict(sorted(reasons.items())), "tickers": result.counts["tickers"],
+        "first_date": result.counts["first_date"], "last_date": result.counts["last_date"],
+        "flags": result.counts["flags"], "input_sha256": file_sha256(params.input),
+        "seconds": timer.seconds})
+    log.info("%d price rows of %d tickers (%s..%s), %d rejected, flags %s -> %s (%.1fs)",
+             result.table.num_rows, result.counts["tickers"], result.counts["first_date"],
+             result.counts["last_date"], len(result.rejects), result.counts["flags"], args.out,
+             timer.seconds)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ Contract:
 - sets (``params.evaluate``): ``collected`` parquet files of mcq records, of which only
   ``split`` (KMMLU: test, never in any mixture) is read, and ``local`` MCQ files under
   ``local_dir`` read exactly like a ``collect`` local mcq source (column mapping, answer
-  format), 4-7 choices.
+  format), 2-7 choices.
 - scoring: each model the way it was trained to answer (``answer_format`` in its lineage.json,
   written by train: ``two_step`` when its mixture holds step-2 examples, else ``single_step``;
   the base model is single-step). Prompts are training's (``stages.common.prompts``) as the

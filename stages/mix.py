@@ -400,6 +400,9 @@ def check_source_fits(build: _Build, name: str, kind: str) -> None:
                          f"do not have ({list(fields)})")
 
 
+HELD_OUT_KINDS = ("mcq", "qa", "translation", "conversation")  # kinds with a split field
+
+
 def format_record(build: _Build, name: str, kind: str, record: dict[str, Any],
                   templates: dict[str, Any], budget: Budget) -> list[dict[str, Any]]:
     """One source record -> its examples ([] when it is invalid, filtered out or unformattable)."""
@@ -412,6 +415,9 @@ def format_record(build: _Build, name: str, kind: str, record: dict[str, Any],
             stats["invalid_record"] += 1
             build.rejects.add(name, item, "invalid_record", "; ".join(problems), record)
             return []
+    if record.get("split") == "test" and kind in HELD_OUT_KINDS:
+        stats["held_out"] += 1   # a source's test split is an evaluation set, never training
+        return []
     if not passes_filters(record, spec.include, spec.exclude):
         stats["filtered_out"] += 1
         return []
@@ -616,6 +622,8 @@ def source_summary(build: _Build, source_index: int, name: str) -> dict[str, Any
         "train": int(c[~d].sum()), "dev": int(c[d].sum()),
         "tokens": int((c * t).sum()), "tokens_train": int((c * t)[~d].sum()),
         "tokens_dev": int((c * t)[d].sum()),
+        # only where there were any: older manifests stay byte-identical (no needless retrain)
+        **({"held_out_test_records": s["held_out"]} if s["held_out"] else {}),
     }
 
 

@@ -3,7 +3,7 @@
     python -m stages.plan [--json] [--params params.yaml] [--root .]
 
 For every LLM stage of the workspace (``summarize``, ``filter@``, ``transform@``,
-``synthesize@``, ``solve@``) it prints whether ``dvc status`` would run it and, for those that
+``synthesize@``, ``solve@``, ``agent@``) it prints whether ``dvc status`` would run it and, for those that
 would, the first-draw requests not yet in the stage's response cache, their prompt tokens,
 the expected completion tokens, the expected extra requests (re-asks, re-samples, the quality
 gate, re-asked synthesize slots) and the dollars at the params' prices, online and through the
@@ -14,7 +14,7 @@ How each figure is had, per stage (the table's ``basis`` column says which appli
 - **exact** where the stage's input exists: the real requests are rendered with the stage's
   own code (filter: prefilter survivors' judge prompts; transform: every filtered question;
   synthesize: every slot's first request; solve: every candidate's step prompt; summarize:
-  every map chunk) and looked up in the response cache by their cache key;
+  every map chunk; agent: every table drawn from the collected prices) and looked up in the response cache by their cache key;
 - **estimated** where an earlier stage has not written the input yet: the count follows from
   the params (``plan.assumed`` for the raw item counts of filter and summarize; the judge's
   keep share ``plan.keep_share`` for transform; ``target_pairs`` for solve), and a request's
@@ -50,10 +50,14 @@ from stages.common.params import PARAMS_FILE, ParamsError, Strict, load_raw, rea
 from stages.common.runlog import StageError
 
 PARAMS = ("plan",)
-LLM_STAGES = ("summarize", "filter", "transform", "synthesize", "solve")
+LLM_STAGES = ("summarize", "filter", "transform", "synthesize", "solve", "agent")
 # Extra draws per item where no metrics were observed yet: invalid answers re-asked (filter,
 # transform, summarize), slots re-asked after a near-duplicate or a bad answer (synthesize).
-DEFAULT_OVERHEAD = {"filter": 1.02, "transform": 1.05, "summarize": 1.05, "synthesize": 1.15}
+DEFAULT_OVERHEAD = {"filter": 1.02, "transform": 1.05, "summarize": 1.05, "synthesize": 1.15,
+                    "agent": 1.05}
+# agent, before prices are collected: tokens of one table's df.head() markdown, dtypes and
+# description inside the prompt (measured on the sample tables: 230-330 in o200k_base)
+AGENT_TABLE_TOKENS = 320
 # solve, per verified question: the share whose first solution is wrong (each wrong one is
 # re-sampled) and the share of candidates that never verify (replaced by the next candidate).
 SOLVE_WRONG_SHARE = 0.15
@@ -451,9 +455,33 @@ def plan_summarize(key: Optional[str], ctx: Context, row: StagePlan) -> LLMParam
     return params.llm
 
 
+def plan_agent(key: str, ctx: Context, row: StagePlan) -> LLMParams:
+    from stages import agent as stage
+    params = stage.load_params(key, ctx.params_path)
+    cache = ctx.root / (ctx.arg("agent", key, "--cache-dir") or "-")
+    paths = [f"data/collected/{name}.parquet" for name in params.prices]
+    if all(ctx.exists(p) for p in paths):
+        prices = stage.read_prices([str(ctx.root / p) for p in paths])
+        specs, _ = stage.draw_tables(prices, params)
+        frames = {s.id: stage.table_frame(prices, s) for s in specs}
+        tally(row, stage.build_requests(specs, frames), params.llm, ctx, cache)
+        row.basis = f"exact: {len(specs)} tables drawn from the collected prices"
+    else:
+        n = params.tables + params.test_tables
+        spec = stage.TableSpec("x", "train", ["000000"], ["-"], "", "", [], params.choice_counts[0],
+                               params.themes[0])
+        empty = stage.pd.DataFrame({"날짜": stage.pd.to_datetime([]), "종가": []})
+        template = stage.build_requests([spec], {"x": empty})[0]
+        tally(row, [template] * n, params.llm, ctx, None, extra_tokens=AGENT_TABLE_TOKENS)
+        row.basis = (f"estimated: prices not collected yet; {n} tables of ~{AGENT_TABLE_TOKENS} "
+                     "tokens")
+    observed_overhead(row, ctx.metrics("agent", key), DEFAULT_OVERHEAD["agent"])
+    return params.llm
+
+
 PLANNERS: dict[str, Callable[[Optional[str], Context, StagePlan], LLMParams]] = {
     "summarize": plan_summarize, "filter": plan_filter, "transform": plan_transform,
-    "synthesize": plan_synthesize, "solve": plan_solve}
+    "synthesize": plan_synthesize, "solve": plan_solve, "agent": plan_agent}
 
 
 # ------------------------------------------------------------------------ the plan

@@ -233,4 +233,4 @@ def test_editing_another_stages_schema_or_helper_leaves_training_up_to_date(tmp_
     path.write_text(text.replace("resume from the last complete checkpoint",
                                  "resume from the newest complete checkpoint"), encoding="utf-8")
     assert _stale(project) == {f"train@{v}" for v in ("v1", "v2", "v3", "v4", "v5_1", "v5_2",
-                                                       "v5_3", "v6")}
+                                                       "v5_3", "v6", "v7")}

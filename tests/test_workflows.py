@@ -86,7 +86,7 @@ def project(tmp_path_factory) -> Path:
 
 
 # ---------------------------------------------------------------------------- the quickstart
-VERSIONS = ("v1", "v2", "v3", "v4", "v5_1", "v5_2", "v5_3", "v6")
+VERSIONS = ("v1", "v2", "v3", "v4", "v5_1", "v5_2", "v5_3", "v6", "v7")
 
 
 def test_the_quickstart_runs_every_stage_offline(project):
@@ -166,10 +166,31 @@ def test_token_counts_are_qwen2s_continued_versions_train_on_new_data_v6_scored_
     # each version scored the way it answers: v6 trained on the two-step pairs
     formats = {v: json.loads((project / f"metrics/eval/{v}.json").read_text(encoding="utf-8"))
                for v in VERSIONS}
-    assert {v for v, m in formats.items() if m["answer_format"] == "two_step"} == {"v6"}
+    assert {v for v, m in formats.items() if m["answer_format"] == "two_step"} == {"v6", "v7"}
     assert "step-2 prompt with the generated solution" in formats["v6"]["scored_as"]
     predictions = read_records(project / "data/eval/v6.parquet")
     assert all(json.loads(r["detail"]).get("solution") is not None for r in predictions)
+
+
+def test_v7_trains_on_the_stock_train_split_and_never_on_its_test_split(project):
+    """Issue 22: the stock questions reach v7's mixture (near-duplicate removal keeps them), the
+    held-out split does not, and no training question's prices reach past the cutoff."""
+    from stages.common.io import read_records
+
+    params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
+    cutoff = str(params["stock"]["krx"]["cutoff"])
+    stock = read_records(project / "data/generated/stock/krx.parquet")
+    by_split = {s: {r["id"]: r for r in stock if r["split"] == s} for s in ("train", "test")}
+    assert by_split["train"] and by_split["test"]
+    assert all(json.loads(r["meta"])["target_date"] < cutoff for r in by_split["train"].values())
+    manifest = json.loads((project / "data/mixtures/v7.json").read_text(encoding="utf-8"))
+    source = manifest["sources"]["stock_krx"]
+    assert source["examples"] == len(by_split["train"]) and source["near_duplicates"] == 0
+    assert source["held_out_test_records"] == len(by_split["test"])
+    prompts = {r["prompt"][0]["content"] for r in read_records(project / "data/mixtures/v7.parquet")
+               if r["source"] == "stock_krx"}
+    assert len(prompts) == len(by_split["train"])
+    assert not any(r["question"] in p for r in by_split["test"].values() for p in prompts)
 
 
 def test_the_tiny_model_learns_and_continued_versions_start_from_their_parent(project):

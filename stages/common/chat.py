@@ -13,15 +13,34 @@ def chat_ids(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: 
     return list(out["input_ids"])
 
 
+def _diverge(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def tokenized_example(tokenizer: Any, row: dict[str, Any]) -> dict[str, list[int]]:
     """A conversational prompt-completion row as trl tokenizes it: the prompt with the
     generation prompt, then prompt + completion; the completion starts where the two diverge
-    (``completion_mask`` 1 from there: the answer, ``<|im_end|>`` and the newline after it)."""
+    (``completion_mask`` 1 from there: the answer, ``<|im_end|>`` and the newline after it).
+
+    A completion with ``tool`` turns (assistant, tool, assistant …: the agent conversations)
+    has the loss on its assistant turns only: each tool turn, and the header of the assistant
+    turn after it (the harness writes it, as it writes the tool output), are masked — the
+    model learns to call and to answer from real output, never to produce the output."""
     prompt = chat_ids(tokenizer, row["prompt"], True)
     full = chat_ids(tokenizer, row["prompt"] + row["completion"], False)
-    prefix = next((i for i, (a, b) in enumerate(zip(prompt, full)) if a != b),
-                  min(len(prompt), len(full)))
-    return {"input_ids": full, "completion_mask": [0] * prefix + [1] * (len(full) - prefix)}
+    prefix = _diverge(prompt, full)
+    mask = [0] * prefix + [1] * (len(full) - prefix)
+    completion = row["completion"]
+    for j, message in enumerate(completion):
+        if message["role"] != "tool":
+            continue
+        before = _diverge(chat_ids(tokenizer, row["prompt"] + completion[:j], False), full)
+        after_ids = chat_ids(tokenizer, row["prompt"] + completion[:j + 1],
+                             j + 1 < len(completion) and completion[j + 1]["role"] == "assistant")
+        after = _diverge(after_ids, full)
+        for i in range(before, after):
+            mask[i] = 0
+    return {"input_ids": full, "completion_mask": mask}
 
 
 def answer_loss(model: Any, tokenizer: Any, rows: list[dict[str, Any]]) -> tuple[float, int]:

@@ -39,7 +39,7 @@ class EvalCollectedSet(Strict):
 
 class EvalLocalSet(Strict):
     """A local MCQ file (csv/tsv/json/jsonl/parquet/xlsx) read the way ``collect`` reads a local
-    mcq source (same loader, same column mapping and answer formats), 4-7 choices."""
+    mcq source (same loader, same column mapping and answer formats), 2-7 choices."""
     input: str = Field(description="the file; must lie under evaluate.local_dir (the dvc dep)")
     local: LocalSpec = Field(default_factory=LocalSpec)
     columns: dict[str, Union[str, list[str]]] = Field(

@@ -20,7 +20,11 @@ worked_solution    qa           question -> "풀이: <context>\\n정답: <answer
 table_qa           qa           the table (context, JSON rows) as a markdown table + question ->
                                 answer
 qa_json            qa           the item as JSON (분야/질문/참고) -> {"답변": answer} (v4)
-mcq_letter         mcq          step-1 prompt of stages.common.prompts -> the letter
+mcq_letter         mcq          step-1 prompt of stages.common.prompts -> the letter (stock
+                                direction, agent code questions: answered by letter)
+conversation       conversation the turns before the first assistant turn -> the rest: assistant,
+                                tool (real output), assistant …; the loss falls on the assistant
+                                turns only (stages.common.chat masks the tool turns)
 translation        translation  both directions, the languages named in the prompt: two examples
 raw_text           document     a page's raw text cut into chunks that fit max_length; the prompt
                                 names the document and page and gives the chunk's first line,
@@ -199,6 +203,14 @@ def format_mcq_letter(r: dict[str, Any], t: dict[str, Any], b: Budget) -> list[d
     return [example(r["id"], step1_prompt(r["question"], r["choices"]), letter(r["answer"]))]
 
 
+def format_conversation(r: dict[str, Any], t: dict[str, Any], b: Budget) -> list[dict]:
+    messages = [{"role": m["role"], "content": m["content"]} for m in r["messages"]]
+    first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), None)
+    if not first:
+        raise FormatError("bad_conversation", "no turn before the first assistant turn")
+    return [{"group": r["id"], "prompt": messages[:first], "completion": messages[first:]}]
+
+
 def format_translation(r: dict[str, Any], t: dict[str, Any], b: Budget) -> list[dict]:
     names = t["languages"]
     for lang in (r["source_lang"], r["target_lang"]):
@@ -294,6 +306,7 @@ def format_example(r: dict[str, Any], t: dict[str, Any], b: Budget) -> list[dict
 FORMATTERS: dict[str, Callable[[dict[str, Any], dict[str, Any], Budget], list[dict]]] = {
     "prompt_answer": format_prompt_answer, "worked_solution": format_worked_solution,
     "table_qa": format_table_qa, "qa_json": format_qa_json, "mcq_letter": format_mcq_letter,
+    "conversation": format_conversation,
     "translation": format_translation, "raw_text": format_raw_text,
     "document_profile": format_document_profile, "summary_json": format_summary_json,
     "report_json": format_report_json, "example": format_example,

@@ -11,7 +11,7 @@ from stages.common.params import Strict
 MIX_FORMATS = {
     # format -> the record kind it formats (``json`` = a directory of extract JSON files)
     "prompt_answer": "qa", "worked_solution": "qa", "table_qa": "qa", "qa_json": "qa",
-    "mcq_letter": "mcq", "translation": "translation", "raw_text": "document",
+    "mcq_letter": "mcq", "conversation": "conversation", "translation": "translation", "raw_text": "document",
     "document_profile": "document", "summary_json": "document", "report_json": "json",
     "example": "example",
 }
@@ -23,6 +23,13 @@ def mix_source_input(name: str) -> str:
     sections) and, when the stage runs, by the file existing."""
     if name.startswith("generated_"):
         return f"data/generated/{name[len('generated_'):]}/pairs.parquet"
+    if name.startswith("agent_"):
+        rest = name[len("agent_"):]
+        if rest.endswith("_conversations"):
+            return f"data/generated/agent/{rest[:-len('_conversations')]}/conversations.parquet"
+        return f"data/generated/agent/{rest}/questions.parquet"
+    if name.startswith("stock_"):
+        return f"data/generated/stock/{name[len('stock_'):]}.parquet"
     if name == "report_summaries":
         return "data/generated/report_summaries.parquet"
     if name.startswith("mixture_"):

@@ -43,8 +43,27 @@ class LocalSpec(Strict):
     split: Literal["train", "dev", "test"] = "train"
 
 
+PRICE_FIELDS = ("date", "ticker", "name", "market", "open", "high", "low", "close", "volume",
+                "value", "listed_shares")
+PRICE_REQUIRED = ("date", "ticker", "open", "high", "low", "close", "volume")
+
+
+class PriceSpec(Strict):
+    """``kind: prices`` only: what the series is and how its rows are checked
+    (:mod:`stages.sources.prices`)."""
+    series: Literal["stock", "index"] = Field(description="listed stocks or market indices")
+    date_format: str = Field("%Y%m%d", description="strptime format of the date column (the "
+                             "data portal's basDt: %Y%m%d; other exports e.g. %Y-%m-%d)")
+    max_daily_move: float = Field(0.30, gt=0, le=1, description=(
+        "the exchange's daily price limit (KRX: ±30%): a larger close-to-close move is a "
+        "reject, unless the listed share count changed that day (a corporate action)"))
+    min_share_change: float = Field(0.01, gt=0, le=1, description=(
+        "a change of the listed share count (lstgStCnt) of at least this share is a corporate "
+        "action (split, rights or bonus issue): the row is flagged and no window spans it"))
+
+
 class SourceParams(Strict):
-    kind: Literal["mcq", "qa", "translation", "document"]
+    kind: Literal["mcq", "qa", "translation", "document", "prices"]
     loader: Literal["hub", "local"]
     input: str = Field(description=(
         "the path DVC tracks as this source's input: the local file/dir read; for sources read "
@@ -61,9 +80,13 @@ class SourceParams(Strict):
     answer_format: Literal["index1", "index0", "letter", "text"] = Field(
         "index1", description="MCQ only: how the answer column is written (KMMLU: 1-based index)")
     max_reject_rate: float = Field(0.2, ge=0.0, le=1.0)
+    prices: Optional[PriceSpec] = Field(None, description="kind prices only: the series and "
+                                        "its row checks")
 
     @model_validator(mode="after")
     def _loader_spec(self) -> "SourceParams":
+        if self.kind == "prices" or self.prices is not None:
+            return self._prices_spec()
         if self.loader == "hub":
             if self.hub is None or self.local is not None:
                 raise ValueError("loader 'hub' needs a 'hub' block and no 'local' block")
@@ -88,6 +111,29 @@ class SourceParams(Strict):
             for lang in ("source_lang", "target_lang"):
                 if lang not in self.constants and lang not in self.columns:
                     raise ValueError(f"translation sources need {lang} in constants or columns")
+        return self
+
+
+    def _prices_spec(self) -> "SourceParams":
+        if self.kind != "prices" or self.prices is None:
+            raise ValueError("a 'prices' block goes with kind 'prices', and kind 'prices' needs one")
+        if self.loader != "local" or self.local is None or self.hub is not None:
+            raise ValueError("price sources are local files (loader 'local' with a 'local' block)")
+        unknown = sorted(set(self.columns) - set(PRICE_FIELDS))
+        if unknown:
+            raise ValueError(f"columns {unknown} are not price fields {list(PRICE_FIELDS)}")
+        not_one = sorted(f for f, c in self.columns.items() if not isinstance(c, str))
+        if not_one:
+            raise ValueError(f"columns {not_one}: a price field maps to one source column")
+        missing = [f for f in PRICE_REQUIRED if f not in self.columns and f not in self.constants]
+        if missing:
+            raise ValueError(f"columns must map {missing} for kind 'prices' (ticker may be a "
+                             "constant for a one-ticker export)")
+        both = sorted(set(self.columns) & set(self.constants))
+        if both:
+            raise ValueError(f"{both} are in both columns and constants")
+        if self.meta_columns:
+            raise ValueError("meta_columns: price rows carry no meta")
         return self
 
 

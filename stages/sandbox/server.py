@@ -1,0 +1,371 @@
+"""The sandbox server: one process per ``Sandbox``, that forks one child per piece of untrusted code.
+
+Run only by :class:`stages.sandbox.Sandbox` (``python -m stages.sandbox.server ROOT``), with an
+environment the client built (no secrets) and ``ROOT`` a throw-away directory. It
+
+1. moves itself into a **network namespace of its own** (``unshare(CLONE_NEWNET)``: no
+   interface but a loopback that is down) and checks that the kernel offers **Landlock** and
+   **seccomp**; if any is missing it prints one ``{"fatal": …}`` line and exits 3 — untrusted
+   code is never run unprotected;
+2. imports pandas/numpy once (a child forks from here: ~5 ms instead of ~0.8 s a fresh
+   interpreter costs), then answers one JSON job per stdin line: ``{"table", "code"}``;
+3. for each job forks a child that, before running the code: starts a new session, points
+   fds 0–2 at /dev/null and closes every other fd but its result pipe, works in a fresh
+   directory under ``ROOT/jobs``, sets resource limits (CPU seconds, address space, file size,
+   open files, no core), restricts the file system with Landlock (read-only: the Python
+   installation and system libraries; read-write: its directory; nothing else — not /proc,
+   not $HOME; no TCP bind/connect; no signals out of its domain where the ABI has scopes),
+   and installs a seccomp filter that refuses process creation (fork/vfork/execve, clone
+   without CLONE_THREAD), sockets, signals to other processes, ptrace, sleeping, namespaces,
+   mounts, module loading and bpf;
+4. runs the code with ``df`` (a copy of the table), ``pd`` and ``np``: the value of its last
+   expression (or of ``result``) is the result, turned into canonical JSON (floats to 10
+   significant digits, index, columns and values; a Series' name ignored) and hashed;
+5. waits for the child under a **CPU-time** limit (RLIMIT_CPU: independent of the machine's
+   load); a wall-clock backstop only catches code that makes no progress (blocked), and its
+   verdict does not depend on speed; then kills the child's process group and removes its
+   directory: nothing is left behind.
+
+x86_64 only (the seccomp filter names syscalls by number); elsewhere it refuses to start.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import math
+import os
+import platform
+import resource
+import select
+import shutil
+import signal
+import struct
+import sys
+import time
+from typing import Any
+
+LIBC = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
+CLONE_THREAD = 0x00010000
+PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER, PR_GET_SECCOMP = 38, 22, 2, 21
+AUDIT_ARCH_X86_64 = 0xC000003E
+SYS_LANDLOCK_CREATE, SYS_LANDLOCK_ADD, SYS_LANDLOCK_RESTRICT = 444, 445, 446
+EPERM, ENOSYS = 1, 38
+
+# x86_64 syscall numbers refused with EPERM (clone3: ENOSYS, so glibc falls back to clone)
+DENIED = {
+    "socket": 41, "socketpair": 53, "connect": 42, "bind": 49, "listen": 50, "accept": 43,
+    "accept4": 288, "fork": 57, "vfork": 58, "execve": 59, "execveat": 322, "kill": 62,
+    "tkill": 200, "tgkill": 234, "rt_sigqueueinfo": 129, "rt_tgsigqueueinfo": 297,
+    "pidfd_open": 434, "pidfd_send_signal": 424, "ptrace": 101, "process_vm_readv": 310,
+    "process_vm_writev": 311, "nanosleep": 35, "clock_nanosleep": 230, "pause": 34,
+    "mount": 165, "umount2": 166, "pivot_root": 155, "chroot": 161, "unshare": 272,
+    "setns": 308, "reboot": 169, "kexec_load": 246, "init_module": 175, "finit_module": 313,
+    "delete_module": 176, "bpf": 321, "perf_event_open": 298, "userfaultfd": 323,
+    "keyctl": 250, "add_key": 248, "request_key": 249, "io_uring_setup": 425,
+    "personality": 135, "setsid": 112, "setpgid": 109, "chdir": 80, "fchdir": 81,
+    "mknod": 133, "mknodat": 259,
+}
+SYS_CLONE, SYS_CLONE3 = 56, 435
+
+# Landlock access rights (uapi/linux/landlock.h)
+FS_EXECUTE, FS_WRITE_FILE, FS_READ_FILE, FS_READ_DIR = 1, 2, 4, 8
+FS_ALL_V1 = (1 << 13) - 1
+FS_REFER, FS_TRUNCATE, FS_IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
+NET_BIND_TCP, NET_CONNECT_TCP = 1, 2
+SCOPE_ABSTRACT_UNIX, SCOPE_SIGNAL = 1, 2
+READ_ONLY = FS_EXECUTE | FS_READ_FILE | FS_READ_DIR
+
+
+def _errno_text() -> str:
+    return os.strerror(ctypes.get_errno())
+
+
+# --------------------------------------------------------------------------- isolation
+def landlock_abi() -> int:
+    return LIBC.syscall(SYS_LANDLOCK_CREATE, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+
+
+def isolation_problems() -> list[str]:
+    """What this kernel/process cannot do that the sandbox needs (empty: all there)."""
+    problems = []
+    if platform.machine() != "x86_64":
+        problems.append(f"the seccomp filter is written for x86_64, this is {platform.machine()}")
+    if LIBC.unshare(CLONE_NEWNET) != 0:
+        problems.append(f"cannot enter a network namespace of its own (unshare: {_errno_text()}; "
+                        "needs CAP_SYS_ADMIN: run as root or in a container that allows it)")
+    abi = landlock_abi()
+    if abi < 1:
+        problems.append(f"Landlock is not available ({_errno_text()}; Linux >= 5.13 with "
+                        "landlock in the lsm= list)")
+    if LIBC.prctl(PR_GET_SECCOMP, 0, 0, 0, 0) < 0:
+        problems.append(f"seccomp is not available ({_errno_text()})")
+    return problems
+
+
+def _landlock(work: str, read_dirs: list[str]) -> None:
+    abi = landlock_abi()
+    fs = FS_ALL_V1 | (FS_REFER if abi >= 2 else 0) | (FS_TRUNCATE if abi >= 3 else 0) | \
+        (FS_IOCTL_DEV if abi >= 5 else 0)
+    net = NET_BIND_TCP | NET_CONNECT_TCP if abi >= 4 else 0
+    scoped = SCOPE_ABSTRACT_UNIX | SCOPE_SIGNAL if abi >= 6 else 0
+    attr = struct.pack("<QQQ", fs, net, scoped)[: 24 if abi >= 6 else 16 if abi >= 4 else 8]
+    buf = ctypes.create_string_buffer(attr, len(attr))
+    ruleset = LIBC.syscall(SYS_LANDLOCK_CREATE, buf, ctypes.c_size_t(len(attr)), ctypes.c_uint32(0))
+    if ruleset < 0:
+        raise OSError(f"landlock_create_ruleset: {_errno_text()}")
+    for path, rights in [(d, READ_ONLY) for d in read_dirs] + [(work, fs)]:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        rule = ctypes.create_string_buffer(struct.pack("<Qi", rights & fs, fd), 12)
+        if LIBC.syscall(SYS_LANDLOCK_ADD, ruleset, 1, rule, ctypes.c_uint32(0)) != 0:
+            raise OSError(f"landlock_add_rule {path}: {_errno_text()}")
+        os.close(fd)
+    if LIBC.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(f"no_new_privs: {_errno_text()}")
+    if LIBC.syscall(SYS_LANDLOCK_RESTRICT, ruleset, ctypes.c_uint32(0)) != 0:
+        raise OSError(f"landlock_restrict_self: {_errno_text()}")
+    os.close(ruleset)
+
+
+def _bpf(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
+    return struct.pack("<HBBI", code, jt, jf, k)
+
+
+def seccomp_program() -> bytes:
+    LD_ABS, JEQ, JSET, JGE, RET = 0x20, 0x15, 0x45, 0x35, 0x06
+    allow, kill = 0x7FFF0000, 0x80000000
+
+    def errno(e: int) -> int:
+        return 0x00050000 | e
+
+    prog = [_bpf(LD_ABS, 4), _bpf(JEQ, AUDIT_ARCH_X86_64, 1, 0), _bpf(RET, kill),
+            _bpf(LD_ABS, 0), _bpf(JGE, 0x40000000, 0, 1), _bpf(RET, errno(EPERM)),  # x32 ABI
+            _bpf(JEQ, SYS_CLONE3, 0, 1), _bpf(RET, errno(ENOSYS)),
+            # clone: threads only (CLONE_THREAD in the low word of args[0])
+            _bpf(JEQ, SYS_CLONE, 0, 4), _bpf(LD_ABS, 16), _bpf(JSET, CLONE_THREAD, 0, 1),
+            _bpf(RET, allow), _bpf(RET, errno(EPERM))]
+    for nr in sorted(DENIED.values()):
+        prog += [_bpf(JEQ, nr, 0, 1), _bpf(RET, errno(EPERM))]
+    prog.append(_bpf(RET, allow))
+    return b"".join(prog)
+
+
+def _seccomp() -> None:
+    program = seccomp_program()
+    filt = ctypes.create_string_buffer(program, len(program))
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    fprog = SockFprog(len(program) // 8, ctypes.cast(filt, ctypes.c_void_p))
+    if LIBC.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
+        raise OSError(f"seccomp filter: {_errno_text()}")
+
+
+def read_only_dirs() -> list[str]:
+    """The Python installation and the system's libraries (what a late import may open)."""
+    dirs = {sys.prefix, sys.base_prefix, sys.exec_prefix, "/usr/lib", "/usr/lib64", "/lib",
+            "/lib64", "/usr/share/zoneinfo"}
+    dirs |= {p for p in sys.path if p and os.path.isdir(p) and "site-packages" in p}
+    return sorted(d for d in dirs if os.path.isdir(d))
+
+
+# --------------------------------------------------------------------------- results
+def canonical(value: Any) -> Any:
+    import numpy as np
+    import pandas as pd
+
+    def cell(x: Any) -> Any:
+        if x is None or (isinstance(x, float) and math.isnan(x)) or x is pd.NaT:
+            return None
+        if isinstance(x, (bool, np.bool_)):
+            return bool(x)
+        if isinstance(x, (int, np.integer)):
+            return int(x)
+        if isinstance(x, (float, np.floating)):
+            return float(f"{float(x):.10g}") if math.isfinite(x) else str(x)
+        if isinstance(x, (pd.Timestamp, np.datetime64)):
+            return pd.Timestamp(x).isoformat()
+        if isinstance(x, tuple):
+            return [cell(v) for v in x]
+        return str(x)
+
+    if isinstance(value, pd.DataFrame):
+        return {"kind": "frame", "columns": [cell(c) for c in value.columns],
+                "index": [cell(i) for i in value.index],
+                "rows": [[cell(v) for v in row] for row in value.itertuples(index=False, name=None)]}
+    if isinstance(value, pd.Series):
+        return {"kind": "series", "index": [cell(i) for i in value.index],
+                "values": [cell(v) for v in value.tolist()]}
+    if isinstance(value, pd.Index):
+        return {"kind": "list", "values": [cell(v) for v in value.tolist()]}
+    if isinstance(value, np.ndarray):
+        return {"kind": "list", "values": [canonical(v) if isinstance(v, np.ndarray) else cell(v)
+                                           for v in value.tolist()]}
+    if isinstance(value, (list, tuple)):
+        return {"kind": "list", "values": [cell(v) for v in value]}
+    if isinstance(value, dict):
+        return {"kind": "dict", "items": sorted([[cell(k), cell(v)] for k, v in value.items()],
+                                                key=lambda kv: str(kv[0]))}
+    return {"kind": "scalar", "value": cell(value)}
+
+
+def preview(value: Any, limit: int = 1500) -> str:
+    import pandas as pd
+    with pd.option_context("display.max_rows", 12, "display.max_columns", 12, "display.width", 120):
+        text = repr(value)
+    return text if len(text) <= limit else text[:limit] + " …"
+
+
+def run_code(code: str, df: Any) -> dict[str, Any]:
+    """In the child, after every restriction: execute, canonicalise, hash."""
+    import ast
+
+    import numpy as np
+    import pandas as pd
+    try:
+        tree = ast.parse(code, mode="exec")
+        last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+        scope: dict[str, Any] = {"pd": pd, "np": np, "df": df.copy(), "__name__": "__option__"}
+        exec(compile(tree, "<option>", "exec"), scope)
+        if last is not None:
+            value = eval(compile(ast.Expression(last.value), "<option>", "eval"), scope)
+        elif "result" in scope:
+            value = scope["result"]
+        else:
+            return {"status": "no_result", "detail": "no final expression and no `result`"}
+        if value is None:
+            return {"status": "no_result", "detail": "the result is None"}
+        text = json.dumps(canonical(value), ensure_ascii=False, sort_keys=True)
+        return {"status": "ok", "hash": hashlib.sha256(text.encode()).hexdigest()[:16],
+                "preview": preview(value), "kind": type(value).__name__}
+    except MemoryError:
+        return {"status": "sandbox_limit", "detail": "memory limit"}
+    except BaseException as exc:  # noqa: BLE001 - every failure of untrusted code is an outcome
+        return {"status": type(exc).__name__, "detail": str(exc)[:300]}
+
+
+# --------------------------------------------------------------------------- one job
+def _vm_size() -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def child(write_fd: int, work: str, df: Any, code: str, limits: dict[str, Any],
+          read_dirs: list[str]) -> None:
+    """Never returns: restrict, run, report, ``_exit``."""
+    try:
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.closerange(3, write_fd)
+        os.closerange(write_fd + 1, 4096)
+        os.chdir(work)
+        cpu = int(limits["cpu_seconds"])
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+        resource.setrlimit(resource.RLIMIT_AS, (_vm_size() + (limits["memory_mb"] << 20),) * 2)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limits["file_mb"] << 20,) * 2)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+        resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))   # no effect as root: seccomp is
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        _landlock(work, read_dirs)
+        _seccomp()
+        outcome = run_code(code, df)
+    except BaseException as exc:  # noqa: BLE001
+        outcome = {"status": "sandbox_error", "detail": f"{type(exc).__name__}: {exc}"[:300]}
+    data = json.dumps(outcome, ensure_ascii=False).encode()[: limits["output_kb"] << 10]
+    try:
+        os.write(write_fd, data)
+    finally:
+        os._exit(0)
+
+
+def run_job(job: dict[str, Any], tables: dict[str, Any], root: str, limits: dict[str, Any],
+            read_dirs: list[str], counter: int) -> dict[str, Any]:
+    df = tables[job["table"]]
+    work = os.path.join(root, "jobs", str(counter))
+    os.makedirs(work)
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_fd)
+        child(write_fd, work, df, job["code"], limits, read_dirs)
+    os.close(write_fd)
+    chunks, size, cap = [], 0, (limits["output_kb"] << 10) + 1
+    deadline = time.monotonic() + limits["wall_seconds"]
+    blocked = False
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            blocked = True
+            break
+        ready, _, _ = select.select([read_fd], [], [], left)
+        if not ready:
+            continue
+        data = os.read(read_fd, 65536)
+        if not data:
+            break
+        chunks.append(data)
+        size += len(data)
+        if size >= cap:
+            break
+    os.close(read_fd)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    _, status, usage = os.wait4(pid, 0)
+    cpu = usage.ru_utime + usage.ru_stime
+    shutil.rmtree(work, ignore_errors=True)
+    if blocked:
+        return {"status": "sandbox_limit", "detail": f"no progress: blocked after {cpu:.2f} s CPU",
+                "cpu_seconds": round(cpu, 3)}
+    if size >= cap:
+        return {"status": "sandbox_limit", "detail": "output too large", "cpu_seconds": round(cpu, 3)}
+    if not chunks:
+        sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+        reason = {signal.SIGXCPU: "CPU time limit", signal.SIGXFSZ: "file size limit",
+                  signal.SIGSYS: "forbidden system call"}.get(sig, f"died without a result (signal {sig})")
+        if sig == signal.SIGKILL and cpu >= limits["cpu_seconds"]:
+            reason = "CPU time limit"
+        return {"status": "sandbox_limit", "detail": reason, "cpu_seconds": round(cpu, 3)}
+    try:
+        outcome = json.loads(b"".join(chunks).decode())
+    except ValueError:
+        return {"status": "sandbox_limit", "detail": "unreadable result", "cpu_seconds": round(cpu, 3)}
+    outcome = {k: outcome[k] for k in ("status", "detail", "hash", "preview", "kind") if k in outcome}
+    outcome["cpu_seconds"] = round(cpu, 3)
+    return outcome
+
+
+def main() -> int:
+    root = os.path.abspath(sys.argv[1])
+    problems = isolation_problems()
+    if problems:
+        print(json.dumps({"fatal": "; ".join(problems)}), flush=True)
+        return 3
+    import numpy  # noqa: F401  (loaded once; children fork from here)
+    import pandas as pd
+    read_dirs = read_only_dirs()
+    tables: dict[str, Any] = {}
+    print(json.dumps({"ready": True, "landlock_abi": landlock_abi()}), flush=True)
+    counter = 0
+    for line in sys.stdin:
+        job = json.loads(line)
+        if "load" in job:
+            tables[job["load"]] = pd.read_parquet(os.path.join(root, "tables", job["load"] + ".parquet"))
+            print(json.dumps({"loaded": job["load"]}), flush=True)
+            continue
+        counter += 1
+        print(json.dumps(run_job(job, tables, root, job["limits"], read_dirs, counter),
+                         ensure_ascii=False), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

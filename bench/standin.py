@@ -257,7 +257,7 @@ class TokenCounter:
 # ---------------------------------------------------------------------------- requests
 STAGE_BY_SCHEMA = {"Verdict": "filter", "SevenChoiceMCQ": "transform", "GeneratedMCQ": "synthesize",
                    "GroundedMCQ": "synthesize", "Solution": "solve", "QualityVerdict": "solve_quality",
-                   "ReportSummary": "summarize"}
+                   "ReportSummary": "summarize", "AgentQuestion": "agent"}
 STAGE_BY_TEXT = (("판정하세요", "filter"), ("7지선다", "transform"), ("출제하세요", "synthesize"),
                  ("심사하세요", "solve_quality"), ("풀이하세요", "solve"), ("요약", "summarize"))
 
@@ -834,6 +834,75 @@ def summarize_reduce(user: str) -> dict[str, Any]:
     return {**merged, "summary": " ".join(summary[:5]), "key_figures": figures, "risks": risks[:5]}
 
 
+# ---------------------------------------------------------------------------- agent
+def agent_question(user: str, wrong_rate: float, seed: int) -> tuple[dict[str, Any], str]:
+    """A pandas code question over the table the prompt describes, like a model writes them:
+    the key is right, most distractors differ, but some are equivalent to the key (``>=`` where
+    ``>`` makes no difference, ``sort_values().head()`` for ``nlargest``), some name a column the
+    table does not have, and with probability ``wrong_rate`` the letter names a distractor —
+    what the sandbox must catch. Deterministic in the prompt."""
+    columns = re.findall(r"^- (\S+): (\S+)$", user, re.M)
+    numeric = [c for c, t in columns if t.startswith(("int", "float")) and c not in ("종목코드",)]
+    n = int(re.search(r"선택지 개수: (\d+)", user).group(1))
+    rng = rng_for("agent", seed, user)
+    x = rng.choice(numeric)
+    y = rng.choice(numeric)
+    w = rng.choice([3, 5, 10, 20])
+    k = rng.choice([3, 5, 10])
+    panel = any(c == "종목명" for c, _ in columns)
+    families = [
+        (f"{y}이(가) 중앙값보다 큰 날의 평균 {x}을(를) 구하시오.",
+         f"df[df['{y}'] > df['{y}'].median()]['{x}'].mean()",
+         f"df.loc[df['{y}'].gt(df['{y}'].median()), '{x}'].mean()",
+         [f"df[df['{y}'] >= df['{y}'].median()]['{x}'].mean()", f"df['{x}'].mean()",
+          f"df[df['{y}'] < df['{y}'].median()]['{x}'].mean()",
+          f"df[df['{y}'] > df['{y}'].median()]['{x}'].median()",
+          f"df[df['{y}'] > df['{y}'].median()]['{x}'].sum()", f"df[df['{y}'] > df['{y}'].mean()]['{x}'].mean()"]),
+        (f"{x}이(가) 가장 큰 {k}개 행의 날짜를 구하시오.",
+         f"df.nlargest({k}, '{x}')['날짜']",
+         f"df.sort_values('{x}', ascending=False, kind='stable').head({k})['날짜']",
+         [f"df.sort_values('{x}', ascending=False).head({k})['날짜']", f"df.nsmallest({k}, '{x}')['날짜']",
+          f"df.head({k})['날짜']", f"df.sort_values('{x}').tail({k})['날짜']", f"df.nlargest({k + 1}, '{x}')['날짜']",
+          f"df.nlargest({k}, '{x}')['{x}']"]),
+        (f"최근 {w}거래일 {x}의 이동평균(마지막 값)을 구하시오.",
+         f"df['{x}'].rolling({w}).mean().iloc[-1]", f"df['{x}'].iloc[-{w}:].mean()",
+         [f"df['{x}'].rolling({w + 1}).mean().iloc[-1]", f"df['{x}'].rolling({w}).mean().iloc[0]",
+          f"df['{x}'].ewm(span={w}).mean().iloc[-1]", f"df['{x}'].rolling({w}).sum().iloc[-1]",
+          f"df['{x}'].tail({w}).median()", f"df['{x}'].rolling({w}).mean().dropna().iloc[-1]"]),
+        (f"기간 첫날 대비 마지막 날 {x}의 변화율(%)을 구하시오.",
+         f"(df['{x}'].iloc[-1] / df['{x}'].iloc[0] - 1) * 100",
+         f"(df['{x}'].pct_change().fillna(0) + 1).prod() * 100 - 100",
+         [f"(df['{x}'].iloc[0] / df['{x}'].iloc[-1] - 1) * 100", f"df['{x}'].pct_change().mean() * 100",
+          f"(df['{x}'].max() / df['{x}'].min() - 1) * 100", f"df['{x}'].iloc[-1] - df['{x}'].iloc[0]",
+          f"(df['{x}'].iloc[-1] / df['시가총액'].iloc[0] - 1) * 100"]),
+        (f"월별 {x} 평균을 구하시오.",
+         f"df.groupby(df['날짜'].dt.month)['{x}'].mean()",
+         f"df.set_index('날짜')['{x}'].groupby(lambda d: d.month).mean()",
+         [f"df.groupby(df['날짜'].dt.month)['{x}'].sum()", f"df.groupby(df['날짜'].dt.day)['{x}'].mean()",
+          f"df.groupby(df['날짜'].dt.month)['{x}'].median()", f"df['{x}'].mean()",
+          f"df.groupby(df['날짜'].dt.month)['{x}'].max()"]),
+    ]
+    if panel:
+        families.append((f"종목별 최대 {x}을(를) 구하시오.", f"df.groupby('종목명')['{x}'].max()",
+                         f"df.sort_values('{x}').groupby('종목명')['{x}'].last()",
+                         [f"df.groupby('종목명')['{x}'].min()", f"df['{x}'].max()",
+                          f"df.groupby('종목명')['{x}'].mean()", f"df.groupby('종목코드')['{x}'].first()",
+                          f"df.groupby('종목명')['{y}'].max()"]))
+    task, key, reference, distractors = rng.choice(families)
+    distractors = list(dict.fromkeys(d for d in distractors if d != key))
+    rng.shuffle(distractors)
+    options = [key] + distractors[:n - 1]
+    while len(options) < n:
+        options.append(f"df['{x}'].iloc[{len(options)}]")
+    rng.shuffle(options)
+    answer = options.index(key)
+    kind = "keyed"
+    if rng.random() < wrong_rate:
+        answer, kind = (answer + 1) % n, "wrong_letter"
+    return {"task": task, "options": options, "answer": "ABCDEFG"[answer],
+            "reference": reference}, kind
+
+
 # ---------------------------------------------------------------------------- the responder
 class StandInResponder:
     """``responder(body)`` for tests/llm_server.py, with its ``label`` / ``usage`` / ``stats``
@@ -851,7 +920,8 @@ class StandInResponder:
             "filter": self._filter, "transform": self._transform, "synthesize": self._synthesize,
             "solve": self._solve, "solve_quality": self._quality,
             "summarize_map": lambda body, draw: summarize_map(message_text(body, "user")),
-            "summarize_reduce": lambda body, draw: summarize_reduce(message_text(body, "user"))}
+            "summarize_reduce": lambda body, draw: summarize_reduce(message_text(body, "user")),
+            "agent": self._agent}
 
     # -- hooks
     def __call__(self, body: dict[str, Any]) -> Any:
@@ -896,6 +966,11 @@ class StandInResponder:
                                  self.keep_rate, self.seed)
         self._count("filter.relevant" if verdict["relevant"] else "filter.not_relevant")
         return verdict
+
+    def _agent(self, body: dict[str, Any], draw: Draw) -> dict[str, Any]:
+        answer, kind = agent_question(message_text(body, "user"), self.wrong_rate, self.seed)
+        self._count(f"agent.{kind}")
+        return answer
 
     def _transform(self, body: dict[str, Any], draw: Draw) -> dict[str, Any]:
         user = message_text(body, "user")

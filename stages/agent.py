@@ -340,10 +340,11 @@ def check_cutoff(records: list[dict[str, Any]], cutoff: date) -> None:
 
 
 def verify_all(specs: list[TableSpec], frames: dict[str, pd.DataFrame], results: list[Result],
-               params: AgentParams, key: str, log: Any = None
+               params: AgentParams, key: str
                ) -> tuple[list[dict], list[dict], list[dict], dict[str, Any]]:
+    import time
     questions, conversations, rejects = [], [], []
-    outcomes_ok = options_run = 0
+    started = time.perf_counter()
     with Sandbox(params.sandbox) as box:
         for spec, result in zip(specs, results, strict=True):
             try:
@@ -354,11 +355,12 @@ def verify_all(specs: list[TableSpec], frames: dict[str, pd.DataFrame], results:
                 continue
             questions.append(mcq)
             conversations.append(conv)
-            outcomes = json.loads(mcq["meta"])["outcomes"].values()
-            options_run += len(outcomes) + 1
-            outcomes_ok += sum(1 for o in outcomes if o["status"] == "ok")
+        seconds = time.perf_counter() - started
+        stats = {"sandbox": {"runs": box.runs, "seconds": round(seconds, 3),
+                             "runs_per_second": round(box.runs / seconds, 1) if seconds else None,
+                             "child_cpu_seconds": round(box.cpu_seconds, 3),
+                             "landlock_abi": box.landlock_abi}}
     check_cutoff(questions, params.cutoff)
-    stats = {"options_run_in_kept": options_run, "ok_outcomes_in_kept": outcomes_ok}
     return questions, conversations, rejects, stats
 
 
@@ -383,9 +385,7 @@ def main(argv: list[str] | None = None) -> None:
              info["tickers"], info["test_tickers"])
     results, accounting = run_batch(params.llm, build_requests(specs, frames), logger=log,
                                     desc=f"agent@{key}")
-    started = timer.seconds
-    questions, conversations, rejects, stats = verify_all(specs, frames, results, params, key, log)
-    sandbox_seconds = timer.seconds - started
+    questions, conversations, rejects, stats = verify_all(specs, frames, results, params, key)
     for r in rejects:
         log.info("reject %s: %s %s", r["item"], r["reason"], r["detail"][:200])
     write_records(rejects, SCHEMAS["reject"], args.rejects)
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
         "rejected": len(rejects),
         "rejects_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
         "answer_letters": dict(sorted(Counter(letter(r["answer"]) for r in questions).items())),
-        "sandbox_seconds": round(sandbox_seconds, 3), **stats,
+        **stats,
         "llm": accounting.as_metrics(), "seconds": timer.seconds})
     log.info("%d of %d questions kept (%s), %d rejected -> %s; %d LLM calls, %d cached, $%.4f",
              len(questions), len(specs), dict(by_split), len(rejects), args.out,

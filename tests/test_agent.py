@@ -176,3 +176,21 @@ def test_a_conversation_holds_the_real_output_and_trains_on_the_assistant_turns_
         batch = trainer.data_collator([trainer.train_dataset[0]])
     labels = [l for l in batch["labels"][0].tolist() if l != -100]
     assert qwen2.decode(labels) == labelled
+
+
+def test_make_check_refuses_an_agent_cutoff_after_the_stock_cutoff_and_wrong_series(tmp_path):
+    from stages import check
+    from stages.common.params import load_raw
+
+    raw = load_raw(ROOT / "params.yaml")
+    raw["agent"]["krx"]["cutoff"] = "2025-12-01"            # later than stock.krx.cutoff
+    raw["stock"]["krx"]["calendar"]["source"] = "krx_stock_prices"   # not an index series
+    raw["collect"]["stock_prices_extra"] = raw["collect"]["krx_stock_prices"]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    problems = check.check(path)
+    assert any(p.startswith("agent.krx.cutoff 2025-12-01 is after stock.krx.cutoff") for p in problems)
+    assert any(p.startswith("stock.krx.calendar.source: 'krx_stock_prices' is not") for p in problems)
+    assert any(p.startswith("collect.stock_prices_extra: a collect key starting with 'stock_'")
+               for p in problems)
+    assert check.check(ROOT / "params.yaml") == []

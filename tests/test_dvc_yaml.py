@@ -25,7 +25,7 @@ from dvc.repo import Repo
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = str(Path(sys.executable).parent / "dvc")
-OUTPUT_FLAGS = ("--out", "--json-dir", "--rejects", "--log", "--cache-dir")
+OUTPUT_FLAGS = ("--out", "--json-dir", "--rejects", "--log", "--cache-dir", "--conversations")
 
 
 def module_path(root: Path, module: str) -> Path | None:

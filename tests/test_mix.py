@@ -432,7 +432,7 @@ def test_v6_excludes_krx_sample_and_reports_directly_and_through_mixtures(tmp_pa
 
 def test_recipes_follow_the_mission_table():
     mix = {v: load_mix(v, ROOT / "params.yaml")[0] for v in load_raw(ROOT / "params.yaml")["versions"]}
-    assert list(mix) == ["v1", "v2", "v3", "v4", "v5_1", "v5_2", "v5_3", "v6"]
+    assert list(mix) == ["v1", "v2", "v3", "v4", "v5_1", "v5_2", "v5_3", "v6", "v7"]
     assert set(mix["v1"].sources) == {"krx_sample"}
     assert set(mix["v2"].sources) == {"krx_sample", "financial_reports"}
     assert mix["v2"].sources["financial_reports"].format == "raw_text"
@@ -441,6 +441,9 @@ def test_recipes_follow_the_mission_table():
     assert set(mix["v5_1"].sources) == {"metamath"}
     assert set(mix["v5_2"].sources) == {"mixture_v5_1", "qa_rules"}
     assert set(mix["v5_3"].sources) == {"mixture_v5_2", "report_summaries"}
+    # v7: v6's data plus the contest categories v6 lacks; v6's exclusions hold for it too
+    assert set(mix["v7"].sources) == {"mixture_v6", "stock_krx", "agent_krx", "agent_krx_conversations"}
+    assert set(mix["v6"].exclude_sources) <= set(mix["v7"].exclude_sources)
 
 
 @pytest.mark.parametrize("mutate,message", [

@@ -242,7 +242,7 @@ def test_each_version_is_named_once_in_params_yaml():
 
     text = (ROOT / "params.yaml").read_text(encoding="utf-8")
     versions = list(load_raw(ROOT / "params.yaml")["versions"])
-    assert versions == ["v1", "v2", "v3", "v4", "v5_1", "v5_2", "v5_3", "v6"]
+    assert versions == ["v1", "v2", "v3", "v4", "v5_1", "v5_2", "v5_3", "v6", "v7"]
     for version in versions:
         assert len(re.findall(rf"^\s*{version}:", text, flags=re.M)) == 1, version
     assert not re.search(r"^\s*inputs:\s*\n\s*a:", text, flags=re.M)

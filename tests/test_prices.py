@@ -9,7 +9,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages.common.params import ParamsError
 from stages.common.runlog import StageError
 from stages.common.schema import SCHEMAS, validate, validate_prices_table
 from stages.sources.prices import check_prices, collect_prices

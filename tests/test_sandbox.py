@@ -72,7 +72,6 @@ def test_writing_outside_its_directory_is_refused_and_its_own_files_are_removed(
 
 def test_spawning_processes_is_refused_and_leaves_none(box, tmp_path):
     marker = tmp_path / "spawned"
-    before = set(os.listdir("/proc"))
     for code in (f"import subprocess\nsubprocess.run(['touch', {str(marker)!r}])",
                  "import os\nos.fork()",
                  "import multiprocessing as m\np = m.Process(target=print)\np.start()",
@@ -125,3 +124,56 @@ def test_canonical_results_ignore_float_noise_and_series_names():
     b = canonical(pd.Series([0.3, 1.0], name="y"))
     assert a == b
     assert canonical(pd.DataFrame({"a": [1]})) != canonical(pd.DataFrame({"b": [1]}))
+
+
+def test_host_files_processes_and_the_clock_are_out_of_reach(box, tmp_path):
+    """uid 0 owns the host's files and processes: without capabilities and with the filter,
+    the code cannot change file metadata, re-limit or re-schedule the server, watch or freeze
+    the filesystem, or set the clock or the host name."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("x")
+    mode = victim.stat().st_mode
+    for code in (f"import os\nos.chmod({str(victim)!r}, 0o4777)",
+                 f"import os\nos.utime({str(victim)!r}, (0, 0))",
+                 f"import os\nos.setxattr({str(victim)!r}, 'user.pwned', b'1')",
+                 f"import os\nos.chown({str(victim)!r}, 1234, 1234)",
+                 f"import resource, os\nresource.prlimit(os.getppid(), resource.RLIMIT_NOFILE, (3, 3))",
+                 "import os\nos.setpriority(os.PRIO_PROCESS, os.getppid(), 19)",
+                 "import os\nos.sched_setaffinity(os.getppid(), {0})",
+                 "import socket\nsocket.sethostname('pwned')",
+                 "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                 "if libc.fanotify_init(4, 0) < 0: raise OSError(ctypes.get_errno(), 'fanotify')"):
+        out = box.run("prices", code)
+        assert out.status in ("PermissionError", "OSError"), (code, out)
+    assert victim.stat().st_mode == mode and victim.stat().st_mtime > 0
+    # its own files: no immutable flag (it would survive the cleanup)
+    immutable = box.run("prices", "import fcntl, struct\nf = open('keep', 'w')\n"
+                        "fcntl.ioctl(f, 0x40086602, struct.pack('i', 0x10))")
+    assert immutable.status in ("PermissionError", "OSError"), immutable
+    assert box.run("prices", "len(df)").ok      # the server was not harmed
+
+
+def test_total_disk_is_bounded_and_a_forged_report_cannot_crash_the_stage(box):
+    many = box.run("prices", "for i in range(40):\n    open(f'f{i}', 'wb').write(b'x' * (7 << 20))")
+    assert many.status == "OSError" and "No space left" in many.detail
+    forged = box.run("prices", "import sys, os\nf = sys._getframe()\n"
+                     "while 'write_fd' not in f.f_locals: f = f.f_back\n"
+                     "os.write(f.f_locals['write_fd'], b'{\"status\": \"KeyError\", \"detail\": 7}')\n"
+                     "os._exit(0)")
+    assert forged.status == "sandbox_limit" and forged.detail == "unreadable result"
+    assert box.run("prices", "len(df)").ok
+
+
+def test_a_child_sees_only_the_current_table_and_the_client_survives_a_dead_server():
+    with Sandbox(Limits(cpu_seconds=1, wall_seconds=5)) as sandbox:
+        sandbox.load("first", pd.DataFrame({"secret": [1, 2, 3]}))
+        sandbox.load("second", pd.DataFrame({"a": [1]}))
+        probe = ("import gc, pandas as pd\n"
+                 "sum(1 for o in gc.get_objects() if isinstance(o, pd.DataFrame) and 'secret' in o.columns)")
+        out = sandbox.run("second", probe)
+        assert out.ok and out.preview == "0"
+        with pytest.raises(SandboxUnavailable, match="no table 'first'"):
+            sandbox.run("first", "len(df)")
+        root = sandbox.root
+        sandbox._proc.kill()
+    assert not root.exists()      # close() after a dead server still removes everything

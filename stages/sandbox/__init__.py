@@ -15,7 +15,13 @@ namespace, no Landlock, no seccomp, not x86_64) the server refuses and :class:`S
 An :class:`Outcome`'s ``status`` is ``ok`` (with ``hash``: sha256 of the canonical result, and
 ``preview``: its repr, for a tool turn), the exception's type name (``KeyError``,
 ``PermissionError`` …), ``no_result``, or ``sandbox_limit`` (CPU time, memory, file size,
-output size, no progress) with a ``detail``.
+output size, no progress, an unreadable report) with a ``detail``. A failure of the sandbox
+itself (isolation not applied in a child: the code did not run) raises
+:class:`SandboxUnavailable` instead of passing for a verdict about the code.
+
+Known limits: the code runs in the process that reports its result, so it can forge its *own*
+report (never another option's); it can ``stat`` paths it cannot open; a CPU-bound option on
+a machine 15x slower than usual meets the wall-clock backstop as "no progress".
 """
 from __future__ import annotations
 
@@ -47,8 +53,10 @@ class Limits(Strict):
     memory_mb: int = Field(512, ge=64, le=16384, description="address space above the server's")
     file_mb: int = Field(8, ge=1, le=1024, description="largest file the code may write")
     output_kb: int = Field(64, ge=4, le=4096, description="largest result it may send back")
-    wall_seconds: float = Field(30, gt=0, description="backstop for code that makes no progress "
-                                "(blocked, not computing); CPU-bound code meets cpu_seconds first")
+    disk_mb: int = Field(64, ge=8, le=4096, description="all the jobs' files together (a tmpfs)")
+    wall_seconds: float = Field(30, gt=0, le=600, description=(
+        "backstop for code that makes no progress (blocked, not computing); CPU-bound code meets "
+        "cpu_seconds first unless the machine is 15x slower than usual"))
 
 
 @dataclass
@@ -101,6 +109,8 @@ class Sandbox:
     root: Optional[Path] = None
     _proc: Optional[subprocess.Popen] = None
     landlock_abi: int = 0
+    runs: int = 0                # pieces of code run so far
+    cpu_seconds: float = 0.0     # their CPU time, summed
 
     def __enter__(self) -> "Sandbox":
         self.start()
@@ -117,7 +127,8 @@ class Sandbox:
         if self.drop_capabilities:
             extra["preexec_fn"] = _dropper(self.drop_capabilities)
         self._proc = subprocess.Popen(
-            [sys.executable, "-s", "-m", "stages.sandbox.server", str(self.root)],
+            [sys.executable, "-s", "-m", "stages.sandbox.server", str(self.root),
+             str(self.limits.disk_mb)],
             cwd=self.root, env=clean_environment(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, text=True, encoding="utf-8", **extra)
         first = self._reply()
@@ -151,21 +162,33 @@ class Sandbox:
 
     def run(self, table: str, code: str) -> Outcome:
         reply = self._send({"table": table, "code": code, "limits": self.limits.model_dump()})
+        if reply.get("status") == "sandbox_error":
+            # isolation could not be applied in the child (the code did not run) or the
+            # server was asked something impossible: never a verdict about the code
+            raise SandboxUnavailable(f"sandbox failure, nothing was judged: {reply.get('detail')}")
+        self.runs += 1
+        self.cpu_seconds += float(reply.get("cpu_seconds") or 0)
         return Outcome(**{k: reply[k] for k in ("status", "detail", "hash", "preview", "kind",
                                                  "cpu_seconds") if k in reply})
 
     def close(self) -> None:
-        if self._proc is not None:
-            if self._proc.stdin:
-                self._proc.stdin.close()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-            if self._proc.stdout:
-                self._proc.stdout.close()
+        """Stop the server (its tmpfs of job files goes with it) and remove the directory;
+        safe after the server died."""
+        try:
+            if self._proc is not None:
+                for stream in (self._proc.stdin, self._proc.stdout):
+                    try:
+                        if stream:
+                            stream.close()
+                    except OSError:
+                        pass
+                try:
+                    self._proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+                    self._proc.wait()
+        finally:
             self._proc = None
-        if self.root is not None:
-            shutil.rmtree(self.root, ignore_errors=True)
-            self.root = None
+            if self.root is not None:
+                shutil.rmtree(self.root, ignore_errors=True)
+                self.root = None

@@ -4,20 +4,24 @@ Run only by :class:`stages.sandbox.Sandbox` (``python -m stages.sandbox.server R
 environment the client built (no secrets) and ``ROOT`` a throw-away directory. It
 
 1. moves itself into a **network namespace of its own** (``unshare(CLONE_NEWNET)``: no
-   interface but a loopback that is down) and checks that the kernel offers **Landlock** and
-   **seccomp**; if any is missing it prints one ``{"fatal": …}`` line and exits 3 — untrusted
-   code is never run unprotected;
+   interface but a loopback that is down) and a mount namespace of its own with a **tmpfs of
+   ``disk_mb``** for the children's directories (total disk bounded; gone with the server), and
+   checks that the kernel offers **Landlock** and **seccomp**; if anything is missing it prints
+   one ``{"fatal": …}`` line and exits 3 — untrusted code is never run unprotected;
 2. imports pandas/numpy once (a child forks from here: ~5 ms instead of ~0.8 s a fresh
-   interpreter costs), then answers one JSON job per stdin line: ``{"table", "code"}``;
+   interpreter costs), then answers one JSON job per stdin line: ``{"table", "code"}``, holding
+   one table at a time (a child can read whatever its parent held);
 3. for each job forks a child that, before running the code: starts a new session, points
    fds 0–2 at /dev/null and closes every other fd but its result pipe, works in a fresh
    directory under ``ROOT/jobs``, sets resource limits (CPU seconds, address space, file size,
    open files, no core), restricts the file system with Landlock (read-only: the Python
    installation and system libraries; read-write: its directory; nothing else — not /proc,
    not $HOME; no TCP bind/connect; no signals out of its domain where the ABI has scopes),
-   and installs a seccomp filter that refuses process creation (fork/vfork/execve, clone
-   without CLONE_THREAD), sockets, signals to other processes, ptrace, sleeping, namespaces,
-   mounts, module loading and bpf;
+   **drops every capability** (uid 0 stays, but without CAP_* and with locked securebits), and
+   installs a seccomp filter that refuses process creation (fork/vfork/execve, clone without
+   CLONE_THREAD), sockets, signals to and re-limiting of other processes, ptrace, sleeping,
+   file metadata changes (chmod/chown/utime/xattrs: uid 0 owns the host's files), namespaces,
+   mounts, fanotify, the clock, module loading and bpf;
 4. runs the code with ``df`` (a copy of the table), ``pd`` and ``np``: the value of its last
    expression (or of ``result``) is the result, turned into canonical JSON (floats to 10
    significant digits, index, columns and values; a Series' name ignored) and hashed;
@@ -43,7 +47,7 @@ import signal
 import struct
 import sys
 import time
-from typing import Any
+from typing import Any, Optional
 
 LIBC = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNET = 0x40000000
@@ -66,6 +70,27 @@ DENIED = {
     "keyctl": 250, "add_key": 248, "request_key": 249, "io_uring_setup": 425,
     "personality": 135, "setsid": 112, "setpgid": 109, "chdir": 80, "fchdir": 81,
     "mknod": 133, "mknodat": 259,
+    # file metadata: uid 0 owns the host's files, and an owner may chmod/utime/setxattr them
+    # without any capability (Landlock does not cover metadata)
+    "chmod": 90, "fchmod": 91, "fchmodat": 268, "fchmodat2": 452, "chown": 92, "fchown": 93,
+    "lchown": 94, "fchownat": 260, "utime": 132, "utimes": 235, "futimesat": 261,
+    "utimensat": 280, "setxattr": 188, "lsetxattr": 189, "fsetxattr": 190, "removexattr": 197,
+    "lremovexattr": 198, "fremovexattr": 199,
+    # other processes: a process of the same uid may be re-limited or re-scheduled without
+    # capabilities (the server included)
+    "prlimit64": 302, "setrlimit": 160, "setpriority": 141, "sched_setaffinity": 203,
+    "sched_setscheduler": 144, "sched_setparam": 142, "sched_setattr": 314, "ioprio_set": 251,
+    "migrate_pages": 256, "move_pages": 279, "kcmp": 312,
+    # the host: clock, names, kernel log, accounting, swap, quota, filesystem watches, mounts
+    "sethostname": 170, "setdomainname": 171, "adjtimex": 159, "clock_adjtime": 305,
+    "settimeofday": 164, "clock_settime": 227, "syslog": 103, "acct": 163, "swapon": 167,
+    "swapoff": 168, "quotactl": 179, "fanotify_init": 300, "fanotify_mark": 301,
+    "name_to_handle_at": 303, "open_by_handle_at": 304, "open_tree": 428, "move_mount": 429,
+    "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433, "mount_setattr": 442,
+    "vhangup": 153, "iopl": 172, "ioperm": 173,
+    # identity and capabilities (dropped before the filter is installed)
+    "setuid": 105, "setgid": 106, "setreuid": 113, "setregid": 114, "setresuid": 117,
+    "setresgid": 119, "setfsuid": 122, "setfsgid": 123, "setgroups": 116, "capset": 126,
 }
 SYS_CLONE, SYS_CLONE3 = 56, 435
 
@@ -102,6 +127,40 @@ def isolation_problems() -> list[str]:
     if LIBC.prctl(PR_GET_SECCOMP, 0, 0, 0, 0) < 0:
         problems.append(f"seccomp is not available ({_errno_text()})")
     return problems
+
+
+MS_REC, MS_PRIVATE, MS_NOSUID, MS_NODEV, MS_NOEXEC = 16384, 1 << 18, 2, 4, 8
+CLONE_NEWNS = 0x00020000
+
+
+def private_jobs_tmpfs(jobs: str, size_mb: int) -> Optional[str]:
+    """The children's directories on a tmpfs of ``size_mb`` in a mount namespace of the
+    server's own: total disk use is bounded, and it all vanishes with the server. None when
+    done, else why not."""
+    if LIBC.unshare(CLONE_NEWNS) != 0:
+        return f"cannot enter a mount namespace of its own (unshare: {_errno_text()})"
+    if LIBC.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+        return f"cannot make its mounts private ({_errno_text()})"
+    options = f"size={size_mb}m,mode=0700".encode()
+    if LIBC.mount(b"tmpfs", jobs.encode(), b"tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, options) != 0:
+        return f"cannot mount a tmpfs for the jobs ({_errno_text()})"
+    return None
+
+
+def drop_capabilities() -> None:
+    """uid 0 without a single capability, for good: securebits locked (no regaining them by
+    exec or setuid), the bounding and ambient sets emptied, then the sets themselves."""
+    PR_SET_SECUREBITS, PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 28, 24, 47, 4
+    if LIBC.prctl(PR_SET_SECUREBITS, 0xEF, 0, 0, 0) != 0:
+        raise OSError(f"securebits: {_errno_text()}")
+    for cap in range(64):
+        if LIBC.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() != 22:  # EINVAL: no such cap
+            raise OSError(f"dropping capability {cap}: {_errno_text()}")
+    LIBC.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    header = struct.pack("<Ii", 0x20080522, 0)          # _LINUX_CAPABILITY_VERSION_3, self
+    data = bytes(24)                                    # two empty {effective, permitted, inheritable}
+    if LIBC.syscall(126, ctypes.c_char_p(header), ctypes.c_char_p(data)) != 0:
+        raise OSError(f"capset: {_errno_text()}")
 
 
 def _landlock(work: str, read_dirs: list[str]) -> None:
@@ -274,11 +333,13 @@ def child(write_fd: int, work: str, df: Any, code: str, limits: dict[str, Any],
         resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))   # no effect as root: seccomp is
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         _landlock(work, read_dirs)
+        drop_capabilities()
         _seccomp()
-        outcome = run_code(code, df)
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:  # noqa: BLE001 - isolation failed: the code is NOT run
         outcome = {"status": "sandbox_error", "detail": f"{type(exc).__name__}: {exc}"[:300]}
-    data = json.dumps(outcome, ensure_ascii=False).encode()[: limits["output_kb"] << 10]
+    else:
+        outcome = run_code(code, df)
+    data = json.dumps(outcome, ensure_ascii=False).encode()
     try:
         os.write(write_fd, data)
     finally:
@@ -338,14 +399,44 @@ def run_job(job: dict[str, Any], tables: dict[str, Any], root: str, limits: dict
         outcome = json.loads(b"".join(chunks).decode())
     except ValueError:
         return {"status": "sandbox_limit", "detail": "unreadable result", "cpu_seconds": round(cpu, 3)}
-    outcome = {k: outcome[k] for k in ("status", "detail", "hash", "preview", "kind") if k in outcome}
-    outcome["cpu_seconds"] = round(cpu, 3)
-    return outcome
+    clean = validated(outcome)
+    if clean is None:
+        return {"status": "sandbox_limit", "detail": "unreadable result", "cpu_seconds": round(cpu, 3)}
+    clean["cpu_seconds"] = round(cpu, 3)
+    return clean
+
+
+def validated(outcome: Any) -> Optional[dict[str, Any]]:
+    """The child's report with the types the client relies on, or None. (The code runs in
+    the child's process and could write this line itself: it can only claim a result for
+    itself, never for another option, and never crash the server or the stage.)"""
+    if not isinstance(outcome, dict) or not isinstance(outcome.get("status"), str):
+        return None
+    clean: dict[str, Any] = {"status": outcome["status"][:80]}
+    for field, limit in (("detail", 300), ("preview", 2000), ("kind", 80)):
+        value = outcome.get(field, "")
+        if not isinstance(value, str):
+            return None
+        if value:
+            clean[field] = value[:limit]
+    digest = outcome.get("hash")
+    if digest is not None:
+        if not (isinstance(digest, str) and len(digest) == 16
+                and all(c in "0123456789abcdef" for c in digest)):
+            return None
+        clean["hash"] = digest
+    if (clean["status"] == "ok") != ("hash" in clean):
+        return None
+    return clean
 
 
 def main() -> int:
     root = os.path.abspath(sys.argv[1])
+    disk_mb = int(sys.argv[2]) if len(sys.argv) > 2 else 64
     problems = isolation_problems()
+    if not problems:
+        failed = private_jobs_tmpfs(os.path.join(root, "jobs"), disk_mb)
+        problems += [failed] if failed else []
     if problems:
         print(json.dumps({"fatal": "; ".join(problems)}), flush=True)
         return 3
@@ -356,14 +447,22 @@ def main() -> int:
     print(json.dumps({"ready": True, "landlock_abi": landlock_abi()}), flush=True)
     counter = 0
     for line in sys.stdin:
-        job = json.loads(line)
-        if "load" in job:
-            tables[job["load"]] = pd.read_parquet(os.path.join(root, "tables", job["load"] + ".parquet"))
-            print(json.dumps({"loaded": job["load"]}), flush=True)
-            continue
-        counter += 1
-        print(json.dumps(run_job(job, tables, root, job["limits"], read_dirs, counter),
-                         ensure_ascii=False), flush=True)
+        try:
+            job = json.loads(line)
+            if "load" in job:
+                # one table at a time: a child (a fork of this process) can find in memory
+                # whatever the server holds, so it holds only the table of the current job
+                tables.clear()
+                tables[job["load"]] = pd.read_parquet(os.path.join(root, "tables", job["load"] + ".parquet"))
+                reply: dict[str, Any] = {"loaded": job["load"]}
+            elif job.get("table") not in tables:
+                reply = {"status": "sandbox_error", "detail": f"no table {job.get('table')!r} loaded"}
+            else:
+                counter += 1
+                reply = run_job(job, tables, root, job["limits"], read_dirs, counter)
+        except Exception as exc:  # noqa: BLE001 - one bad job never takes the server down
+            reply = {"status": "sandbox_error", "detail": f"{type(exc).__name__}: {exc}"[:300]}
+        print(json.dumps(reply, ensure_ascii=False), flush=True)
     return 0
 
 

@@ -39,18 +39,27 @@ OPTIONS = ["df['종가'].mean()", "df[df['거래량'] > df['거래량'].median()
            "df['시가총액'].mean()", "df.sort_values('종가').tail(3)"]
 
 
-def sandbox_throughput(n: int = 1000) -> dict:
+def sandbox_throughput(n: int = 1008, batch: int = 7) -> dict:
+    """Typical options on a 150-row table: one at a time, and ``batch`` at a time (a question's
+    options and reference, as agent@ runs them: one child per core)."""
     from stages.sandbox import Limits, Sandbox
     rng = np.random.default_rng(0)
     frame = pd.DataFrame({"날짜": pd.date_range("2024-01-02", periods=150, freq="B"),
                           "종가": rng.integers(1000, 90000, 150), "거래량": rng.integers(1, 10**6, 150)})
+    codes = [OPTIONS[i % len(OPTIONS)] for i in range(n)]
     with Sandbox(Limits()) as box:
         box.load("t", frame)
         start = time.perf_counter()
-        statuses = [box.run("t", OPTIONS[i % len(OPTIONS)]).status for i in range(n)]
-        seconds = time.perf_counter() - start
-    return {"runs": n, "seconds": round(seconds, 2), "per_second": round(n / seconds, 1),
-            "ok": statuses.count("ok"), "errors": n - statuses.count("ok")}
+        single = [box.run("t", code, preview=False).status for code in codes]
+        one = time.perf_counter() - start
+        start = time.perf_counter()
+        batched = [o.status for i in range(0, n, batch)
+                   for o in box.run_many("t", codes[i:i + batch], [False] * len(codes[i:i + batch]))]
+        many = time.perf_counter() - start
+    assert single == batched
+    return {"runs": n, "single_per_second": round(n / one, 1),
+            "batched_per_second": round(n / many, 1), "batch": batch,
+            "ok": single.count("ok"), "errors": n - single.count("ok")}
 
 
 def agent_counts(stats: dict) -> dict:
@@ -115,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
              f"| rejects by reason | {metrics['rejects_by_reason']} |",
              f"| sandbox in the stage: code runs, seconds | {box['runs']:,} in {box['seconds']:.1f} s |",
              f"| **sandbox in the stage: runs per second** (incl. loading each table) | **{box['runs_per_second']}** |",
-             f"| sandbox bare: {bare['runs']:,} typical options on a 150-row table | "
-             f"**{bare['per_second']} /s** ({bare['ok']} ok, {bare['errors']} raising) |",
+             f"| sandbox bare: {bare['runs']:,} typical options on a 150-row table, one at a time | "
+             f"{bare['single_per_second']} /s ({bare['ok']} ok, {bare['errors']} raising) |",
+             f"| sandbox bare: the same, {bare['batch']} at a time (a question's options) | "
+             f"**{bare['batched_per_second']} /s** |",
              f"| LLM calls / cached | {metrics['llm'].get('calls')} / {metrics['llm'].get('cache_hits')} |",
              f"| stand-in's agent answers | {agent_counts(stats)} |"]
     print(header)

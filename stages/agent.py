@@ -296,8 +296,12 @@ def make_records(spec: TableSpec, frame: pd.DataFrame, result: Result, box: Sand
         raise AgentReject(f"llm_{result.error}", result.detail)
     task, options, answer, reference_code = check_shape(spec, result.parsed)  # type: ignore[arg-type]
     box.load("t", frame)
-    outcomes = [box.run("t", code) for code in options]
-    reference = box.run("t", reference_code) if reference_code else Outcome("reference_raises", "empty")
+    # all side by side; the key's result is shown in the conversation's tool turn: only it
+    # needs a preview
+    codes = options + ([reference_code] if reference_code else [])
+    ran = box.run_many("t", codes, [i == answer for i in range(len(codes))])
+    outcomes = ran[:len(options)]
+    reference = ran[len(options)] if reference_code else Outcome("reference_raises", "empty")
     judge(outcomes, reference, answer)
     head = head_markdown(frame)
     description = spec.description()

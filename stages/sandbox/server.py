@@ -9,8 +9,9 @@ environment the client built (no secrets) and ``ROOT`` a throw-away directory. I
    checks that the kernel offers **Landlock** and **seccomp**; if anything is missing it prints
    one ``{"fatal": …}`` line and exits 3 — untrusted code is never run unprotected;
 2. imports pandas/numpy once (a child forks from here: ~5 ms instead of ~0.8 s a fresh
-   interpreter costs), then answers one JSON job per stdin line: ``{"table", "code"}``, holding
-   one table at a time (a child can read whatever its parent held);
+   interpreter costs), then answers one JSON job per stdin line: ``{"table", "codes",
+   "previews", "limits"}`` (or ``{"load"}``), each code in a child of its own, one child per
+   core at a time; it holds one table at a time (a child can read whatever its parent held);
 3. for each job forks a child that, before running the code: starts a new session, points
    fds 0–2 at /dev/null and closes every other fd but its result pipe, works in a fresh
    directory under ``ROOT/jobs``, sets resource limits (CPU seconds, address space, file size,
@@ -35,6 +36,7 @@ x86_64 only (the seccomp filter names syscalls by number); elsewhere it refuses 
 from __future__ import annotations
 
 import ctypes
+import gc
 import hashlib
 import json
 import math
@@ -277,7 +279,7 @@ def preview(value: Any, limit: int = 1500) -> str:
     return text if len(text) <= limit else text[:limit] + " …"
 
 
-def run_code(code: str, df: Any) -> dict[str, Any]:
+def run_code(code: str, df: Any, with_preview: bool = True) -> dict[str, Any]:
     """In the child, after every restriction: execute, canonicalise, hash."""
     import ast
 
@@ -297,8 +299,11 @@ def run_code(code: str, df: Any) -> dict[str, Any]:
         if value is None:
             return {"status": "no_result", "detail": "the result is None"}
         text = json.dumps(canonical(value), ensure_ascii=False, sort_keys=True)
-        return {"status": "ok", "hash": hashlib.sha256(text.encode()).hexdigest()[:16],
-                "preview": preview(value), "kind": type(value).__name__}
+        out = {"status": "ok", "hash": hashlib.sha256(text.encode()).hexdigest()[:16],
+               "kind": type(value).__name__}
+        if with_preview:   # a repr costs a few ms: only where it is shown (a tool turn)
+            out["preview"] = preview(value)
+        return out
     except MemoryError:
         return {"status": "sandbox_limit", "detail": "memory limit"}
     except BaseException as exc:  # noqa: BLE001 - every failure of untrusted code is an outcome
@@ -314,16 +319,20 @@ def _vm_size() -> int:
     return 0
 
 
-def child(write_fd: int, work: str, df: Any, code: str, limits: dict[str, Any],
+def child(job_fd: int, write_fd: int, work: str, df: Any, limits: dict[str, Any],
           read_dirs: list[str]) -> None:
-    """Never returns: restrict, run, report, ``_exit``."""
+    """Never returns: restrict itself, then wait for its one job on ``job_fd``, run it,
+    report on ``write_fd``, ``_exit``. Forked ahead of the job (while the previous one runs),
+    so the set-up is off the job's path."""
     try:
         os.setsid()
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(null, fd)
-        os.closerange(3, write_fd)
-        os.closerange(write_fd + 1, 4096)
+        low, high = sorted((job_fd, write_fd))
+        os.closerange(3, low)
+        os.closerange(low + 1, high)
+        os.closerange(high + 1, 4096)
         os.chdir(work)
         cpu = int(limits["cpu_seconds"])
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
@@ -338,7 +347,15 @@ def child(write_fd: int, work: str, df: Any, code: str, limits: dict[str, Any],
     except BaseException as exc:  # noqa: BLE001 - isolation failed: the code is NOT run
         outcome = {"status": "sandbox_error", "detail": f"{type(exc).__name__}: {exc}"[:300]}
     else:
-        outcome = run_code(code, df)
+        chunks = []
+        while True:
+            data = os.read(job_fd, 65536)
+            if not data:
+                break
+            chunks.append(data)
+        os.close(job_fd)
+        job = json.loads(b"".join(chunks).decode())
+        outcome = run_code(job["code"], df, job.get("preview", True))
     data = json.dumps(outcome, ensure_ascii=False).encode()
     try:
         os.write(write_fd, data)
@@ -346,43 +363,85 @@ def child(write_fd: int, work: str, df: Any, code: str, limits: dict[str, Any],
         os._exit(0)
 
 
-def run_job(job: dict[str, Any], tables: dict[str, Any], root: str, limits: dict[str, Any],
-            read_dirs: list[str], counter: int) -> dict[str, Any]:
-    df = tables[job["table"]]
-    work = os.path.join(root, "jobs", str(counter))
-    os.makedirs(work)
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_fd)
-        child(write_fd, work, df, job["code"], limits, read_dirs)
-    os.close(write_fd)
-    chunks, size, cap = [], 0, (limits["output_kb"] << 10) + 1
-    deadline = time.monotonic() + limits["wall_seconds"]
-    blocked = False
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            blocked = True
-            break
-        ready, _, _ = select.select([read_fd], [], [], left)
-        if not ready:
-            continue
-        data = os.read(read_fd, 65536)
-        if not data:
-            break
-        chunks.append(data)
-        size += len(data)
-        if size >= cap:
-            break
-    os.close(read_fd)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    _, status, usage = os.wait4(pid, 0)
-    cpu = usage.ru_utime + usage.ru_stime
-    shutil.rmtree(work, ignore_errors=True)
+class Child:
+    """One child, forked for the current table and limits, restricted before its job."""
+
+    def __init__(self, df: Any, root: str, limits: dict[str, Any], read_dirs: list[str],
+                 counter: int):
+        self.limits, self.work = limits, os.path.join(root, "jobs", str(counter))
+        os.makedirs(self.work)
+        job_r, job_w = os.pipe()
+        self.result_r, result_w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            os.close(job_w)
+            os.close(self.result_r)
+            child(job_r, result_w, self.work, df, limits, read_dirs)
+        os.close(job_r)
+        os.close(result_w)
+        self.job_w = job_w
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.deadline = time.monotonic() + limits["wall_seconds"]
+
+    def send(self, code: str, preview: bool) -> None:
+        try:
+            os.write(self.job_w, json.dumps({"code": code, "preview": preview}).encode())
+        except BrokenPipeError:
+            pass  # the child died setting up: its status says why
+        os.close(self.job_w)
+
+    def finish(self, blocked: bool) -> dict[str, Any]:
+        os.close(self.result_r)
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        _, status, usage = os.wait4(self.pid, 0)
+        shutil.rmtree(self.work, ignore_errors=True)
+        cap = (self.limits["output_kb"] << 10) + 1
+        return verdict(self.chunks, self.size, cap, blocked, status,
+                       usage.ru_utime + usage.ru_stime, self.limits)
+
+
+def run_batch(jobs: list[tuple[str, bool]], df: Any, root: str, limits: dict[str, Any],
+              read_dirs: list[str], first: int, width: int) -> list[dict[str, Any]]:
+    """Every (code, preview) of ``jobs`` in a child of its own, ``width`` children at a time
+    (one per core: the options of one question run side by side); results in job order."""
+    results: list[Optional[dict[str, Any]]] = [None] * len(jobs)
+    pending = list(range(len(jobs)))
+    running: dict[int, tuple[int, Child]] = {}
+    cap = (limits["output_kb"] << 10) + 1
+    while pending or running:
+        while pending and len(running) < width:
+            index = pending.pop(0)
+            child_ = Child(df, root, limits, read_dirs, first + index)
+            child_.send(*jobs[index])
+            running[child_.result_r] = (index, child_)
+        wait = max(0.0, min(c.deadline for _, c in running.values()) - time.monotonic())
+        readable, _, _ = select.select(list(running), [], [], wait)
+        now = time.monotonic()
+        for fd in list(running):
+            index, child_ = running[fd]
+            done = blocked = False
+            if fd in readable:
+                data = os.read(fd, 65536)
+                if data:
+                    child_.chunks.append(data)
+                    child_.size += len(data)
+                    done = child_.size >= cap
+                else:
+                    done = True
+            elif now >= child_.deadline:
+                done = blocked = True
+            if done:
+                del running[fd]
+                results[index] = child_.finish(blocked)
+    return [r for r in results if r is not None]
+
+
+def verdict(chunks: list[bytes], size: int, cap: int, blocked: bool, status: int, cpu: float,
+            limits: dict[str, Any]) -> dict[str, Any]:
     if blocked:
         return {"status": "sandbox_limit", "detail": f"no progress: blocked after {cpu:.2f} s CPU",
                 "cpu_seconds": round(cpu, 3)}
@@ -443,25 +502,33 @@ def main() -> int:
     import numpy  # noqa: F401  (loaded once; children fork from here)
     import pandas as pd
     read_dirs = read_only_dirs()
-    tables: dict[str, Any] = {}
-    print(json.dumps({"ready": True, "landlock_abi": landlock_abi()}), flush=True)
+    width = max(1, os.cpu_count() or 1)
+    current: dict[str, Any] = {}          # the one table held: {name: frame}
     counter = 0
+    # a forked child shares the server's pages until it writes them; the collector walking
+    # every object would write them (reference counts, gc links): frozen objects are not walked
+    gc.freeze()
+    print(json.dumps({"ready": True, "landlock_abi": landlock_abi(), "width": width}), flush=True)
     for line in sys.stdin:
         try:
             job = json.loads(line)
             if "load" in job:
                 # one table at a time: a child (a fork of this process) can find in memory
                 # whatever the server holds, so it holds only the table of the current job
-                tables.clear()
-                tables[job["load"]] = pd.read_parquet(os.path.join(root, "tables", job["load"] + ".parquet"))
-                reply: dict[str, Any] = {"loaded": job["load"]}
-            elif job.get("table") not in tables:
-                reply = {"status": "sandbox_error", "detail": f"no table {job.get('table')!r} loaded"}
+                current.clear()
+                current[job["load"]] = pd.read_parquet(os.path.join(root, "tables", job["load"] + ".parquet"))
+                gc.collect()
+                gc.freeze()
+                reply: Any = {"loaded": job["load"]}
+            elif job.get("table") not in current:
+                reply = [{"status": "sandbox_error", "detail": f"no table {job.get('table')!r} loaded"}]
             else:
-                counter += 1
-                reply = run_job(job, tables, root, job["limits"], read_dirs, counter)
+                codes = [(c, bool(p)) for c, p in zip(job["codes"], job["previews"])]
+                reply = run_batch(codes, current[job["table"]], root, job["limits"], read_dirs,
+                                  counter, width)
+                counter += len(codes)
         except Exception as exc:  # noqa: BLE001 - one bad job never takes the server down
-            reply = {"status": "sandbox_error", "detail": f"{type(exc).__name__}: {exc}"[:300]}
+            reply = [{"status": "sandbox_error", "detail": f"{type(exc).__name__}: {exc}"[:300]}]
         print(json.dumps(reply, ensure_ascii=False), flush=True)
     return 0
 

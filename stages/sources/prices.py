@@ -195,9 +195,10 @@ def _move_check(df: pd.DataFrame, keep: np.ndarray, spec: Any) -> tuple[np.ndarr
 def check_prices(table: pa.Table, params: SourceParams, key: str, where: str) -> PriceResult:
     """Raw columns -> the ``prices`` table (sorted by ticker, date) + rejects with reasons."""
     spec = params.prices
-    df = _frame(table, params, where)
-    raw = df.copy()
-    n = len(df)
+    raw = _frame(table, params, where)   # the cells as read: kept for the rejects' raw values
+    del table
+    df = pd.DataFrame(index=raw.index)   # parsed columns only: no second copy of the text
+    n = len(raw)
     reason = np.full(n, "", dtype=object)
     detail = np.full(n, "", dtype=object)
 
@@ -210,16 +211,19 @@ def check_prices(table: pa.Table, params: SourceParams, key: str, where: str) ->
             for i in idx:
                 detail[i] = describe(i)
 
-    df["date"] = _dates(df["date"], spec.date_format)
+    df["date"] = _dates(raw["date"], spec.date_format)
     mark(df["date"].isna(), "bad_date", lambda i: f"date {raw.at[i, 'date']!r}")
-    df["ticker"] = df["ticker"].astype(str).str.strip()
+    df["ticker"] = raw["ticker"].astype(str).str.strip()
+    for f in ("name", "market"):
+        if f in raw:
+            df[f] = raw[f]
     mark(df["ticker"].isin(["", "nan", "None"]), "missing_ticker")
     for f in NUMERIC:
-        df[f] = _numbers(df[f])
+        df[f] = _numbers(raw[f])
         mark(df[f].isna(), "bad_number", lambda i, f=f: f"{f} {raw.at[i, f]!r}")
     for f in OPTIONAL_NUMERIC:
-        if f in df:
-            df[f] = _numbers(df[f])
+        if f in raw:
+            df[f] = _numbers(raw[f])
     o, h, l, c, v = (df[f].to_numpy() for f in NUMERIC)
     portal_halt = (v == 0) & (o == 0) & (h == 0) & (l == 0) & (c > 0)
     for f in ("open", "high", "low"):
@@ -315,8 +319,10 @@ def _to_arrow(out: pd.DataFrame, params: SourceParams, flags: np.ndarray) -> pa.
 def collect_prices(params: SourceParams, key: str) -> PriceResult:
     """``collect@<key>`` for a price source: read, check, and the malformed lines as rejects."""
     param = f"collect.{key}"
-    table, bad = read_price_table(params.input, params, param)
-    result = check_prices(table, params, key, params.input)
+    read = list(read_price_table(params.input, params, param))
+    bad = read.pop()
+    # handed over, not kept here: check_prices frees the Arrow table once it has the columns
+    result = check_prices(read.pop(), params, key, params.input)
     result.rejects = [reject("collect", key, item, why, text) for item, why, text in bad] + result.rejects
     result.counts["rows_read"] += len(bad)
     return result

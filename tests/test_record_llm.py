@@ -198,7 +198,7 @@ def test_answers_file_must_be_marked_and_well_formed(tmp_path):
 # ---------------------------------------------------------------------------- committed recordings
 @pytest.mark.parametrize("answers_file", sorted(
     p.name for p in (ROOT / "data/samples/llm_answers").glob("*.yaml")
-    if p.name.startswith(("filter.", "transform."))))
+    if p.name.startswith(("filter.", "transform.", "agent."))))
 def test_committed_recordings_match_their_answers_files(answers_file):
     """Every authored draw is in the recorded cache and the cache holds nothing else: a
     changed answers file that was not re-recorded fails here."""

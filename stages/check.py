@@ -234,7 +234,7 @@ def check(path: str | Path = PARAMS_FILE, root: str | Path | None = None) -> lis
 
 
 PINNED = re.compile(r"^[0-9a-f]{40}$")
-LLM_SECTIONS = ("filter", "transform", "synthesize", "solve")
+LLM_SECTIONS = ("filter", "transform", "synthesize", "solve", "agent")
 
 
 def missing_inputs(root: Path) -> list[str]:

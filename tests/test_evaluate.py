@@ -279,14 +279,16 @@ def test_bad_local_rows_are_rejected_with_a_reason(tmp_path: Path):
     good = json.loads((SAMPLES / "fin_security.jsonl").read_text(encoding="utf-8").splitlines()[0])
     lines = [json.dumps(good, ensure_ascii=False), "{not json",
              json.dumps(dict(good, question="다른 문제", answer=9), ensure_ascii=False),
-             json.dumps(dict(good, question="세 개", options=["a", "b", "c"]), ensure_ascii=False)]
+             # one choice is no question (2-7 are: up/down stock sets have two)
+             json.dumps(dict(good, question="한 개", options=["a"]), ensure_ascii=False),
+             json.dumps(dict(good, question="두 개", options=["상승", "하락"], answer=2), ensure_ascii=False)]
     (tmp_path / "fin_security.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     params = _settings().model_dump()
     params["local"] = {"fin_security": dict(params["local"]["fin_security"],
                                             input=str(tmp_path / "fin_security.jsonl"))}
     params["local_dir"] = str(tmp_path)
     items, rejects = load_sets(EvaluateSettings.model_validate(params))
-    assert len(items) == 1
+    assert sorted(len(i.choices) for i in items) == [2, 4]
     assert sorted(r["reason"] for r in rejects) == ["answer_out_of_range", "invalid_record",
                                                     "malformed_json"]
     assert all(r["stage"] == "evaluate" for r in rejects)
@@ -310,7 +312,7 @@ def test_every_eval_set_in_params_is_a_dep_of_every_evaluate_stage(tmp_path: Pat
     production = load_evaluate(None, ROOT / "params.yaml")
     keys = ["base", *load_raw(ROOT / "params.yaml")["versions"]]
     assert set(deps) == {f"evaluate@{k}" for k in keys}
-    assert {"base", "v1", "v2", "v3", "v4", "v5_1", "v5_2", "v5_3", "v6"} == set(keys)
+    assert {"base", "v1", "v2", "v3", "v4", "v5_1", "v5_2", "v5_3", "v6", "v7"} == set(keys)
     for settings in (production, _quickstart_settings(tmp_path)):
         wanted = [s.input for s in settings.collected.values()]
         for stage, paths in deps.items():

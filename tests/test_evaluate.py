@@ -280,7 +280,7 @@ def test_bad_local_rows_are_rejected_with_a_reason(tmp_path: Path):
     lines = [json.dumps(good, ensure_ascii=False), "{not json",
              json.dumps(dict(good, question="다른 문제", answer=9), ensure_ascii=False),
              # one choice is no question (2-7 are: up/down stock sets have two)
-             json.dumps(dict(good, question="한 개", options=["a"]), ensure_ascii=False),
+             json.dumps(dict(good, question="한 개", options=["a"], answer=1), ensure_ascii=False),
              json.dumps(dict(good, question="두 개", options=["상승", "하락"], answer=2), ensure_ascii=False)]
     (tmp_path / "fin_security.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     params = _settings().model_dump()

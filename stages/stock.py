@@ -37,6 +37,7 @@ import json
 import math
 import string
 from collections import Counter
+from dataclasses import dataclass
 from datetime import date
 from typing import Any, Optional
 
@@ -188,74 +189,91 @@ def ticker_offset(ticker: str, seed: int, stride: int) -> int:
     return int(content_id("stock-stride", seed, ticker), 16) % stride
 
 
+@dataclass
+class Series:
+    """The price table's columns as arrays, and where each row sits on the calendar."""
+    days: np.ndarray
+    tickers: np.ndarray
+    close: np.ndarray
+    volume: np.ndarray
+    action: np.ndarray      # corporate_action rows
+    halt: np.ndarray        # volume 0
+    pos: np.ndarray         # calendar position of each row
+    on_calendar: np.ndarray
+
+    @classmethod
+    def of(cls, table: pa.Table, calendar: np.ndarray) -> "Series":
+        days = table["date"].cast(pa.int32()).to_numpy()
+        flags = table["flags"].to_numpy(zero_copy_only=False).astype(str)
+        volume = table["volume"].to_numpy()
+        pos = np.searchsorted(calendar, days)
+        on = (pos < len(calendar)) & (calendar[np.minimum(pos, len(calendar) - 1)] == days)
+        return cls(days, table["ticker"].to_numpy(zero_copy_only=False), table["close"].to_numpy(),
+                   volume, np.char.find(flags, "corporate_action") >= 0, volume == 0, pos, on)
+
+
+def segment_candidates(s: Series, r: np.ndarray, p: np.ndarray, offset: int, bounds: tuple[int, int],
+                       params: StockParams, skipped: Counter, cand: "Candidates") -> None:
+    """The candidates of one segment (rows ``r`` at calendar positions ``p``, no gap and no
+    corporate action inside): indicators from the segment's start, sampled every ``stride``
+    calendar days, skipped where not ready, halted or too small a move; split by date."""
+    cutoff_pos, test_start = bounds
+    names = indicator_names(params.indicators)
+    ind = compute_indicators(s.close[r], s.volume[r], params.indicators)
+    values = np.column_stack([ind[n] for n in names])
+    t = np.arange(len(r) - 1)                       # t needs its target in the segment
+    sampled = (p[t] + offset) % params.stride == 0
+    ready = (t >= params.window - 1) & ~np.isnan(values[t]).any(axis=1)
+    skipped["warmup_or_segment_start"] += int((sampled & ~ready).sum())
+    t = t[sampled & ready]
+    halted = s.halt[r[t]] | s.halt[r[t + 1]]
+    skipped["halt"] += int(halted.sum())
+    t = t[~halted]
+    move = s.close[r[t + 1]] / s.close[r[t]] - 1.0
+    small = (np.abs(move) < params.min_move) | (move == 0)
+    skipped["small_move"] += int(small.sum())
+    t, move = t[~small], move[~small]
+    split = np.where(p[t + 1] < cutoff_pos, "train",
+                     np.where(p[t - params.window + 1] >= test_start, "test", ""))
+    skipped["embargo"] += int((split == "").sum())
+    keep = split != ""
+    cand.add(r[t[keep]], split[keep], move[keep] > 0, values[t[keep]])
+
+
 def find_candidates(table: pa.Table, calendar: np.ndarray, params: StockParams
                     ) -> tuple[Candidates, Counter, list[dict[str, Any]], dict[str, Any]]:
     """Every usable (ticker, t) of the price table (sorted by ticker, date), with its split."""
-    names = indicator_names(params.indicators)
-    days = table["date"].cast(pa.int32()).to_numpy()
-    tickers = table["ticker"].to_numpy(zero_copy_only=False)
-    close = table["close"].to_numpy()
-    volume = table["volume"].to_numpy()
-    flags = table["flags"].to_numpy(zero_copy_only=False)
-    action = np.char.find(flags.astype(str), "corporate_action") >= 0
-    halt = volume == 0
-
-    pos = np.searchsorted(calendar, days)
-    on_calendar = (pos < len(calendar)) & (calendar[np.minimum(pos, len(calendar) - 1)] == days)
-    skipped: Counter = Counter()
-    rejects = [reject("stock", str(tickers[i]), f"{tickers[i]} {date.fromordinal(int(days[i]) + 719163)}",
+    s = Series.of(table, calendar)
+    rejects = [reject("stock", str(s.tickers[i]), f"{s.tickers[i]} {_iso(s.days[i])}",
                       "off_calendar", "a trading day the calendar index does not have")
-               for i in np.flatnonzero(~on_calendar)]
+               for i in np.flatnonzero(~s.on_calendar)]
     cutoff_pos = int(np.searchsorted(calendar, (params.cutoff - date(1970, 1, 1)).days))
     if not 0 < cutoff_pos < len(calendar):
         raise StageError(f"stock.cutoff {params.cutoff} is outside the calendar "
                          f"({_iso(calendar[0])} .. {_iso(calendar[-1])})")
-    test_start = cutoff_pos + params.embargo
-    cand = Candidates()
-    info = {"tickers": 0, "delisted": [], "segments": 0, "corporate_actions": int(action.sum()),
+    bounds = (cutoff_pos, cutoff_pos + params.embargo)
+    cand, skipped = Candidates(), Counter()
+    info = {"tickers": 0, "delisted": [], "segments": 0, "corporate_actions": int(s.action.sum()),
             "gaps": 0}
-    starts = np.flatnonzero(np.r_[True, tickers[1:] != tickers[:-1]])
-    ends = np.r_[starts[1:], len(tickers)]
-    for start, end in zip(starts, ends):
-        ticker = str(tickers[start])
-        rows = np.arange(start, end)[on_calendar[start:end]]
+    starts = np.flatnonzero(np.r_[True, s.tickers[1:] != s.tickers[:-1]])
+    for start, end in zip(starts, np.r_[starts[1:], len(s.tickers)]):
+        ticker = str(s.tickers[start])
+        rows = np.arange(start, end)[s.on_calendar[start:end]]
         if len(rows) < params.window + 1:
             rejects.append(reject("stock", ticker, ticker, "too_short",
                                   f"{len(rows)} rows on the calendar, a window needs {params.window + 1}"))
             continue
         info["tickers"] += 1
-        p = pos[rows]
+        p = s.pos[rows]
         if p[-1] < len(calendar) - 1:
             info["delisted"].append(ticker)
         gap = np.r_[False, np.diff(p) != 1]
         info["gaps"] += int(gap.sum())
-        cut = np.flatnonzero(gap | action[rows])
         offset = ticker_offset(ticker, params.seed, params.stride)
-        for seg in np.split(np.arange(len(rows)), cut):
-            if len(seg) < 2:
-                continue
-            info["segments"] += 1
-            r = rows[seg]
-            ind = compute_indicators(close[r], volume[r], params.indicators)
-            values = np.column_stack([ind[n] for n in names])
-            t = np.arange(len(r) - 1)                       # t needs its target in the segment
-            sampled = (p[seg][t] + offset) % params.stride == 0
-            ready = (t >= params.window - 1) & ~np.isnan(values[t]).any(axis=1)
-            skipped["warmup_or_segment_start"] += int((sampled & ~ready).sum())
-            t = t[sampled & ready]
-            halted = halt[r[t]] | halt[r[t + 1]]
-            skipped["halt"] += int(halted.sum())
-            t = t[~halted]
-            move = close[r[t + 1]] / close[r[t]] - 1.0
-            small = (np.abs(move) < params.min_move) | (move == 0)
-            skipped["small_move"] += int(small.sum())
-            t, move = t[~small], move[~small]
-            target_pos, start_pos = p[seg][t + 1], p[seg][t - params.window + 1]
-            split = np.where(target_pos < cutoff_pos, "train",
-                             np.where(start_pos >= test_start, "test", ""))
-            skipped["embargo"] += int((split == "").sum())
-            keep = split != ""
-            cand.add(r[t[keep]], split[keep], move[keep] > 0, values[t[keep]])
+        for seg in np.split(np.arange(len(rows)), np.flatnonzero(gap | s.action[rows])):
+            if len(seg) >= 2:
+                info["segments"] += 1
+                segment_candidates(s, rows[seg], p[seg], offset, bounds, params, skipped, cand)
     skipped["corporate_action_or_gap_cuts"] = int(info["segments"] - info["tickers"])
     return cand, skipped, rejects, info
 

@@ -192,25 +192,31 @@ def _move_check(df: pd.DataFrame, keep: np.ndarray, spec: Any) -> tuple[np.ndarr
     return beyond, action
 
 
-def check_prices(table: pa.Table, params: SourceParams, key: str, where: str) -> PriceResult:
-    """Raw columns -> the ``prices`` table (sorted by ticker, date) + rejects with reasons."""
-    spec = params.prices
-    raw = _frame(table, params, where)   # the cells as read: kept for the rejects' raw values
-    del table
-    df = pd.DataFrame(index=raw.index)   # parsed columns only: no second copy of the text
-    n = len(raw)
-    reason = np.full(n, "", dtype=object)
-    detail = np.full(n, "", dtype=object)
+class _Marks:
+    """The first reject reason of each row (and its detail), filled check by check."""
 
-    def mark(mask: Any, why: str, describe: Any = None) -> None:
+    def __init__(self, n: int) -> None:
+        self.reason = np.full(n, "", dtype=object)
+        self.detail = np.full(n, "", dtype=object)
+
+    def ok(self) -> np.ndarray:
+        return self.reason == ""
+
+    def mark(self, mask: Any, why: str, describe: Any = None) -> None:
         """Give rows of ``mask`` not rejected yet the reason ``why``; ``describe(i)`` writes
         the detail of row ``i`` (called for those rows only: most rows are fine)."""
-        idx = np.flatnonzero(np.asarray(mask, dtype=bool) & (reason == ""))
-        reason[idx] = why
+        idx = np.flatnonzero(np.asarray(mask, dtype=bool) & self.ok())
+        self.reason[idx] = why
         if describe is not None:
             for i in idx:
-                detail[i] = describe(i)
+                self.detail[i] = describe(i)
 
+
+def _parse_and_check_rows(raw: pd.DataFrame, spec: Any, marks: _Marks) -> pd.DataFrame:
+    """Parsed columns (dates, numbers) and the row-level rejects; the portal's halt rows
+    (volume 0, open/high/low 0, a close) get the close as open/high/low."""
+    df = pd.DataFrame(index=raw.index)   # parsed columns only: no second copy of the text
+    mark = marks.mark
     df["date"] = _dates(raw["date"], spec.date_format)
     mark(df["date"].isna(), "bad_date", lambda i: f"date {raw.at[i, 'date']!r}")
     df["ticker"] = raw["ticker"].astype(str).str.strip()
@@ -237,49 +243,58 @@ def check_prices(table: pa.Table, params: SourceParams, key: str, where: str) ->
         mark(h < l, "high_below_low", lambda i: f"high {h[i]:g} < low {l[i]:g}")
         mark((o < l) | (o > h), "open_outside_range", lambda i: f"open {o[i]:g} outside [{l[i]:g}, {h[i]:g}]")
         mark((c < l) | (c > h), "close_outside_range", lambda i: f"close {c[i]:g} outside [{l[i]:g}, {h[i]:g}]")
+    return df
 
-    # duplicates among the rows still in: identical copies keep the first, conflicts lose all
-    ok_idx = np.flatnonzero(reason == "")
+
+def _check_duplicates(df: pd.DataFrame, marks: _Marks) -> None:
+    """Among the rows still in: identical copies keep the first, conflicting ones lose all."""
+    n = len(df)
+    ok_idx = np.flatnonzero(marks.ok())
     keys = df.loc[ok_idx, ["ticker", "date"]]
     dup_any = keys.duplicated(keep=False).to_numpy()
-    if dup_any.any():
-        cols = ["ticker", "date", *NUMERIC, *[f for f in OPTIONAL_NUMERIC if f in df]]
-        dups = df.loc[ok_idx[dup_any], cols]
-        distinct = dups.drop_duplicates().groupby(["ticker", "date"]).size()
-        conflicting = set(distinct[distinct > 1].index)
-        bad = [i for i in ok_idx[dup_any] if (df.at[i, "ticker"], df.at[i, "date"]) in conflicting]
-        mark(np.isin(np.arange(n), bad), "conflicting_duplicate",
-             lambda i: f"{df.at[i, 'ticker']} {df.at[i, 'date'].date()}: the copies differ")
-        again = keys.duplicated(keep="first").to_numpy()
-        mark(np.isin(np.arange(n), ok_idx[again]), "duplicate_row",
-             lambda i: f"{df.at[i, 'ticker']} {df.at[i, 'date'].date()}: an identical earlier row")
+    if not dup_any.any():
+        return
+    cols = ["ticker", "date", *NUMERIC, *[f for f in OPTIONAL_NUMERIC if f in df]]
+    distinct = df.loc[ok_idx[dup_any], cols].drop_duplicates().groupby(["ticker", "date"]).size()
+    conflicting = set(distinct[distinct > 1].index)
+    bad = [i for i in ok_idx[dup_any] if (df.at[i, "ticker"], df.at[i, "date"]) in conflicting]
+    marks.mark(np.isin(np.arange(n), bad), "conflicting_duplicate",
+               lambda i: f"{df.at[i, 'ticker']} {df.at[i, 'date'].date()}: the copies differ")
+    again = keys.duplicated(keep="first").to_numpy()
+    marks.mark(np.isin(np.arange(n), ok_idx[again]), "duplicate_row",
+               lambda i: f"{df.at[i, 'ticker']} {df.at[i, 'date'].date()}: an identical earlier row")
 
+
+def check_prices(table: pa.Table, params: SourceParams, key: str, where: str) -> PriceResult:
+    """Raw columns -> the ``prices`` table (sorted by ticker, date) + rejects with reasons."""
+    raw = _frame(table, params, where)   # the cells as read: kept for the rejects' raw values
+    del table
+    marks = _Marks(len(raw))
+    df = _parse_and_check_rows(raw, params.prices, marks)
+    _check_duplicates(df, marks)
     # the price limit, in (ticker, date) order
     order = np.lexsort((df["date"].to_numpy(), df["ticker"].to_numpy()))
-    df, reason, detail = df.iloc[order].reset_index(drop=True), reason[order], detail[order]
-    beyond, action = _move_check(df, reason == "", spec)
-    if beyond.any():
-        close = df["close"].to_numpy()
-        kept = np.flatnonzero((reason == "") & ~beyond)
-        for i in np.flatnonzero(beyond):
-            before = kept[kept < i]
-            p = before[-1] if len(before) else i
-            detail[i] = f"close {close[i]:g} after {close[p]:g} ({close[i] / close[p] - 1:+.1%})"
-        reason[beyond] = "beyond_price_limit"
+    df = df.iloc[order].reset_index(drop=True)
+    reason, detail = marks.reason[order], marks.detail[order]
+    beyond, action = _move_check(df, reason == "", params.prices)
+    close = df["close"].to_numpy()
+    kept = np.flatnonzero((reason == "") & ~beyond)
+    for i in np.flatnonzero(beyond):
+        before = kept[kept < i]
+        p = before[-1] if len(before) else i
+        detail[i] = f"close {close[i]:g} after {close[p]:g} ({close[i] / close[p] - 1:+.1%})"
+    reason[beyond] = "beyond_price_limit"
     keep = reason == ""
-
     rejects = []
     for i in np.flatnonzero(~keep):
         source_row = int(order[i])
         values = {params.columns.get(f, f): raw.at[source_row, f] for f in raw.columns}
         rejects.append(reject("collect", key, f"row {source_row + 1}", reason[i], detail[i], values))
-
     out = df[keep].reset_index(drop=True)
-    halted = out["volume"].to_numpy() == 0
-    act = action[keep]
+    halted, act = out["volume"].to_numpy() == 0, action[keep]
     flags = np.where(halted & act, "halt;corporate_action",
                      np.where(halted, "halt", np.where(act, "corporate_action", ""))).astype(object)
-    counts = {"rows_read": n, "tickers": int(out["ticker"].nunique()),
+    counts = {"rows_read": len(raw), "tickers": int(out["ticker"].nunique()),
               "first_date": str(out["date"].min().date()) if len(out) else None,
               "last_date": str(out["date"].max().date()) if len(out) else None,
               "flags": {"halt": int(halted.sum()), "corporate_action": int(act.sum())}}

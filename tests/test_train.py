@@ -319,11 +319,11 @@ def test_params_resolve_defaults_and_chains():
         resolve_train(DEFAULTS, {"init_from": "base", "sft": {"learning_rat": 1e-4}}, "v4")
     with pytest.raises(ParamsError, match="use_reentrant"):
         resolve_train(DEFAULTS, {"init_from": "base", "sft": {"gradient_checkpointing_kwargs": {"use_reentrant": True}}}, "v4")
-    # production params: the eight versions, the three chains
+    # production params: the nine versions, the four chains
     raw = load_raw(ROOT / "params.yaml")
     chains = {v: load_train_params(v, ROOT / "params.yaml").parent for v in raw["versions"]}
     assert chains == {"v1": None, "v2": None, "v3": "v1", "v4": None, "v5_1": None,
-                      "v5_2": "v5_1", "v5_3": "v5_2", "v6": None}
+                      "v5_2": "v5_1", "v5_3": "v5_2", "v6": None, "v7": "v6"}
     defaults = load_train_params("v1", ROOT / "params.yaml")
     assert (defaults.sft.per_device_train_batch_size, defaults.sft.max_length,
             defaults.sft.learning_rate, defaults.sft.optim) == (2, 2048, 1e-4, "adamw_8bit")

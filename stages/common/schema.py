@@ -190,8 +190,8 @@ def _validate_example(r: dict[str, Any]) -> list[str]:
 def _completion_roles(completion: Any) -> list[str]:
     """A completion is assistant turns, with tool turns (real output) only between two of
     them: assistant [tool assistant]…; the loss falls on the assistant turns only."""
-    if not isinstance(completion, list) or not all(isinstance(m, dict) for m in completion):
-        return []
+    if not isinstance(completion, list) or not completion or not all(isinstance(m, dict) for m in completion):
+        return []   # not a list of messages: _validate_messages says so
     roles = [m.get("role") for m in completion]
     if any(r not in ("assistant", "tool") for r in roles):
         return ["completion must hold assistant (and tool) messages only"]

@@ -236,7 +236,7 @@ def test_make_plan_after_the_quickstart_has_nothing_to_pay(project):
     proc = run([sys.executable, "-m", "stages.plan", "--json"], project, env=project_env(project))
     plan = json.loads(proc.stdout)
     assert plan["total"]["uncached"] == 0 and plan["total"]["usd_online"] == 0
-    assert len(plan["rows"]) == 12 and not any(r["runs"] for r in plan["rows"])
+    assert len(plan["rows"]) == 13 and not any(r["runs"] for r in plan["rows"])
     assert all(r["requests"] == r["cached"] > 0 for r in plan["rows"]), plan["rows"]
 
 

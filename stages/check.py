@@ -131,26 +131,22 @@ def stock_problems(raw: dict[str, Any]) -> list[str]:
             return None
         return (spec.get("prices") or {}).get("series")
 
+    def expect(where: str, names: list[Any], want: str) -> None:
+        problems.extend(f"{where}: {name!r} is not a collect source of kind prices with series "
+                        f"{want}" for name in names if series(name) != want)
+
+    for stage in ("stock", "agent"):
+        for key, spec in (raw.get(stage) or {}).items():
+            if isinstance(spec, dict):
+                expect(f"{stage}.{key}.prices", spec.get("prices") or [], "stock")
     for key, spec in (raw.get("stock") or {}).items():
-        if not isinstance(spec, dict):
-            continue
-        for name in spec.get("prices") or []:
-            if series(name) != "stock":
-                problems.append(f"stock.{key}.prices: {name!r} is not a collect source of kind "
-                                "prices with series stock")
-        source = (spec.get("calendar") or {}).get("source")
-        if series(source) != "index":
-            problems.append(f"stock.{key}.calendar.source: {source!r} is not a collect source of "
-                            "kind prices with series index")
+        if isinstance(spec, dict):
+            expect(f"stock.{key}.calendar.source", [(spec.get("calendar") or {}).get("source")], "index")
     # every price-derived training table ends before the cutoff of every stock key that asks
     # questions about the same prices: a later table would hand the model the stock labels
     for key, spec in (raw.get("agent") or {}).items():
         if not isinstance(spec, dict):
             continue
-        for name in spec.get("prices") or []:
-            if series(name) != "stock":
-                problems.append(f"agent.{key}.prices: {name!r} is not a collect source of kind "
-                                "prices with series stock")
         for skey, sspec in (raw.get("stock") or {}).items():
             shared = set(spec.get("prices") or []) & set((sspec or {}).get("prices") or [])
             if shared and str(spec.get("cutoff")) > str((sspec or {}).get("cutoff")):

@@ -175,7 +175,10 @@ class Candidates:
         self.values: list[np.ndarray] = []   # indicator values at t, one column per name
 
     def add(self, rows: np.ndarray, split: np.ndarray, up: np.ndarray, values: np.ndarray) -> None:
-        self.rows.append(rows), self.split.append(split), self.up.append(up), self.values.append(values)
+        self.rows.append(rows)
+        self.split.append(split)
+        self.up.append(up)
+        self.values.append(values)
 
     def arrays(self, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         if not self.rows:

@@ -7,7 +7,9 @@ Each stage validates its own section when it starts; what only this command sees
 - a top-level section no stage reads (``colect:``: a typo);
 - mix source names that no stage writes (``versions.v6.mix.sources.generated_acounting``),
   mixture chains with a cycle, and an excluded source reachable through a ``mixture_<v>``
-  source (v6 must never contain the KRX sample or reports, MISSION.md);
+  source or **by provenance**: a generated source whose inputs, followed stage by stage
+  back to the collected data, include an excluded one (a question written from a KRX report
+  counts as KRX-report data: v6/v7 must never contain the KRX sample or reports, MISSION.md);
 - training parents that are not versions, and init_from cycles;
 - a mixture fitted to another ``max_length`` than its version trains with (the train stage
   refuses it as well), and a continued version that takes more than MAX_REPLAY_FRACTION of an
@@ -34,7 +36,7 @@ from stages.dvc_vars import VARS_FILE, check_version_entries, is_current
 
 # section -> (per key?, the stage's loader). Imported lazily: each stage module owns its schema.
 KEYED = ("collect", "extract", "filter", "transform", "synthesize", "solve", "stock", "agent")
-SINGLE = ("base_model", "summarize", "evaluate", "report", "plan")
+SINGLE = ("base_model", "company", "summarize", "evaluate", "report", "plan")
 SHARED = ("llm_defaults", "mix_defaults", "train_defaults")  # read through the sections above
 
 
@@ -114,6 +116,101 @@ def mix_problems(raw: dict[str, Any], recipes: dict[str, Any]) -> list[str]:
         if banned:
             problems.append(f"versions.{version}.mix: excluded sources {sorted(banned)} are in the "
                             "recipe (directly or through a mixture_ source)")
+    return problems
+
+
+SUMMARIZE_INPUT = "krx_reports"   # dvc.yaml: summarize reads data/collected/krx_reports.parquet
+
+
+def path_origins(raw: dict[str, Any], path: str, trail: tuple[str, ...] = ()) -> dict[str, str]:
+    """The collected sources a data file derives from -> the chain that leads there
+    (``synthesize.company.inputs.filtered <- company.inputs.reports``), following the params
+    that name each stage's inputs. A path no stage of the map writes has no origin."""
+    if path in trail:
+        return {}
+    trail = (*trail, path)
+    parts = Path(path).parts
+    section = lambda *keys: _lookup(raw, keys)  # noqa: E731
+    follow: list[tuple[str, Any]] = []
+    if len(parts) == 3 and parts[:2] == ("data", "collected"):
+        name = Path(parts[2]).stem if parts[2].endswith(".parquet") else parts[2]
+        base = name[:-len("_json")] if name.endswith("_json") else name
+        return {n: path for n in {name, base}}
+    if path == "data/generated/report_summaries.parquet":
+        return {SUMMARIZE_INPUT: "summarize"}
+    if path == "data/generated/company/chunks.parquet":
+        follow = [("company.inputs.profiles", section("company", "inputs", "profiles")),
+                  ("company.inputs.reports", section("company", "inputs", "reports"))]
+    elif len(parts) == 4 and parts[:2] == ("data", "generated"):
+        domain, stem = parts[2], Path(parts[3]).stem
+        if stem == "filtered":
+            follow = [(f"filter.{domain}.input", section("filter", domain, "input"))]
+        elif stem == "transformed":
+            follow = [(f"transform.{domain}.input", section("transform", domain, "input"))]
+        elif stem == "synthesized":
+            inputs = section("synthesize", domain, "inputs") or {}
+            follow = [(f"synthesize.{domain}.inputs.{k}", v) for k, v in inputs.items()]
+        elif stem in ("questions", "pairs"):
+            inputs = section("solve", domain, "inputs") or {}
+            follow = [(f"solve.{domain}.inputs.{k}", v) for k, v in inputs.items()]
+    found: dict[str, str] = {}
+    for param, value in follow:
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str):
+                for origin, chain in path_origins(raw, item, trail).items():
+                    found.setdefault(origin, f"{param} <- {chain}")
+    return found
+
+
+def _lookup(raw: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    node: Any = raw
+    for key in keys:
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
+
+
+def source_origins(raw: dict[str, Any], name: str) -> dict[str, str]:
+    """The collected sources a mix source name derives from (its own name included)."""
+    from stages.mixing.recipe import mix_source_input
+    found = {name: name}
+    if name.startswith(("stock_", "agent_")):
+        stage = name.split("_", 1)[0]
+        key = name[len(stage) + 1:].removesuffix("_conversations")
+        spec = _lookup(raw, (stage, key)) or {}
+        for price in [*(spec.get("prices") or []), (spec.get("calendar") or {}).get("source")]:
+            if price:
+                found.setdefault(price, f"{stage}.{key}.prices")
+        return found
+    if name.startswith("mixture_"):   # followed by provenance_problems, recipe by recipe
+        return found
+    for origin, chain in path_origins(raw, mix_source_input(name)).items():
+        found.setdefault(origin, chain)
+    return found
+
+
+def provenance_problems(raw: dict[str, Any], recipes: dict[str, Any]) -> list[str]:
+    """No version takes data derived from a source it excludes — through a mixture_ source
+    (:func:`mix_problems`) or through the stages that made it (this check)."""
+    problems = []
+    for version, recipe in recipes.items():
+        excluded = set(recipe.exclude_sources)
+        if not excluded:
+            continue
+        reached, stack, seen = [], [version], set()
+        while stack:   # the version's own sources and those of every mixture_ it takes
+            current = stack.pop()
+            for name in recipes[current].sources if current in recipes else ():
+                parent = name[len("mixture_"):] if name.startswith("mixture_") else None
+                if parent is None:
+                    reached.append(name)
+                elif parent not in seen:
+                    seen.add(parent)
+                    stack.append(parent)
+        for name in dict.fromkeys(reached):
+            for origin, chain in sorted(source_origins(raw, name).items()):
+                if origin in excluded and origin != name:
+                    problems.append(f"versions.{version}.mix: source {name!r} derives from excluded "
+                                    f"{origin!r} (by provenance: {chain})")
     return problems
 
 
@@ -218,6 +315,7 @@ def check(path: str | Path = PARAMS_FILE, root: str | Path | None = None) -> lis
     raw = load_raw(path)
     problems, valid = section_problems(raw, str(path))
     problems += mix_problems(raw, valid["recipes"])
+    problems += provenance_problems(raw, valid["recipes"])
     problems += stock_problems(raw)
     problems += train_problems(valid["trains"])
     problems += length_problems(valid["recipes"], valid["trains"])

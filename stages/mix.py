@@ -27,7 +27,10 @@ Contract:
   a malformed-record rate above ``max_reject_rate``.
 
 Order of work, streamed in Parquet batches (memory is O(examples) small integers, not texts):
-1. per source, per batch: validate, filter (include/exclude), format, decontaminate, count
+1. per source, per batch: validate, leave out test splits (counted as ``held_out_test_records``)
+   and the documents of held-out companies (``company.held_out``: a document record or report
+   JSON naming one, by :mod:`stages.common.companies`' rule; ``held_out_company_documents``),
+   filter (include/exclude), format, decontaminate, count
    tokens (the chat template applied exactly as trl will), truncate or drop over-long
    examples, then MinHash; the formatted examples go to a spill file beside the output;
 2. exact then near-duplicate removal across all sources (the earlier example is kept: recipe
@@ -49,12 +52,13 @@ from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from stages.common.companies import CompanyMatcher
 from stages.common.evalsets import (EvalCollectedSet, EvalItem, EvalLocalSet, items_from_records,
                                     load_local_set)
 from stages.common.io import (atomic_path, iter_record_batches, open_parquet_writer, read_records,
@@ -71,7 +75,8 @@ from stages.mixing.hashing import (EvalIndex, exact_duplicates, exact_key, mix_k
                                    minhash_signatures, near_duplicates, text_key)
 from stages.mixing.recipe import MIX_FORMATS, MixParams
 
-PARAMS = ("versions.{key}.mix", "mix_defaults", "evaluate.collected", "evaluate.local")
+PARAMS = ("versions.{key}.mix", "mix_defaults", "evaluate.collected", "evaluate.local",
+          "company.held_out")
 STAGE = "mix"
 PERCENTILES = (50, 90, 95, 99)
 # Rejects that say nothing bad about the input: they do not count towards max_reject_rate.
@@ -127,6 +132,19 @@ def load_params(key: str, path: str = PARAMS_FILE
     local = {name: validate_params(EvalLocalSet, spec, f"{PARAMS[3]}.{name}")
              for name, spec in (lookup(raw, PARAMS[3]) or {}).items()}
     return recipe, collected, local
+
+
+def load_held_out_companies(path: str = PARAMS_FILE) -> CompanyMatcher:
+    """``company.held_out``: the companies whose documents no mixture may carry (their
+    questions are an evaluation set; a paraphrase of their report would slip past the
+    n-gram decontamination, so their documents go by name)."""
+    names = lookup(load_raw(path), PARAMS[4]) or []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise StageError(f"{PARAMS[4]}: a list of company names, not {names!r}")
+    try:
+        return CompanyMatcher(names)
+    except ValueError as exc:
+        raise StageError(f"{PARAMS[4]}: {exc}") from None
 
 
 def check_declared_inputs(recipe: MixParams, declared: list[str], version: str) -> None:
@@ -330,18 +348,21 @@ class _Build:
     near: dict[int, tuple[int, float]] = field(default_factory=dict)
     copies: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     is_dev: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    held_out: Optional[CompanyMatcher] = None
 
 
 def build_mixture(version: str, recipe: MixParams, tokenizer: Any, eval_index: EvalIndex,
                   open_source: Callable[[str], tuple[str, Batches]], out_path: str | os.PathLike,
-                  rejects_path: str | os.PathLike, log: Any = None) -> dict[str, Any]:
+                  rejects_path: str | os.PathLike, log: Any = None,
+                  held_out: Optional[CompanyMatcher] = None) -> dict[str, Any]:
     """Build the mixture into ``out_path`` and the rejects into ``rejects_path`` (both plain
-    paths: the caller makes them atomic). ``open_source(name)`` gives ``(kind, batches)``.
-    Returns the statistics the manifest and metrics are made of."""
+    paths: the caller makes them atomic). ``open_source(name)`` gives ``(kind, batches)``;
+    ``held_out``: companies whose documents are left out. Returns the statistics the manifest
+    and metrics are made of."""
     names = list(recipe.sources)
     build = _Build(version, recipe, tokenizer, eval_index, log,
                    _RejectWriter(rejects_path, recipe.batch_size), names,
-                   {name: Counter() for name in names})
+                   {name: Counter() for name in names}, held_out=held_out)
     with tempfile.TemporaryDirectory(prefix=".mix-spill-", dir=Path(out_path).parent) as spill_dir:
         spill_path = Path(spill_dir) / "spill.parquet"
         format_sources(build, open_source, spill_path)
@@ -417,6 +438,10 @@ def format_record(build: _Build, name: str, kind: str, record: dict[str, Any],
             return []
     if record.get("split") == "test" and kind in HELD_OUT_KINDS:
         stats["held_out"] += 1   # a source's test split is an evaluation set, never training
+        return []
+    if build.held_out and kind not in HELD_OUT_KINDS and build.held_out.names_in(
+            json.dumps(record, ensure_ascii=False, default=str)):
+        stats["held_out_company"] += 1   # a held-out company's document (company.held_out)
         return []
     if not passes_filters(record, spec.include, spec.exclude):
         stats["filtered_out"] += 1
@@ -624,6 +649,7 @@ def source_summary(build: _Build, source_index: int, name: str) -> dict[str, Any
         "tokens_dev": int((c * t)[d].sum()),
         # only where there were any: older manifests stay byte-identical (no needless retrain)
         **({"held_out_test_records": s["held_out"]} if s["held_out"] else {}),
+        **({"held_out_company_documents": s["held_out_company"]} if s["held_out_company"] else {}),
     }
 
 
@@ -719,7 +745,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with atomic_path(args.out) as tmp_out, atomic_path(args.rejects) as tmp_rejects:
         result = build_mixture(version, recipe, tokenizer, index, open_source, tmp_out,
-                               tmp_rejects, log)
+                               tmp_rejects, log, held_out=load_held_out_companies(args.params))
         totals = result["totals"]
         if totals["records_read"] and \
                 totals["malformed_rejects"] / totals["records_read"] > recipe.max_reject_rate:

@@ -77,7 +77,8 @@ class PlanParams(Strict):
     keep_share: float = Field(0.75, gt=0, le=1, description=(
         "share of judged items the filter keeps, for transform's estimate before filter ran"))
     assumed: dict[str, AssumedInput] = Field(default_factory=dict, description=(
-        "'filter.<domain>' / 'summarize': input sizes assumed while the input does not exist"))
+        "'filter.<domain>' / 'summarize' / 'company' (chunks): input sizes assumed while the "
+        "input does not exist"))
 
 
 def load_params(key: str | None = None, path: str = PARAMS_FILE) -> PlanParams:
@@ -360,6 +361,26 @@ def plan_transform(key: str, ctx: Context, row: StagePlan) -> LLMParams:
     return params.llm
 
 
+COMPANY_CHUNKS = "data/generated/company/chunks.parquet"
+
+
+def company_chunks(ctx: Context) -> Optional[list[dict[str, Any]]]:
+    """The chunks ``company`` would write, computed from its inputs (no LLM, seconds), or None
+    when they are not on disk either."""
+    from stages import company
+    from stages.common.io import read_records
+    from stages.common.params import ParamsError
+    from stages.common.runlog import StageError
+    try:
+        params = company.load_params(path=ctx.params_path)
+        paths = [params.inputs.profiles, params.inputs.reports]
+        if not all(ctx.exists(p) for p in paths):
+            return None
+        return company.build_chunks(*(read_records(ctx.root / p) for p in paths), params)[0]
+    except (ParamsError, StageError):   # no company section, or inputs it refuses
+        return None
+
+
 def plan_synthesize(key: str, ctx: Context, row: StagePlan) -> LLMParams:
     from stages import synthesize as stage
     params = stage.load_params(key, ctx.params_path)
@@ -372,6 +393,12 @@ def plan_synthesize(key: str, ctx: Context, row: StagePlan) -> LLMParams:
         domain = _domain_of(params.inputs.filtered, ctx)
         if all(ctx.exists(p) for p in paths):
             chunks = stage.read_inputs(paths)[1]
+        elif params.inputs.filtered == COMPANY_CHUNKS and company_chunks(ctx) is not None:
+            chunks, how = company_chunks(ctx), "estimated: company not run; its chunks computed from its inputs"
+        elif params.inputs.filtered == COMPANY_CHUNKS and "company" in ctx.plan.assumed:
+            chunks = [{"id": "x", "text": ""}]
+            extra = ctx.plan.assumed["company"].item_tokens
+            how = f"estimated: chunks of {extra} tokens (plan.assumed.company)"
         elif domain is not None and ctx.judged[domain][0]:
             chunks, how = ctx.judged[domain][0], "estimated: filter not run; its judged chunks"
         else:
@@ -380,7 +407,7 @@ def plan_synthesize(key: str, ctx: Context, row: StagePlan) -> LLMParams:
             how = f"estimated: chunks of {extra} tokens (plan.assumed)"
     slots = stage.plan_slots(params.target, params.topics, params.choice_counts, chunks,
                              params.angles)
-    model = stage.GroundedMCQ if params.grounded else stage.GeneratedMCQ
+    model = stage.response_model(params)
     requests = [LLMRequest(stage.build_messages(s, params, examples, templates), model, s.item_id)
                 for s in slots]
     tally(row, requests, params.llm, ctx, cache, extra_tokens=extra)
@@ -399,6 +426,8 @@ def plan_solve(key: str, ctx: Context, row: StagePlan) -> LLMParams:
     paths = list(dict.fromkeys([params.inputs.transformed, params.inputs.synthesized]))
     known = [read_records(p) for p in paths if ctx.exists(p)]
     candidates = stage.select_candidates(known, key)[0] if known else []
+    if known and params.test_split == "verify":   # every test question is solved as well
+        candidates += stage.select_candidates(known, key, split="test")[0]
     wanted = None if params.target_pairs is None else params.target_pairs // 2
     attempts = (len(candidates) if wanted is None else
                 min(len(candidates), round(wanted / (1 - SOLVE_FAIL_SHARE))) if len(known) == len(paths)

@@ -4,7 +4,10 @@ Contract:
 - inputs (``params.solve.<domain>.inputs``): mcq parquet files (transformed + synthesized for
   the KMMLU domains, synthesized only for ``rules``). Records with the same id are solved
   once; a record from the ``test`` split is rejected (``test_split``): the evaluation set never
-  becomes training data.
+  becomes training data. Except with ``test_split: verify`` (``company``, whose held-out
+  companies' questions are an evaluation set the pipeline writes): then every test question is
+  solved and checked like the others, apart from the target, and a verified one is written to
+  ``questions.parquet`` with its split — never to ``pairs.parquet``.
 - which questions: candidates in a stable order — sorted by ``id`` (a content hash, so the
   order mixes the inputs evenly and does not depend on file order). The first ``target_pairs
   / 2`` are solved; every question that fails verification is replaced by the next candidate
@@ -80,6 +83,9 @@ class SolveParams(Strict):
     max_resamples: int = Field(2, ge=0, le=20, description="re-samples (sample_index 1..k) after a wrong first solution")
     quality: QualityParams = Field(default_factory=QualityParams)
     max_reject_rate: float = Field(0.5, ge=0, le=1, description="of the questions attempted")
+    test_split: Literal["reject", "verify"] = Field("reject", description=(
+        "test-split inputs: reject (an evaluation set never reaches solve) or verify (all of "
+        "them, apart from the target, written as questions and never as pairs)"))
     llm: LLMParams
 
     @field_validator("target_pairs")
@@ -184,15 +190,19 @@ def seed_format(pairs: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
     return [{"prompt": p["question"], "response": p["answer"]} for p in pairs]
 
 
-def select_candidates(inputs: Sequence[Sequence[dict[str, Any]]], domain: str
-                      ) -> tuple[list[dict[str, Any]], list[dict[str, str]], int]:
+def select_candidates(inputs: Sequence[Sequence[dict[str, Any]]], domain: str,
+                      split: str = "train") -> tuple[list[dict[str, Any]], list[dict[str, str]], int]:
     """(candidates sorted by id, rejects, duplicates): one record per id (first input
-    wins), the test split rejected."""
+    wins), the test split rejected. ``split="test"``: the test split's candidates instead
+    (``test_split: verify``), nothing rejected."""
     seen: dict[str, dict[str, Any]] = {}
     rejects, duplicates = [], 0
     for records in inputs:
         for record in records:
-            if record["split"] == "test":
+            if split == "test":
+                if record["split"] == "test" and record["id"] not in seen:
+                    seen[record["id"]] = record
+            elif record["split"] == "test":
                 rejects.append(reject(STAGE, domain, record["id"], "test_split",
                                       "the evaluation split is never used for training"))
             elif record["id"] in seen:
@@ -296,7 +306,8 @@ async def solve_questions(candidates: Sequence[dict[str, Any]], llm: LLMClient,
 
 def build_outputs(outcomes: Sequence[Outcome], domain: str
                   ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, str]]]:
-    """(verified questions by id with the solution in meta, pairs, rejects)."""
+    """(verified questions by id with the solution in meta, pairs, rejects); a test-split
+    question is verified but makes no pairs."""
     questions, pairs, rejects = [], [], []
     for o in sorted(outcomes, key=lambda o: o.question["id"]):
         q = o.question
@@ -307,7 +318,8 @@ def build_outputs(outcomes: Sequence[Outcome], domain: str
         meta.update(solution=o.solution, solve={"sample_index": o.sample_index, "draws": o.draws,
                                                 "quality": o.quality})
         questions.append({**q, "meta": json.dumps(meta, ensure_ascii=False, sort_keys=True)})
-        pairs += make_pairs(q, o.solution, domain)
+        if q["split"] != "test":
+            pairs += make_pairs(q, o.solution, domain)
     return questions, pairs, rejects
 
 
@@ -337,11 +349,18 @@ def main(argv: list[str] | None = None) -> None:
 
     inputs = _read_inputs(params, key, log)
     candidates, input_rejects, duplicates = select_candidates(inputs, key)
+    if params.test_split == "verify":
+        input_rejects = []
+        held_out = select_candidates(inputs, key, split="test")[0]
+        log.info("%d test-split questions to verify (apart from the target)", len(held_out))
+    else:
+        held_out = []
     if not candidates:
         raise StageError(f"solve@{key}: no questions in {params.inputs.transformed} / "
                          f"{params.inputs.synthesized}")
     templates = {name: load_template(name) for name in TEMPLATES}
-    outcomes, unused, accounting = asyncio.run(_solve_all(candidates, params, templates, key, log))
+    outcomes, unused, accounting = asyncio.run(_solve_all(candidates, held_out, params, templates,
+                                                          key, log))
 
     questions, pairs, rejects = _write_outputs(args, key, params, outcomes, input_rejects, log)
     target = params.target_pairs
@@ -382,13 +401,18 @@ def _read_inputs(params: SolveParams, key: str, log: logging.Logger) -> list[lis
     return inputs
 
 
-async def _solve_all(candidates: Sequence[dict[str, Any]], params: SolveParams,
-                     templates: dict[str, str], key: str, log: logging.Logger
+async def _solve_all(candidates: Sequence[dict[str, Any]], held_out: Sequence[dict[str, Any]],
+                     params: SolveParams, templates: dict[str, str], key: str, log: logging.Logger
                      ) -> tuple[list[Outcome], int, dict[str, Any]]:
-    """:func:`solve_questions` with a client of its own; also returns the LLM accounting."""
+    """:func:`solve_questions` with a client of its own, then every test-split question
+    (``test_split: verify``); also returns the LLM accounting."""
     async with LLMClient(params.llm, logger=log) as llm:
         outcomes, unused = await solve_questions(candidates, llm, params, templates,
                                                  key=key, log=log)
+        if held_out:
+            every = params.model_copy(update={"target_pairs": None})
+            outcomes += (await solve_questions(held_out, llm, every, templates,
+                                               key=f"{key} (test split)", log=log))[0]
         return outcomes, unused, llm.accounting.as_metrics()
 
 
@@ -424,6 +448,7 @@ def _metrics(candidates: Sequence[dict[str, Any]], duplicates: int, outcomes: Se
                 Counter(o.sample_index for o in outcomes if o.ok).items())},
             "answer_letters": dict(sorted(Counter(letter(q["answer"]) for q in questions).items())),
             "by_source": dict(sorted(Counter(q["source"] for q in questions).items())),
+            "by_split": dict(sorted(Counter(q["split"] for q in questions).items())),
             "llm": accounting, "seconds": seconds}
 
 

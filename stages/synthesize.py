@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
 import yaml
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from stages.common.io import read_records, write_records
 from stages.common.llm import LLMClient, LLMParams, LLMRequest, Result, read_llm_section
@@ -55,7 +55,8 @@ from stages.common.text import content_id, normalize_text, unspaced
 
 PARAMS = ("synthesize.{key}", "llm_defaults")
 STAGE = "synthesize"
-TEMPLATES = ("synthesize_system.txt", "synthesize_user.txt", "synthesize_grounded_user.txt")
+TEMPLATES = ("synthesize_system.txt", "synthesize_user.txt", "synthesize_grounded_user.txt",
+             "synthesize_company_user.txt")
 
 
 # ---------------------------------------------------------------------------- params
@@ -77,6 +78,9 @@ AVOID_STEM_CHARS = 80
 class SynthesizeParams(Strict):
     domain_description: str = Field(min_length=1, description="the domain, in Korean, for the prompt")
     grounded: bool = Field(False, description="write each question from a document chunk (rules)")
+    figures: bool = Field(False, description=(
+        "company documents (grounded): the company prompt; every figure the key states must be "
+        "in the chunk, and a ratio or growth rate is recomputed from the figures it quotes"))
     inputs: SynthesizeInputs
     fewshot: str = Field(description="YAML file of example questions (at least one per option count)")
     fewshot_per_prompt: int = Field(1, ge=1, le=10, description="examples shown per request (same option count)")
@@ -95,6 +99,12 @@ class SynthesizeParams(Strict):
     min_quote_chars: int = Field(10, ge=1, description="grounded: shortest supporting quote accepted")
     max_reject_rate: float = Field(0.5, ge=0, le=1, description="of all draws")
     llm: LLMParams
+
+    @model_validator(mode="after")
+    def _figures_grounded(self) -> "SynthesizeParams":
+        if self.figures and not self.grounded:
+            raise ValueError("figures: true needs grounded: true (figures are checked against the chunk)")
+        return self
 
     @field_validator("choice_counts")
     @classmethod
@@ -126,6 +136,30 @@ class GeneratedMCQ(BaseModel):
 class GroundedMCQ(GeneratedMCQ):
     """Grounded domains also quote the chunk sentence that supports the key."""
     supporting_quote: str
+
+
+class Figure(BaseModel):
+    name: str          # e.g. 영업이익
+    value: str         # as the chunk writes it, e.g. "9,870"
+
+
+class Calculation(BaseModel):
+    """A computed figure in the key: ``ratio`` = numerator / denominator, ``growth`` =
+    (numerator - denominator) / denominator (numerator the later value); in percent or times."""
+    kind: Literal["ratio", "growth"]
+    numerator: Figure
+    denominator: Figure
+    unit: Literal["%", "배"]
+
+
+class CompanyMCQ(GroundedMCQ):
+    """Company questions: a key that states a computed figure names how (null otherwise)."""
+    calculation: Optional[Calculation]
+
+
+def response_model(params: SynthesizeParams) -> type[GeneratedMCQ]:
+    """What a slot's answer is validated as: company and grounded domains quote the chunk."""
+    return CompanyMCQ if params.figures else GroundedMCQ if params.grounded else GeneratedMCQ
 
 
 # ------------------------------------------------------------------------ planning
@@ -175,6 +209,7 @@ class Example:
     topic: str = ""
     source_text: str = ""
     supporting_quote: str = ""
+    calculation: Optional[dict[str, Any]] = None
 
 
 def load_fewshot(path: str | Path) -> list[Example]:
@@ -185,7 +220,8 @@ def load_fewshot(path: str | Path) -> list[Example]:
         examples = [Example(question=e["question"], choices=tuple(e["choices"]),
                             answer=e["answer"], explanation=e["explanation"],
                             topic=e.get("topic", ""), source_text=e.get("source_text", ""),
-                            supporting_quote=e.get("supporting_quote", ""))
+                            supporting_quote=e.get("supporting_quote", ""),
+                            calculation=e.get("calculation"))
                     for e in data["examples"]]
     except FileNotFoundError:
         raise StageError(f"few-shot file {path} does not exist (param fewshot)") from None
@@ -206,14 +242,16 @@ def fewshot_for(examples: Sequence[Example], n_choices: int, count: int, offset:
     return [matching[(offset + k) % len(matching)] for k in range(min(count, len(matching)))]
 
 
-def render_example(example: Example, grounded: bool) -> str:
+def render_example(example: Example, grounded: bool, figures: bool = False) -> str:
     """An example as the JSON answer the model should give (plus the chunk it came from)."""
     answer: dict[str, Any] = {"question": example.question, "choices": list(example.choices),
                               "answer": example.answer, "explanation": example.explanation}
     head = ""
     if grounded:
         answer["supporting_quote"] = example.supporting_quote
-        head = f"[예시 근거 조문]\n{example.source_text}\n[예시 답]\n"
+        head = f"[예시 근거 {'문서' if figures else '조문'}]\n{example.source_text}\n[예시 답]\n"
+    if figures:
+        answer["calculation"] = example.calculation
     return head + json.dumps(answer, ensure_ascii=False, indent=2)
 
 
@@ -230,9 +268,10 @@ def build_messages(slot: Slot, params: SynthesizeParams, examples: Sequence[Exam
               "angle": slot.angle, "variant": variant, "avoid": avoid_block,
               "n_choices": str(slot.n_choices),
               "letters": ", ".join(LETTERS[:slot.n_choices]),
-              "fewshot": "\n\n".join(render_example(e, params.grounded) for e in shots),
+              "fewshot": "\n\n".join(render_example(e, params.grounded, params.figures) for e in shots),
               "chunk": slot.chunk["text"] if slot.chunk else ""}
-    name = "synthesize_grounded_user.txt" if params.grounded else "synthesize_user.txt"
+    name = ("synthesize_company_user.txt" if params.figures else
+            "synthesize_grounded_user.txt" if params.grounded else "synthesize_user.txt")
     user = string.Template(templates[name]).substitute(values)
     return [{"role": "system", "content": templates["synthesize_system.txt"].strip()},
             {"role": "user", "content": user.strip()}]
@@ -311,6 +350,80 @@ class CandidateError(Exception):
         self.reason, self.detail = reason, detail
 
 
+_NUMBER = re.compile(r"(?<![\d.,])(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+
+
+def numbers_in(text: str) -> list[tuple[float, int]]:
+    """(value, decimals) of every number written in ``text`` ("95,400" -> (95400.0, 0))."""
+    found = []
+    for m in _NUMBER.finditer(unicodedata.normalize("NFKC", text)):
+        digits = m.group(0).replace(",", "")
+        found.append((float(digits), len(digits.split(".")[1]) if "." in digits else 0))
+    return found
+
+
+_DOWN = re.compile(r"감소|하락|줄었|줄어|악화|적자|(?<![\w.])[-−△]\s*\d")
+_UP = re.compile(r"증가|상승|늘었|늘어|개선|흑자")
+
+
+def direction(choice: str) -> int:
+    """-1 when the choice says its figure fell ("3.2% 감소", "-3.2%", "△3.2"), +1 when it rose,
+    0 when it does not say (a ratio)."""
+    down, up = bool(_DOWN.search(choice)), bool(_UP.search(choice))
+    return -1 if down and not up else 1 if up and not down else 0
+
+
+def states(choice: str, value: float) -> bool:
+    """The choice writes ``value`` rounded to the places it uses; a growth's sign is read from
+    the choice's words ("3.2% 감소" states -3.2), a choice without direction words is read as
+    the magnitude."""
+    sign = direction(choice)
+    if sign and (value > 0) != (sign > 0) and value != 0:
+        return False
+    return any(abs(abs(n) - abs(value)) <= 0.5 * 10 ** -d + 1e-9 for n, d in numbers_in(choice))
+
+
+def check_figures(parsed: CompanyMCQ, question: str, choices: Sequence[str], answer: int,
+                  chunk_text: str) -> dict[str, Any]:
+    """Company questions: a ratio the key states is recomputed from the figures the model
+    quotes, which must be in the chunk and in the question (whoever answers — solve, the
+    evaluated model — sees the question, not the document); every other number in the key
+    must be in the chunk. CandidateError with the reason otherwise; the checked calculation
+    for the meta."""
+    in_chunk = {value for value, _ in numbers_in(chunk_text)}
+    in_question = {value for value, _ in numbers_in(question)}
+    key_numbers = numbers_in(choices[answer])
+    calc, computed = parsed.calculation, None
+    if calc is not None:
+        values = []
+        for figure in (calc.numerator, calc.denominator):
+            found = numbers_in(figure.value)
+            if len(found) != 1 or found[0][0] not in in_chunk:
+                raise CandidateError("figure_not_in_chunk",
+                                     f"{figure.name} {figure.value!r} is not a figure of the chunk")
+            if found[0][0] not in in_question:
+                raise CandidateError("figure_not_in_question",
+                                     f"{figure.name} {figure.value!r} is not stated in the question")
+            values.append(found[0][0])
+        a, b = values
+        if b == 0:
+            raise CandidateError("ratio_undefined", f"{calc.denominator.name} is 0")
+        computed = (a / b if calc.kind == "ratio" else (a - b) / b) * (100 if calc.unit == "%" else 1)
+        if not states(choices[answer], computed):
+            raise CandidateError("ratio_mismatch", f"{calc.kind} {a:g}/{b:g} = {computed:.4g}{calc.unit}; "
+                                                   f"the key says {choices[answer]!r}")
+        twins = [LETTERS[i] for i, c in enumerate(choices) if i != answer
+                 and states(c, computed)]
+        if twins:
+            raise CandidateError("ratio_ambiguous", f"choices {twins} also state {computed:.4g}{calc.unit}")
+    for n, d in key_numbers:
+        if n not in in_chunk and not (computed is not None
+                                      and abs(abs(n) - abs(computed)) <= 0.5 * 10 ** -d + 1e-9):
+            raise CandidateError("key_figure_not_in_chunk",
+                                 f"{n:g} in the key is neither in the chunk nor computed from it")
+    return {} if calc is None else {"calculation": {**calc.model_dump(), "computed": round(computed, 6)}}
+
+
 def balance_answer(question: str, choices: list[str], answer: int) -> tuple[list[str], int]:
     """Move the correct choice to a position drawn from a hash of the content (not of the
     generator's letter: models favour some letters), keeping the other choices' order."""
@@ -345,9 +458,17 @@ def to_record(parsed: GeneratedMCQ, slot: Slot, key: str, sample_index: int,
                                                f"{slot.chunk['id']}: {quote[:80]!r}")
         meta.update(chunk_id=slot.chunk["id"], doc_id=slot.chunk.get("doc_id", ""),
                     page=slot.chunk.get("page", 0), supporting_quote=quote)
+        if isinstance(parsed, CompanyMCQ):
+            meta.update(check_figures(parsed, question, choices, answer, slot.chunk["text"]))
+        chunk_meta = json.loads(slot.chunk.get("meta") or "{}")
+        split = chunk_meta.get("split", "train")   # company: held-out companies -> test
+        if "company" in chunk_meta:
+            meta["company"] = chunk_meta["company"]
+    else:
+        split = "train"
     choices, answer = balance_answer(question, choices, answer)
     record = {"id": content_id("mcq", question, choices, answer), "source": f"{STAGE}_{key}",
-              "domain": key, "split": "train", "question": question, "choices": choices,
+              "domain": key, "split": split, "question": question, "choices": choices,
               "answer": answer, "category": slot.topic,
               "meta": json.dumps(meta, ensure_ascii=False, sort_keys=True)}
     problems = validate("mcq", record)
@@ -375,7 +496,7 @@ async def synthesize(slots: Sequence[Slot], llm: LLMClient, *, key: str, params:
     ``index`` holds the existing questions; accepted ones are added to it as they come
     (in slot order within a round, so the outcome does not depend on response timing).
     """
-    model = GroundedMCQ if params.grounded else GeneratedMCQ
+    model = response_model(params)
     accepted: dict[int, dict[str, Any]] = {}
     rejects: list[dict[str, str]] = []
     reasons: Counter = Counter()
@@ -489,6 +610,7 @@ def main(argv: list[str] | None = None) -> None:
                "rejects_by_reason": dict(sorted(outcome.reasons.items())),
                "existing_questions": len(existing), "chunks": len(chunks),
                "topics": dict(sorted(Counter(r["category"] for r in outcome.records).items())),
+               "splits": dict(sorted(Counter(r["split"] for r in outcome.records).items())),
                "choice_counts": {str(n): c for n, c in sorted(
                    Counter(len(r["choices"]) for r in outcome.records).items())},
                "answer_letters": dict(sorted(Counter(letter(r["answer"]) for r in outcome.records).items())),

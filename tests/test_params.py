@@ -299,7 +299,7 @@ def test_check_lists_everything_a_production_run_lacks_at_once(monkeypatch):
     text = "\n".join(missing)
     for expected in ("data/raw/krx_sample.csv: missing (input of collect@krx_sample)",
                      "data/raw/pdfs/krx_reports: missing", "data/raw/eval: missing",
-                     "OPENAI_API_KEY is not set, and 13 LLM stage(s) would call the API"):
+                     "OPENAI_API_KEY is not set, and 15 LLM stage(s) would call the API"):
         assert expected in text, missing
     assert "revision" not in text  # production params pin every hub revision
     raw = load_raw(ROOT / "params.yaml")

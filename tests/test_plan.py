@@ -26,7 +26,8 @@ from tests.conftest import ROOT
 LLM_STAGE_ROWS = {"summarize", "filter@financial_market", "filter@accounting", "filter@rules",
                   "transform@financial_market", "transform@accounting",
                   "synthesize@financial_market", "synthesize@accounting", "synthesize@rules",
-                  "solve@financial_market", "solve@accounting", "solve@rules", "agent@krx"}
+                  "solve@financial_market", "solve@accounting", "solve@rules", "agent@krx",
+                  "synthesize@company", "solve@company"}
 
 
 def tree_state(root: Path) -> dict[str, float]:
@@ -57,6 +58,8 @@ def test_the_production_plan_is_offline_covers_every_llm_stage_and_writes_nothin
     assert rows["synthesize@accounting"]["requests"] == 700 and \
         rows["synthesize@accounting"]["basis"].startswith("exact")
     assert rows["solve@rules"]["requests"] == round(1000 / 0.9)  # 1,000 questions / pass share
+    assert rows["synthesize@company"]["requests"] == 1120 and \
+        "plan.assumed.company" in rows["synthesize@company"]["basis"]
     assert rows["agent@krx"]["requests"] == 1600 + 200 and \
         rows["agent@krx"]["basis"].startswith("estimated: prices not collected")
     assert all(r["prompt_tokens"] > 0 and r["usd_online"] > 0 for r in rows.values())

@@ -442,7 +442,8 @@ def test_recipes_follow_the_mission_table():
     assert set(mix["v5_2"].sources) == {"mixture_v5_1", "qa_rules"}
     assert set(mix["v5_3"].sources) == {"mixture_v5_2", "report_summaries"}
     # v7: v6's data plus the contest categories v6 lacks; v6's exclusions hold for it too
-    assert set(mix["v7"].sources) == {"mixture_v6", "stock_krx", "agent_krx", "agent_krx_conversations"}
+    assert set(mix["v7"].sources) == {"mixture_v6", "stock_krx", "agent_krx", "agent_krx_conversations",
+                                      "generated_company"}
     assert set(mix["v6"].exclude_sources) <= set(mix["v7"].exclude_sources)
 
 
@@ -483,7 +484,7 @@ def test_mix_refuses_dep_slots_that_do_not_name_its_recipe_files(tmp_path, token
 
 def test_each_mix_stage_depends_on_exactly_its_recipe_inputs():
     raw = load_raw(ROOT / "params.yaml")
-    code = {"stages/__init__.py", "stages/common/__init__.py", "stages/common/chunking.py",
+    code = {"stages/__init__.py", "stages/common/__init__.py", "stages/common/chunking.py", "stages/common/companies.py",
             "stages/common/evalsets.py", "stages/common/io.py", "stages/common/params.py", "stages/common/prompts.py",
             "stages/common/runlog.py", "stages/common/schema.py", "stages/common/text.py",
             "stages/mix.py", "stages/mixing/__init__.py", "stages/mixing/formats.py",

@@ -63,7 +63,7 @@ import threading
 import time
 import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -256,7 +256,7 @@ class TokenCounter:
 
 # ---------------------------------------------------------------------------- requests
 STAGE_BY_SCHEMA = {"Verdict": "filter", "SevenChoiceMCQ": "transform", "GeneratedMCQ": "synthesize",
-                   "GroundedMCQ": "synthesize", "Solution": "solve", "QualityVerdict": "solve_quality",
+                   "GroundedMCQ": "synthesize", "CompanyMCQ": "synthesize", "Solution": "solve", "QualityVerdict": "solve_quality",
                    "ReportSummary": "summarize", "AgentQuestion": "agent"}
 STAGE_BY_TEXT = (("판정하세요", "filter"), ("7지선다", "transform"), ("출제하세요", "synthesize"),
                  ("심사하세요", "solve_quality"), ("풀이하세요", "solve"), ("요약", "summarize"))
@@ -544,6 +544,88 @@ def synthesize_grounded(prompt: SynthPrompt, rng: random.Random, minor: random.R
                    "나머지 선택지는 조문의 주체, 기한, 요건이나 수치를 바꾸어 서술하였다.")
     return ({"question": stem, "choices": choices, "answer": letter, "explanation": explanation,
              "supporting_quote": quote}, stem, quote)
+
+
+# ---------------------------------------------------------------------------- company
+_COMPANY = re.compile(r"^\[회사\] (.+?) · \[문서\]", re.M)
+_CELL_NUMBER = re.compile(r"^-?\d{1,3}(?:,\d{3})*(?:\.\d+)?$|^-?\d+(?:\.\d+)?$")
+
+
+def company_figures(chunk: str) -> tuple[list[tuple[str, list[str], str]], list[tuple[str, str, str]]]:
+    """(table rows ``name | v1 | v2 …`` with their number cells and line, ``key: number``
+    profile lines) of a company chunk."""
+    rows, lines = [], []
+    for line in chunk.split("\n"):
+        cells = [c.strip() for c in line.split(" | ")]
+        if len(cells) >= 3 and all(_CELL_NUMBER.match(c) for c in cells[1:]):
+            rows.append((cells[0], cells[1:], line))
+        match = re.match(r"^([a-z_]+): (\d+(?:\.\d+)?)$", line)
+        if match:
+            lines.append((match[1], match[2], line))
+    return rows, lines
+
+
+def _num(text: str) -> float:
+    return float(text.replace(",", ""))
+
+
+def synthesize_company(prompt: SynthPrompt, rng: random.Random, error_rate: float
+                       ) -> tuple[dict[str, Any], str, str, str]:
+    """(answer JSON, stem, key text, kind) of a company question, like a model writes them: a
+    growth rate from a statement row or a ratio of two figures (the figures in the stem, the
+    calculation named), else a statement quoted from the chunk; with ``error_rate`` the key is
+    rounded wrong or a figure is quoted in another unit — what synthesize's checks must catch."""
+    chunk = prompt.chunk or ""
+    company = (_COMPANY.search(chunk) or [None, "이 회사"])[1]
+    rows, lines = company_figures(chunk)
+    n, kind = prompt.n, "keyed"
+    if rows and rng.random() < 0.6:
+        name, values, quote = rng.choice(rows)
+        cur, prev = values[0], values[1]
+        value = (_num(cur) - _num(prev)) / _num(prev) * 100 if _num(prev) else 0.0
+        stem = rng.choice((
+            f"{company}의 {name}은(는) 전기 {prev}에서 당기 {cur}(으)로 바뀌었다. 당기 {name} 증가율(전기 대비)로 옳은 것은?",
+            f"재무제표에 따르면 {company}의 당기 {name}은(는) {cur}, 전기는 {prev}이다. 전기 대비 변화율은?",
+            f"{prev} → {cur}: {company}의 {name} 추이이다. 이 기간의 {name} 성장률로 가장 적절한 것은?"))
+        calc = {"kind": "growth", "numerator": {"name": f"당기 {name}", "value": cur},
+                "denominator": {"name": f"전기 {name}", "value": prev}, "unit": "%"}
+        word = lambda v: f"{abs(v):.1f}% {'증가' if v >= 0 else '감소'}"  # noqa: E731
+    elif len(rows) >= 2 or len(lines) >= 2:
+        (na, va, quote), (nb, vb, _) = rng.sample([(r[0], r[1][0], r[2]) for r in rows] or lines, 2)
+        value = _num(va) / _num(vb) * 100 if _num(vb) else 0.0
+        stem = rng.choice((
+            f"{company}의 {na}은(는) {va}, {nb}은(는) {vb}이다. {na} ÷ {nb}의 비율은 얼마인가?",
+            f"{na} {va}와(과) {nb} {vb}를 공시한 {company}에 대해, {nb} 대비 {na}의 비중을 구하면?",
+            f"{company}의 재무 수치({na}: {va}, {nb}: {vb})로 계산한 {na}/{nb} 비율로 옳은 것은?"))
+        calc = {"kind": "ratio", "numerator": {"name": na, "value": va},
+                "denominator": {"name": nb, "value": vb}, "unit": "%"}
+        word = lambda v: f"{v:.1f}%"  # noqa: E731
+    else:
+        found = [s for s in sentences(chunk) if hangul_share(s) > 0.5 and len(s) > 15] or [chunk[-60:]]
+        quote = rng.choice(found)
+        stem = f"{company}에 관한 다음 설명 중 문서 내용과 일치하는 것은? ({quote[:20]}…)"
+        choices = [quote] + [f"{company}는 {w} 사업에서 철수하였다." for w in rng.sample(V_COMPANY_LINES, n - 1)]
+        rng.shuffle(choices)
+        return ({"question": stem, "choices": choices, "answer": LETTERS[choices.index(quote)],
+                 "explanation": "문서의 서술과 일치한다.", "supporting_quote": quote,
+                 "calculation": None}, stem, quote, "statement")
+    key_value = value
+    if rng.random() < error_rate:
+        key_value, kind = value + rng.choice((-0.4, 0.3, 0.6)), "wrong_rounding"
+    elif rng.random() < error_rate / 2:
+        calc["numerator"]["value"] = f"{_num(calc['numerator']['value']) / 10:g}"
+        kind = "other_unit"
+    key = word(key_value)
+    offsets = [o for o in (-7.3, -4.1, -2.2, 1.9, 3.6, 5.4, 8.8, 12.5) if abs(abs(key_value + o) - abs(value)) > 0.15]
+    rng.shuffle(offsets)
+    choices = list(dict.fromkeys([key] + [word(key_value + o) for o in offsets]))[:n]
+    rng.shuffle(choices)
+    return ({"question": stem, "choices": choices, "answer": LETTERS[choices.index(key)],
+             "explanation": f"계산하면 {key}이다.", "supporting_quote": quote, "calculation": calc},
+            stem, key, kind)
+
+
+V_COMPANY_LINES = ["반도체", "건설", "유통", "해운", "화장품", "게임", "제약", "철강", "통신", "보험"]
 
 
 # ---------------------------------------------------------------------------- filter
@@ -985,8 +1067,14 @@ class StandInResponder:
         rng = rng_for("synthesize", self.seed, message_text(body, "system"), user)
         minor = rng_for("synthesize-draw", self.seed, user, draw.seed, draw.temperature)
         redraw = math.ceil(2 * draw.temperature)
-        build = synthesize_grounded if prompt.chunk is not None else synthesize_plain
-        answer, stem, key = build(prompt, rng, minor, redraw)
+        if "[근거 문서]" in user:   # company
+            prompt = replace(prompt, chunk=user.split("[근거 문서]\n", 1)[1].split(
+                "\n\n선택지 ", 1)[0])
+            answer, stem, key, kind = synthesize_company(prompt, rng, self.wrong_rate)
+            self._count(f"synthesize.company_{kind}")
+        else:
+            build = synthesize_grounded if prompt.chunk is not None else synthesize_plain
+            answer, stem, key = build(prompt, rng, minor, redraw)
         self._remember(stem, key)
         return answer
 

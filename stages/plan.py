@@ -158,9 +158,30 @@ class Context:
     judged: dict[str, tuple[list[dict[str, Any]], float]] = field(default_factory=dict)
     assumed_tokens: dict[str, int] = field(default_factory=dict)  # filter domain -> item tokens
     sample_means: dict[str, Optional[float]] = field(default_factory=dict)
+    # outputs of the stages that will run (changed, or downstream of one) -> that stage
+    rewritten: dict[str, str] = field(default_factory=dict)
+    # an LLM stage's output -> the records its planned run is expected to write
+    planned: dict[str, float] = field(default_factory=dict)
+
+    def readable(self, rel: str) -> bool:
+        """On disk now (possibly stale: see :meth:`exists`)."""
+        return (self.root / rel).exists()
 
     def exists(self, rel: str) -> bool:
-        return (self.root / rel).exists()
+        """On disk and what the stage will read: no stage that runs first rewrites it."""
+        return self.readable(rel) and self.rewriter(rel) is None
+
+    def rewriter(self, rel: str) -> Optional[str]:
+        rel = rel.rstrip("/")
+        for out, stage in self.rewritten.items():
+            if rel == out or rel.startswith(out + "/") or out.startswith(rel + "/"):
+                return stage
+        return None
+
+    def why(self, rel: str) -> str:
+        """Why ``rel`` is not read as it is: rewritten by an upstream stage, or missing."""
+        stage = self.rewriter(rel)
+        return f"input rewritten by {stage}" if stage else "input missing"
 
     def arg(self, stage: str, key: Optional[str], flag: str) -> Optional[str]:
         """A path the stage's dvc.yaml command passes with ``flag`` (``${key}`` filled in)."""
@@ -205,18 +226,48 @@ def load_commands(root: Path) -> dict[str, str]:
     return out
 
 
-def would_run(root: Path, names: Sequence[str]) -> tuple[Optional[set[str]], str]:
-    """The LLM stages ``dvc status`` reports as changed (None: unknown, with why)."""
+def would_run(root: Path) -> tuple[Optional[set[str]], dict[str, str], str]:
+    """(every stage ``dvc repro`` would run, the outputs those stages rewrite -> the stage,
+    how it was found). ``dvc status`` reports only the stages whose own deps or params
+    changed; a stage downstream of one of them (dvc.yaml's DAG) runs too: it reads what the
+    other rewrites. None: unknown, with why."""
     dvc = Path(sys.executable).parent / "dvc"
     try:
-        proc = subprocess.run([str(dvc) if dvc.exists() else "dvc", "status", "--json", *names],
+        proc = subprocess.run([str(dvc) if dvc.exists() else "dvc", "status", "--json"],
                               cwd=root, capture_output=True, text=True, timeout=120)
         changed = json.loads(proc.stdout or "{}") if proc.returncode == 0 else None
     except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
-        return None, f"dvc status failed ({exc}); every LLM stage counted"
+        return None, {}, f"dvc status failed ({exc}); every LLM stage counted"
     if changed is None:
-        return None, f"dvc status failed: {(proc.stderr or '').strip()[-200:]}; every LLM stage counted"
-    return {name.split(":")[-1] for name in changed}, "dvc status"
+        return None, {}, (f"dvc status failed: {(proc.stderr or '').strip()[-200:]}; every LLM "
+                          "stage counted")
+    graph = stage_graph(root)
+    runs = downstream({name.split(":")[-1] for name in changed}, graph)
+    rewritten = {out: name for name in sorted(runs) for out in graph.get(name, ((), ()))[1]}
+    return runs, rewritten, "dvc status, and every stage downstream of those in dvc.yaml's DAG"
+
+
+def stage_graph(root: Path) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """dvc.yaml's stages (foreach expanded) -> (dep paths, out paths)."""
+    from dvc.repo import Repo
+    with Repo(str(root)) as repo:
+        return {s.addressing: (tuple(d.def_path.rstrip("/") for d in s.deps if type(d).__name__ == "Dependency"),
+                               tuple(o.def_path.rstrip("/") for o in s.outs))
+                for s in repo.index.stages}
+
+
+def downstream(changed: set[str], graph: dict[str, tuple[Sequence[str], Sequence[str]]]) -> set[str]:
+    """``changed`` and every stage that reads (directly or not) an output of one of them."""
+    def reads(dep: str, out: str) -> bool:
+        return dep == out or dep.startswith(out + "/") or out.startswith(dep + "/")
+    runs, frontier = set(changed), list(changed)
+    while frontier:
+        outs = graph.get(frontier.pop(), ((), ()))[1]
+        for name, (deps, _) in graph.items():
+            if name not in runs and any(reads(d, o) for d in deps for o in outs):
+                runs.add(name)
+                frontier.append(name)
+    return runs
 
 
 # ------------------------------------------------------------------------ tallying
@@ -298,14 +349,15 @@ def plan_filter(key: str, ctx: Context, row: StagePlan) -> LLMParams:
     params = stage.load_params(key, ctx.params_path)
     cache = ctx.root / (ctx.arg("filter", key, "--cache-dir") or "-")
     documents = params.chunking is not None
-    if all(ctx.exists(p) for p in params.inputs):
+    if all(ctx.readable(p) for p in params.inputs):
         kind, records, _ = stage.load_items(params, key)
         survivors, _, _ = stage.select_candidates(records, params, key)
         judged = [record for record, _ in survivors]
         requests = [LLMRequest(stage.judge_messages(r, params.criteria), stage.Verdict, r["id"])
                     for r in judged]
         tally(row, requests, params.llm, ctx, cache)
-        row.basis = f"exact: {len(records)} {kind} items, {len(judged)} pass the prefilter"
+        row.basis = (f"{stale_prefix(ctx, params.inputs)}{len(records)} {kind} items, {len(judged)} "
+                     "pass the prefilter")
         ctx.judged[key] = (judged, 1.0)
     else:
         assumed = ctx.plan.assumed.get(f"filter.{key}")
@@ -320,8 +372,18 @@ def plan_filter(key: str, ctx: Context, row: StagePlan) -> LLMParams:
                      f"{assumed.item_tokens} tokens (all assumed to pass the prefilter)")
         ctx.assumed_tokens[key] = assumed.item_tokens
         ctx.judged[key] = ([], float(assumed.items))
+    ctx.planned[ctx.arg("filter", key, "--out") or ""] = (
+        len(ctx.judged[key][0]) or ctx.judged[key][1]) * ctx.plan.keep_share
     observed_overhead(row, ctx.metrics("filter", key), DEFAULT_OVERHEAD["filter"])
     return params.llm
+
+
+def stale_prefix(ctx: Context, paths: Sequence[str]) -> str:
+    """"exact: " for inputs the stage will read as they are; for inputs a non-LLM stage that
+    runs first rewrites (collect, extract), the size of the current file is the best there is."""
+    stale = sorted({ctx.rewriter(p) for p in paths} - {None})
+    return (f"estimated: input rewritten by {', '.join(stale)}; sized from the file on disk now: "
+            if stale else "exact: ")
 
 
 def _domain_of(filtered_path: str, ctx: Context) -> Optional[str]:
@@ -347,7 +409,7 @@ def plan_transform(key: str, ctx: Context, row: StagePlan) -> LLMParams:
     elif domain is not None and ctx.judged[domain][0]:
         judged = ctx.judged[domain][0]
         tally(row, [build(r) for r in judged], params.llm, ctx, cache, scale=ctx.plan.keep_share)
-        row.basis = (f"estimated: filter not run; its {len(judged)} judged questions x keep "
+        row.basis = (f"estimated: {ctx.why(params.input)}; its filter's {len(judged)} judged questions x keep "
                      f"share {ctx.plan.keep_share:g}")
     elif domain is not None and ctx.judged[domain][1]:
         n = round(ctx.judged[domain][1] * ctx.plan.keep_share)
@@ -356,7 +418,8 @@ def plan_transform(key: str, ctx: Context, row: StagePlan) -> LLMParams:
               extra_tokens=2 * ctx.assumed_tokens.get(domain, 0))  # question + answer repeated
         row.basis = f"estimated: {n} questions (plan.assumed x keep share {ctx.plan.keep_share:g})"
     else:
-        row.basis = "unknown: input missing and no estimate upstream"
+        row.basis = f"unknown: {ctx.why(params.input)} and no estimate upstream"
+    ctx.planned[ctx.arg("transform", key, "--out") or ""] = row.requests
     observed_overhead(row, ctx.metrics("transform", key), DEFAULT_OVERHEAD["transform"])
     return params.llm
 
@@ -374,7 +437,7 @@ def company_chunks(ctx: Context) -> Optional[list[dict[str, Any]]]:
     try:
         params = company.load_params(path=ctx.params_path)
         paths = [params.inputs.profiles, params.inputs.reports]
-        if not all(ctx.exists(p) for p in paths):
+        if not all(ctx.readable(p) for p in paths):
             return None
         return company.build_chunks(*(read_records(ctx.root / p) for p in paths), params)[0]
     except (ParamsError, StageError):   # no company section, or inputs it refuses
@@ -394,13 +457,14 @@ def plan_synthesize(key: str, ctx: Context, row: StagePlan) -> LLMParams:
         if all(ctx.exists(p) for p in paths):
             chunks = stage.read_inputs(paths)[1]
         elif params.inputs.filtered == COMPANY_CHUNKS and company_chunks(ctx) is not None:
-            chunks, how = company_chunks(ctx), "estimated: company not run; its chunks computed from its inputs"
+            chunks = company_chunks(ctx)
+            how = f"estimated: {ctx.why(COMPANY_CHUNKS)}; its chunks computed from its inputs"
         elif params.inputs.filtered == COMPANY_CHUNKS and "company" in ctx.plan.assumed:
             chunks = [{"id": "x", "text": ""}]
             extra = ctx.plan.assumed["company"].item_tokens
             how = f"estimated: chunks of {extra} tokens (plan.assumed.company)"
         elif domain is not None and ctx.judged[domain][0]:
-            chunks, how = ctx.judged[domain][0], "estimated: filter not run; its judged chunks"
+            chunks, how = ctx.judged[domain][0], f"estimated: {ctx.why(params.inputs.filtered)}; its filter's judged chunks"
         else:
             chunks = [{"id": "x", "text": ""}]
             extra = ctx.assumed_tokens.get(domain or "", 0)
@@ -412,6 +476,7 @@ def plan_synthesize(key: str, ctx: Context, row: StagePlan) -> LLMParams:
                 for s in slots]
     tally(row, requests, params.llm, ctx, cache, extra_tokens=extra)
     row.basis = f"{how}: {len(slots)} slots (first round)"
+    ctx.planned[ctx.arg("synthesize", key, "--out") or ""] = params.target
     observed_overhead(row, ctx.metrics("synthesize", key), DEFAULT_OVERHEAD["synthesize"],
                       per="target")
     return params.llm
@@ -425,24 +490,35 @@ def plan_solve(key: str, ctx: Context, row: StagePlan) -> LLMParams:
     templates = {name: stage.load_template(name) for name in stage.TEMPLATES}
     paths = list(dict.fromkeys([params.inputs.transformed, params.inputs.synthesized]))
     known = [read_records(p) for p in paths if ctx.exists(p)]
+    stale = [p for p in paths if not ctx.exists(p)]   # missing, or rewritten by a stage that runs first
     candidates = stage.select_candidates(known, key)[0] if known else []
     if known and params.test_split == "verify":   # every test question is solved as well
         candidates += stage.select_candidates(known, key, split="test")[0]
     wanted = None if params.target_pairs is None else params.target_pairs // 2
-    attempts = (len(candidates) if wanted is None else
-                min(len(candidates), round(wanted / (1 - SOLVE_FAIL_SHARE))) if len(known) == len(paths)
-                else round((wanted or 0) / (1 - SOLVE_FAIL_SHARE)))
     build = lambda q: LLMRequest(stage.solve_messages(q, templates), stage.Solution, q["id"])  # noqa: E731
-    if candidates:
-        sample = candidates[:attempts] if len(known) == len(paths) else candidates
-        tally(row, [build(q) for q in sample], params.llm, ctx, cache,
-              scale=attempts / len(sample) if sample else 1.0)
-        row.basis = (f"exact: first {attempts} of {len(candidates)} candidates" if len(known) == len(paths)
-                     else f"estimated: {attempts} questions like the {len(candidates)} known ones")
+    if not stale:
+        attempts = len(candidates) if wanted is None else min(len(candidates),
+                                                              round(wanted / (1 - SOLVE_FAIL_SHARE)))
+        tally(row, [build(q) for q in candidates[:attempts]], params.llm, ctx, cache)
+        row.basis = f"exact: first {attempts} of {len(candidates)} candidates"
     else:
-        empty = {"id": "x", "question": "", "choices": [""] * 7, "answer": 0}
-        tally(row, [build(empty)] * attempts, params.llm, ctx, None, extra_tokens=250)
-        row.basis = f"estimated: {attempts} questions of ~250 tokens (inputs missing)"
+        # the questions the upstream rows plan to write (transform: its requests; synthesize:
+        # its target), not the stale files: solve reads what they will have written
+        planned = [ctx.planned[p] for p in stale if p in ctx.planned]
+        expected = len(candidates) + round(sum(planned)) if planned else None
+        attempts = (expected if wanted is None else min(expected, round(wanted / (1 - SOLVE_FAIL_SHARE)))
+                    ) if expected is not None else round((wanted or 0) / (1 - SOLVE_FAIL_SHARE))
+        why = "; ".join(dict.fromkeys(ctx.why(p) for p in stale))
+        source = (f"{len(candidates)} on disk + {round(sum(planned))} planned upstream"
+                  if planned else "from target_pairs")
+        if candidates:
+            tally(row, [build(q) for q in candidates], params.llm, ctx, cache,
+                  scale=attempts / len(candidates))
+            row.basis = f"estimated: {why}; {attempts} questions ({source}) like the {len(candidates)} known ones"
+        else:
+            empty = {"id": "x", "question": "", "choices": [""] * 7, "answer": 0}
+            tally(row, [build(empty)] * attempts, params.llm, ctx, None, extra_tokens=250)
+            row.basis = f"estimated: {why}; {attempts} questions of ~250 tokens ({source})"
     resamples = sum(SOLVE_WRONG_SHARE ** k for k in range(1, params.max_resamples + 1))
     default = 1 + resamples + (1.0 if params.quality.enabled else 0.0)
     observed_overhead(row, ctx.metrics("solve", key), default, per="attempted")
@@ -458,7 +534,7 @@ def plan_summarize(key: Optional[str], ctx: Context, row: StagePlan) -> LLMParam
     cache = ctx.root / (ctx.arg("summarize", None, "--cache-dir") or "-")
     prompts = stage.Prompts.load()
     source = ctx.arg("summarize", None, "--input")
-    if source and ctx.exists(source):
+    if source and ctx.readable(source):
         reports = stage.read_reports(source)
         requests, multi = [], 0
         for report in reports:
@@ -466,7 +542,8 @@ def plan_summarize(key: Optional[str], ctx: Context, row: StagePlan) -> LLMParam
             requests += [stage.map_request(report, c, len(chunks), prompts) for c in chunks]
             multi += len(chunks) > 1
         tally(row, requests, params.llm, ctx, cache)
-        row.basis = f"exact: {len(reports)} reports, {len(requests)} map calls; + {multi} merges (in the overhead)"
+        row.basis = (f"{stale_prefix(ctx, [source])}{len(reports)} reports, {len(requests)} map calls; "
+                     f"+ {multi} merges (in the overhead)")
         default = 1 + multi / max(1, len(requests)) + DEFAULT_OVERHEAD["summarize"] - 1
     else:
         assumed = ctx.plan.assumed.get("summarize")
@@ -489,12 +566,12 @@ def plan_agent(key: str, ctx: Context, row: StagePlan) -> LLMParams:
     params = stage.load_params(key, ctx.params_path)
     cache = ctx.root / (ctx.arg("agent", key, "--cache-dir") or "-")
     paths = [f"data/collected/{name}.parquet" for name in params.prices]
-    if all(ctx.exists(p) for p in paths):
+    if all(ctx.readable(p) for p in paths):
         prices = stage.read_prices([str(ctx.root / p) for p in paths])
         specs, _ = stage.draw_tables(prices, params)
         frames = {s.id: stage.table_frame(prices, s) for s in specs}
         tally(row, stage.build_requests(specs, frames), params.llm, ctx, cache)
-        row.basis = f"exact: {len(specs)} tables drawn from the collected prices"
+        row.basis = f"{stale_prefix(ctx, paths)}{len(specs)} tables drawn from the collected prices"
     else:
         n = params.tables + params.test_tables
         spec = stage.TableSpec("x", "train", ["000000"], ["-"], "", "", [], params.choice_counts[0],
@@ -519,7 +596,7 @@ def make_plan(root: Path, params_path: str = PARAMS_FILE) -> dict[str, Any]:
     raw = load_raw(params_path) or {}
     ctx = Context(root, params_path, load_params(None, params_path), load_commands(root))
     names = [s for s in LLM_STAGES if s in raw]
-    changed, status_basis = would_run(root, names)
+    changed, ctx.rewritten, status_basis = would_run(root)
     rows, prices, encodings = [], {}, set()
     # filter before the stages that estimate from it; the table keeps the DAG order
     order = sorted(names, key=lambda s: (s != "filter", LLM_STAGES.index(s)))

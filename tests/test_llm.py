@@ -726,7 +726,9 @@ def test_the_budget_cap_stops_before_crossing_and_a_rerun_resumes_without_repayi
     assert "$0.50" in message and "llm.max_usd" in message and "LLM_MAX_USD" in message
     assert f"{20 - sent} requests not sent" in message
     assert cache_entries(params) == sent           # every paid answer kept
-    spent = float(re.search(r"spent \$([\d.]+)", message).group(1))
+    paid, spent = re.search(r"paid (\d+) calls, \$([\d.]+)", message).groups()
+    assert int(paid) == sent
+    spent = float(spent)
     assert spent <= 0.5 and spent + worst > 0.5 - 1e-9  # it stopped only when it had to
 
     results, accounting, _ = run_requests(params.model_copy(update={"max_usd": 50.0}),
@@ -773,10 +775,26 @@ def test_at_the_cap_sequential_calls_under_run_all_finish_and_are_cached(tmp_pat
             await llm.complete(messages(i), Verdict, item_id=f"item-{i}")
             await llm.complete(messages(100 + i), Verdict, item_id=f"item-{100 + i}")
 
+        log = logging.getLogger("solve@cap_test")
+        log.setLevel(logging.INFO)
+        handler = logging.FileHandler(tmp_path / "stage.log", encoding="utf-8")
+        log.addHandler(handler)
+
         async def main():
-            async with LLMClient(params) as llm:
+            async with LLMClient(params, logger=log) as llm:
                 await run_all([one(llm, i) for i in range(8)], "solve")
-        with pytest.raises(StageError, match="budget cap"):
+        with pytest.raises(StageError, match="budget cap") as err:
             asyncio.run(main())
+        handler.close()
+        log.removeHandler(handler)
         sent = len(srv.completions_requests)
     assert 0 < sent < 16 and cache_entries(params) == sent
+    # the message counts the answers that landed after the first refusal: what the cache holds
+    entries = [json.loads(path.read_text())["response"] for path in Path(params.cache_dir).rglob("*.json")]
+    paid = sum(Accounting(params.prices).price(e["prompt_tokens"], e["completion_tokens"]) for e in entries)
+    message = str(err.value)
+    calls, dollars = re.search(r"paid (\d+) calls, \$([\d.]+)", message).groups()
+    assert int(calls) == len(entries) and float(dollars) == pytest.approx(paid, abs=1e-4)
+    assert "dvc repro solve@cap_test" in message
+    assert message in (tmp_path / "stage.log").read_text(encoding="utf-8")   # logged, once
+    assert (tmp_path / "stage.log").read_text(encoding="utf-8").count("budget cap") == 1

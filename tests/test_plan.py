@@ -19,8 +19,9 @@ from stages.common.llm_cache import (ENTRY_FORMAT, CacheEntry, CachedResponse, R
 from stages.common.schema import SCHEMAS
 from stages.common.text import content_id
 from stages.filter import Verdict, judge_messages
-from stages.plan import Context, TokenCounter, PlanParams, StagePlan, load_commands, plan_filter, \
-    plan_transform, render, totals
+from stages.plan import (Context, TokenCounter, PlanParams, StagePlan, downstream, load_commands,
+                         plan_filter, plan_solve, plan_transform, render, totals)
+
 from tests.conftest import ROOT
 
 LLM_STAGE_ROWS = {"summarize", "filter@financial_market", "filter@accounting", "filter@rules",
@@ -122,9 +123,49 @@ def test_a_stage_whose_input_exists_is_counted_exactly_against_its_cache(tmp_pat
     # transform has no input yet: its requests are the judged questions x the keep share
     later = StagePlan("transform@fm", runs=True)
     plan_transform("fm", ctx, later)
-    assert later.requests == round(5 * 0.75) and later.basis.startswith("estimated: filter not run")
+    assert later.requests == round(5 * 0.75) and later.basis.startswith("estimated: input missing")
     assert later.completion_basis == "0.5 x max_tokens 300"
     assert not (tmp_path / "data/generated").exists()  # nothing written
+
+
+def test_a_stage_downstream_of_one_that_runs_is_planned_from_the_upstream_plan(tmp_path, monkeypatch):
+    """Issue 24: filter's params changed, so filter -> transform -> solve all run. transform's
+    and solve's files on disk are stale (1 question each): they are planned from filter's and
+    synthesize's planned outputs, never "exact" from the stale files."""
+    records, _, ctx = filter_workspace(tmp_path, monkeypatch)
+    stale = [mcq(100)]
+    for path in ("data/generated/fm/filtered.parquet", "data/generated/fm/transformed.parquet",
+                 "data/generated/fm/synthesized.parquet"):
+        write_records(stale, SCHEMAS["mcq"], tmp_path / path)
+    graph = {"filter@fm": (("data/collected/k.parquet",), ("data/generated/fm/filtered.parquet",)),
+             "transform@fm": (("data/generated/fm/filtered.parquet",), ("data/generated/fm/transformed.parquet",)),
+             "synthesize@fm": (("data/generated/fm/transformed.parquet",), ("data/generated/fm/synthesized.parquet",)),
+             "solve@fm": (("data/generated/fm/transformed.parquet", "data/generated/fm/synthesized.parquet"),
+                          ("data/generated/fm/pairs.parquet",)),
+             "mix@v1": (("data/collected/other.parquet",), ("data/mixtures/v1.parquet",))}
+    runs = downstream({"filter@fm"}, graph)
+    assert runs == {"filter@fm", "transform@fm", "synthesize@fm", "solve@fm"}   # not mix@v1
+    ctx.rewritten = {out: name for name in runs for out in graph[name][1]}
+    plan_filter("fm", ctx, StagePlan("filter@fm", runs=True))
+    transform = StagePlan("transform@fm", runs=True)
+    plan_transform("fm", ctx, transform)
+    assert transform.requests == round(5 * 0.75)            # filter's judged x keep share, not 1
+    assert transform.basis.startswith("estimated: input rewritten by filter@fm")
+    ctx.planned["data/generated/fm/synthesized.parquet"] = 200  # synthesize's target
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text(encoding="utf-8"))
+    params["solve"] = {"fm": {"inputs": {"transformed": "data/generated/fm/transformed.parquet",
+                                         "synthesized": "data/generated/fm/synthesized.parquet"},
+                              "target_pairs": None, "llm": params["transform"]["fm"]["llm"]}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    solve = StagePlan("solve@fm", runs=True)
+    plan_solve("fm", ctx, solve)
+    assert solve.requests == round(5 * 0.75) + 200          # the upstream plan, not the stale 1
+    assert solve.basis.startswith("estimated: input rewritten by transform@fm; input rewritten by "
+                                  "synthesize@fm") and "planned upstream" in solve.basis
+    ctx.rewritten = {}                                      # nothing runs first: the files are exact
+    exact = StagePlan("solve@fm", runs=True)
+    plan_solve("fm", ctx, exact)
+    assert exact.requests == 1 and exact.basis.startswith("exact")
 
 
 def test_a_damaged_cache_entry_is_planned_as_a_paid_request(tmp_path, monkeypatch, caplog):

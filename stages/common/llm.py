@@ -71,7 +71,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Awaitable, Literal, Mapping, Optional, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Literal, Mapping, Optional, Sequence, TypeVar
 from urllib.parse import quote, urlsplit
 
 import httpx2
@@ -207,10 +207,12 @@ async def run_all(coroutines: Sequence[Awaitable[T]], desc: str) -> list[T]:
     try:
         for next_done in progress(asyncio.as_completed(tasks), desc=desc, total=len(tasks)):
             await next_done
-    except BudgetExceededError:
+    except BudgetExceededError as exc:
         # at the cap nothing new is sent, but the answers in flight are paid for: let them
-        # arrive and be cached (each other task ends soon: its next request is refused)
+        # arrive and be cached (each other task ends soon: its next request is refused); the
+        # error's message and log line then count them
         await asyncio.gather(*tasks, return_exceptions=True)
+        exc.settle()
         raise
     except BaseException:
         for task in tasks:
@@ -250,7 +252,26 @@ class FatalLLMError(StageError):
 
 
 class BudgetExceededError(StageError):
-    """The next request could take the run's spend over its cap; nothing more was sent."""
+    """The next request could take the run's spend over its cap; nothing more was sent.
+
+    Raised at the first refused request, while other answers may still be in flight (they are
+    paid for, so they are awaited and cached). Its message is therefore composed when it is
+    read, from the client's figures at that time — calls paid and dollars spent including the
+    answers that landed after the refusal — and :meth:`settle` writes it to the stage's log
+    once they have (``run_all`` and ``stage_main`` call it)."""
+
+    def __init__(self, describe: Callable[[], str], log: Optional[logging.Logger] = None) -> None:
+        super().__init__("stopped at the budget cap")
+        self._describe, self._log, self._settled = describe, log, False
+
+    def __str__(self) -> str:
+        return self._describe()
+
+    def settle(self) -> None:
+        """Log the final message once (the requests in flight have landed)."""
+        if not self._settled and self._log is not None:
+            self._log.error("%s", self)
+        self._settled = True
 
 
 def _usd(amount: float) -> str:
@@ -607,6 +628,7 @@ class LLMClient:
         self._fatal: FatalLLMError | None = None
         self._cap, self._cap_source = budget_cap(params)
         self._spent = self._reserved = 0.0  # paid in this run; worst case of those in flight
+        self._paid = 0                       # answers paid for in this run
         self._over_cap, self._not_sent = False, 0
         self._batcher = (Batcher(self, params.batch, self.cache.root / "batches")
                          if params.mode == "batch" and not self.offline else None)
@@ -691,7 +713,9 @@ class LLMClient:
         if missing:
             raise CacheMissError(missing, self.cache.root)
         if any(r.error == _OVER_BUDGET for r in results):
-            raise self.budget_error(desc)
+            error = self.budget_error(desc)
+            error.settle()   # every request of the batch has ended
+            raise error
         return results
 
     # -- one item: the re-ask loop over cached or fetched answers
@@ -804,6 +828,7 @@ class LLMClient:
         if outcome.response is None:
             return _Fetched(None, reason=outcome.reason, detail=outcome.detail)
         self._spent += self.accounting.price_of(outcome.response)
+        self._paid += 1
         return _Fetched(outcome.response)
 
     def _body(self, messages: list[dict[str, Any]], fmt: dict[str, Any],
@@ -885,6 +910,7 @@ class LLMClient:
         if response is None:
             return _Failure("retry", "malformed response (no chat completion choices)")
         self._spent += self.accounting.price(response.prompt_tokens, response.completion_tokens)
+        self._paid += 1
         if self._tpm:
             self._tpm.credit(estimate - response.prompt_tokens - response.completion_tokens)
         return response
@@ -912,12 +938,19 @@ class LLMClient:
         return False
 
     def budget_error(self, desc: str) -> BudgetExceededError:
-        return BudgetExceededError(
-            f"{desc}: stopped at the budget cap {_usd(self._cap)} ({self._cap_source}): spent "
-            f"${self._spent:.4f} in this run on {self.accounting.calls} calls; {self._not_sent} "
-            "requests not sent, as the next could cross the cap. Every completed answer is "
-            f"cached: raise llm.max_usd (or {BUDGET_ENV}) and re-run to continue without paying "
-            "for them again.")
+        return BudgetExceededError(lambda: self._budget_message(desc), self.log)
+
+    def _budget_message(self, desc: str) -> str:
+        """The cap's message from the figures as they are now (see BudgetExceededError)."""
+        stage = self.log.name if "@" in self.log.name or desc == "llm" else desc
+        batch = " (Batch API lines, at batch prices)" if self.params.mode == "batch" else ""
+        return (f"{stage}: stopped at the budget cap {_usd(self._cap)} ({self._cap_source}): "
+                f"paid {self._paid} calls{batch}, ${self._spent:.4f}, in this run (the answers "
+                f"in flight at the stop included); {self._not_sent} requests not sent, as the next "
+                "could cross the cap. Every paid answer is cached: re-run with a higher cap to "
+                f"continue without paying for them again, e.g. `{BUDGET_ENV}="
+                f"{max(2 * (self._cap or 0), self._spent + 1):.2f} dvc repro {stage}` (or raise "
+                "llm.max_usd).")
 
     def _unreachable_or(self, failure: _Failure) -> _Failure:
         """A refused connection / failed lookup: fatal once UNREACHABLE_LIMIT of them arrive

@@ -178,6 +178,9 @@ def stage_main(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return func(*args, **kwargs)
         except (StageError, ParamsError) as exc:
+            settle = getattr(exc, "settle", None)   # the budget cap: its log line, once
+            if settle is not None:
+                settle()
             print(f"error: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
     return wrapper

@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import re
+import math
 import statistics
 import subprocess
 import sys
@@ -48,6 +49,7 @@ from stages.common.llm import LLMParams, LLMRequest, Prices, response_format_for
 from stages.common.llm_cache import ENTRY_FORMAT, ResponseCache, cache_key
 from stages.common.params import PARAMS_FILE, ParamsError, Strict, load_raw, read_section, read_yaml
 from stages.common.runlog import StageError
+from stages.common.text import content_id
 
 PARAMS = ("plan",)
 LLM_STAGES = ("summarize", "filter", "transform", "synthesize", "solve", "agent")
@@ -162,6 +164,7 @@ class Context:
     rewritten: dict[str, str] = field(default_factory=dict)
     # an LLM stage's output -> the records its planned run is expected to write
     planned: dict[str, float] = field(default_factory=dict)
+    pdf_samples: dict[str, Optional["PdfSample"]] = field(default_factory=dict)
 
     def readable(self, rel: str) -> bool:
         """On disk now (possibly stale: see :meth:`exists`)."""
@@ -343,6 +346,74 @@ def observed_overhead(row: StagePlan, metrics: Optional[dict[str, Any]], default
         row.overhead, row.overhead_basis = default, "default"
 
 
+# ------------------------------------------------------------------------ raw inputs
+PDF_SAMPLE_PAGES = 40   # pages read to size a PDF collection that is not extracted yet
+
+
+@dataclass
+class PdfSample:
+    """A PDF collection measured without extracting it: every file's page count, and the
+    text of ``PDF_SAMPLE_PAGES`` pages spread evenly over all of them, as page records."""
+    directory: str
+    files: int
+    pages: int
+    sampled: list[dict[str, Any]]
+
+    @property
+    def scale(self) -> float:
+        return self.pages / len(self.sampled) if self.sampled else 0.0
+
+    def describe(self) -> str:
+        return (f"from the raw PDFs in {self.directory}: {self.files:,} files, {self.pages:,} pages, "
+                f"a sample of {len(self.sampled)} pages")
+
+
+def raw_pdfs(ctx: Context, collected: str) -> Optional[PdfSample]:
+    """``data/collected/<key>.parquet`` of ``extract@<key>`` not written yet: its PDFs, sized
+    (None when they are not on disk either)."""
+    if collected not in ctx.pdf_samples:
+        match = re.fullmatch(r"data/collected/([\w-]+)\.parquet", collected)
+        spec = (load_raw(ctx.params_path).get("extract") or {}).get(match[1]) if match else None
+        directory = spec.get("input") if isinstance(spec, dict) else None
+        ctx.pdf_samples[collected] = (sample_pdfs(ctx.root / directory, directory, match[1])
+                                      if directory and (ctx.root / directory).is_dir() else None)
+    return ctx.pdf_samples[collected]
+
+
+def sample_pdfs(directory: Path, label: str, source: str, wanted: int = PDF_SAMPLE_PAGES
+                ) -> Optional[PdfSample]:
+    """Page counts of every PDF under ``directory`` and the text of ``wanted`` pages spread
+    evenly over them (PyMuPDF, the extractor's library; opening a file reads its page tree
+    only, so thousands take seconds). A file PyMuPDF cannot open counts 0 pages."""
+    from stages.extract import pymupdf   # imported the extractor's way (no layout models)
+    from stages.common.text import normalize_text
+    files = sorted(directory.rglob("*.pdf"))
+    counts = []
+    for path in files:
+        try:
+            with pymupdf.open(path) as doc:
+                counts.append(doc.page_count)
+        except Exception:   # noqa: BLE001 — extract rejects it; here it only adds no pages
+            counts.append(0)
+    total = sum(counts)
+    if not total:
+        return None
+    picks = sorted({round(i * total / min(wanted, total)) for i in range(min(wanted, total))})
+    sampled, start = [], 0
+    for path, count in zip(files, counts):
+        mine = [n - start for n in picks if start <= n < start + count]
+        if mine:
+            with pymupdf.open(path) as doc:
+                for number in mine:
+                    text = normalize_text(doc[number].get_text())
+                    doc_id = content_id("plan-sample", str(path))
+                    sampled.append({"id": content_id(doc_id, number), "source": source, "doc_id": doc_id,
+                                    "path": path.name, "page": number + 1, "title": path.stem,
+                                    "text": text or " ", "tables": [], "meta": "{}"})
+        start += count
+    return PdfSample(label, len(files), total, sampled)
+
+
 # ------------------------------------------------------------------------ the stages
 def plan_filter(key: str, ctx: Context, row: StagePlan) -> LLMParams:
     from stages import filter as stage
@@ -358,7 +429,18 @@ def plan_filter(key: str, ctx: Context, row: StagePlan) -> LLMParams:
         tally(row, requests, params.llm, ctx, cache)
         row.basis = (f"{stale_prefix(ctx, params.inputs)}{len(records)} {kind} items, {len(judged)} "
                      "pass the prefilter")
-        ctx.judged[key] = (judged, 1.0)
+        ctx.judged[key] = (judged, float(len(judged)))
+    elif documents and len(params.inputs) == 1 and raw_pdfs(ctx, params.inputs[0]) is not None:
+        sample = raw_pdfs(ctx, params.inputs[0])
+        chunks = stage.chunk_documents(sample.sampled, params.chunking, key)
+        survivors, _, _ = stage.select_candidates(chunks, params, key)
+        judged = [record for record, _ in survivors]
+        requests = [LLMRequest(stage.judge_messages(r, params.criteria), stage.Verdict, r["id"])
+                    for r in judged]
+        tally(row, requests, params.llm, ctx, cache, scale=sample.scale)
+        row.basis = (f"estimated: {ctx.why(params.inputs[0])}; {sample.describe()} -> "
+                     f"{len(chunks)} chunks, {len(judged)} pass the prefilter (x {sample.scale:.1f})")
+        ctx.judged[key] = (judged, len(judged) * sample.scale)
     else:
         assumed = ctx.plan.assumed.get(f"filter.{key}")
         if assumed is None:
@@ -372,8 +454,7 @@ def plan_filter(key: str, ctx: Context, row: StagePlan) -> LLMParams:
                      f"{assumed.item_tokens} tokens (all assumed to pass the prefilter)")
         ctx.assumed_tokens[key] = assumed.item_tokens
         ctx.judged[key] = ([], float(assumed.items))
-    ctx.planned[ctx.arg("filter", key, "--out") or ""] = (
-        len(ctx.judged[key][0]) or ctx.judged[key][1]) * ctx.plan.keep_share
+    ctx.planned[ctx.arg("filter", key, "--out") or ""] = ctx.judged[key][1] * ctx.plan.keep_share
     observed_overhead(row, ctx.metrics("filter", key), DEFAULT_OVERHEAD["filter"])
     return params.llm
 
@@ -407,8 +488,9 @@ def plan_transform(key: str, ctx: Context, row: StagePlan) -> LLMParams:
         tally(row, [build(r) for r in records], params.llm, ctx, cache)
         row.basis = f"exact: {len(records)} filtered questions"
     elif domain is not None and ctx.judged[domain][0]:
-        judged = ctx.judged[domain][0]
-        tally(row, [build(r) for r in judged], params.llm, ctx, cache, scale=ctx.plan.keep_share)
+        judged, count = ctx.judged[domain]
+        tally(row, [build(r) for r in judged], params.llm, ctx, cache,
+              scale=ctx.plan.keep_share * count / len(judged))
         row.basis = (f"estimated: {ctx.why(params.input)}; its filter's {len(judged)} judged questions x keep "
                      f"share {ctx.plan.keep_share:g}")
     elif domain is not None and ctx.judged[domain][1]:
@@ -545,6 +627,19 @@ def plan_summarize(key: Optional[str], ctx: Context, row: StagePlan) -> LLMParam
         row.basis = (f"{stale_prefix(ctx, [source])}{len(reports)} reports, {len(requests)} map calls; "
                      f"+ {multi} merges (in the overhead)")
         default = 1 + multi / max(1, len(requests)) + DEFAULT_OVERHEAD["summarize"] - 1
+    elif source and raw_pdfs(ctx, source) is not None:
+        sample = raw_pdfs(ctx, source)
+        counter = ctx.counter(params.llm.model)
+        page_tokens = statistics.fmean(counter.text(p["text"]) for p in sample.sampled)
+        report_tokens = page_tokens * sample.pages / sample.files
+        calls = max(1, math.ceil(report_tokens * params.tokens_per_char / params.max_chunk_tokens))
+        report = stage.Report(doc_id="x", source="x", path="x", title="", pages=())
+        template = stage.map_request(report, stage.Chunk(0, (), 0), calls, prompts)
+        tally(row, [template] * (sample.files * calls), params.llm, ctx, None,
+              extra_tokens=round(report_tokens / calls))
+        row.basis = (f"estimated: {ctx.why(source)}; {sample.describe()} ({page_tokens:.0f} tokens a "
+                     f"page): {sample.files:,} reports of ~{report_tokens:.0f} tokens, {calls} map call(s) each")
+        default = 1 + (1 if calls > 1 else 0) / calls + DEFAULT_OVERHEAD["summarize"] - 1
     else:
         assumed = ctx.plan.assumed.get("summarize")
         if assumed is None:

@@ -4,6 +4,7 @@ estimated from params where it does not."""
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -17,8 +18,10 @@ from stages.common.llm import LLMRequest, response_format_for
 from stages.common.llm_cache import (ENTRY_FORMAT, CacheEntry, CachedResponse, RequestSummary,
                                      ResponseCache, cache_key)
 from stages.common.schema import SCHEMAS
+from stages.common.params import load_raw
 from stages.common.text import content_id
 from stages.filter import Verdict, judge_messages
+from stages.plan import load_params as load_plan_params
 from stages.plan import (Context, TokenCounter, PlanParams, StagePlan, downstream, load_commands,
                          plan_filter, plan_solve, plan_transform, render, totals)
 
@@ -192,3 +195,32 @@ def test_the_encoding_is_the_models_own():
     assert TokenCounter("gpt-4o").encoding.encode("Hello world") == [13225, 2375]
     assert TokenCounter("gpt-4o-2024-08-06").name.startswith("o200k_base")
     assert "no encoding known" in TokenCounter("my-local-llama").name
+
+
+def test_before_anything_ran_pdf_stages_are_sized_from_the_raw_pdfs(tmp_path, monkeypatch):
+    """Issue 24: raw PDFs on disk, nothing extracted: filter@rules is sized in article chunks
+    and summarize in tokens per report from a sample of pages — not from plan.assumed."""
+    from stages.plan import plan_summarize
+    monkeypatch.chdir(tmp_path)
+    for name in ("rules", "krx_reports"):
+        shutil.copytree(ROOT / "data/samples/pdfs" / name, tmp_path / "data/raw/pdfs" / name)
+    raw = load_raw(ROOT / "params.yaml")
+    raw["filter"]["rules"]["chunking"] = {"size": 260, "overlap": 80}
+    raw["summarize"]["max_chunk_tokens"] = 200
+    params = {k: raw[k] for k in ("extract", "filter", "summarize", "llm_defaults", "plan")}
+    params["extract"] = {"rules": {"input": "data/raw/pdfs/rules"},
+                         "krx_reports": {"input": "data/raw/pdfs/krx_reports"}}
+    params["filter"] = {"rules": params["filter"]["rules"]}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    ctx = Context(Path("."), "params.yaml", load_plan_params(None, "params.yaml"), load_commands(Path(".")))
+    rules = StagePlan("filter@rules", runs=True)
+    plan_filter("rules", ctx, rules)
+    assert "from the raw PDFs in data/raw/pdfs/rules: 1 files, 3 pages" in rules.basis
+    assert "plan.assumed" not in rules.basis and 1 < rules.requests < 700   # not the assumed 700
+    summary = StagePlan("summarize", runs=True)
+    plan_summarize(None, ctx, summary)
+    assert "from the raw PDFs in data/raw/pdfs/krx_reports: 3 files" in summary.basis
+    assert "plan.assumed" not in summary.basis
+    assert summary.requests >= 3 and summary.requests % 3 == 0   # reports x map calls each
+    assert not (tmp_path / "data/collected").exists()             # nothing extracted or written

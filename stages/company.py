@@ -23,8 +23,8 @@ Params: ``company`` (schema :class:`CompanyParams`).
   the companies (each company's next-best chunk per round, companies in name order), so the
   budget spreads over companies instead of going to the one with the longest report.
 - **Held-out companies** (``held_out``, names): their chunks are the ``test`` split (meta
-  ``split``), so their questions are evaluation items only; ``mix`` keeps their documents out of
-  every document source of every version (``company.held_out`` is a mix param). A held-out
+  ``split``), so their questions are evaluation items only; ``mix`` keeps every record naming
+  them out of every source of every version (``company.held_out`` is a mix param). A held-out
   name that is not a known company, or names no document, fails the stage: a typo would
   otherwise hold nothing out.
 - rejects (``data/rejects/company.parquet``): reports without a company. Counts of chunks
@@ -248,7 +248,8 @@ def build_chunks(profiles: list[dict[str, Any]], reports: list[dict[str, Any]],
                             getattr(params.budget, split), counts, split)
               for split, found in candidates.items()}
     records = sorted(chosen["train"] + chosen["test"], key=lambda r: r["id"])
-    metrics = {"documents": sum(docs_of.values()) + len(rejects), "no_company": len(rejects),
+    metrics = {"records": len(records),
+               "documents": sum(docs_of.values()) + len(rejects), "no_company": len(rejects),
                "companies": {"train": sum(core_name(c) not in held for c in docs_of),
                              "test": sum(core_name(c) in held for c in docs_of)},
                "chunks_seen": counts["chunks_seen"],

@@ -28,8 +28,9 @@ Contract:
 
 Order of work, streamed in Parquet batches (memory is O(examples) small integers, not texts):
 1. per source, per batch: validate, leave out test splits (counted as ``held_out_test_records``)
-   and the documents of held-out companies (``company.held_out``: a document record or report
-   JSON naming one, by :mod:`stages.common.companies`' rule; ``held_out_company_documents``),
+   and every record naming a held-out company (``company.held_out``: its profile, reports,
+   summaries, and any question about it, by :mod:`stages.common.companies`' rule;
+   ``held_out_company_records``),
    filter (include/exclude), format, decontaminate, count
    tokens (the chat template applied exactly as trl will), truncate or drop over-long
    examples, then MinHash; the formatted examples go to a spill file beside the output;
@@ -135,9 +136,9 @@ def load_params(key: str, path: str = PARAMS_FILE
 
 
 def load_held_out_companies(path: str = PARAMS_FILE) -> CompanyMatcher:
-    """``company.held_out``: the companies whose documents no mixture may carry (their
-    questions are an evaluation set; a paraphrase of their report would slip past the
-    n-gram decontamination, so their documents go by name)."""
+    """``company.held_out``: the companies no mixture may name (their questions are an
+    evaluation set; a paraphrase of their report would slip past the n-gram decontamination,
+    so whatever names them goes, by name)."""
     names = lookup(load_raw(path), PARAMS[4]) or []
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise StageError(f"{PARAMS[4]}: a list of company names, not {names!r}")
@@ -439,9 +440,8 @@ def format_record(build: _Build, name: str, kind: str, record: dict[str, Any],
     if record.get("split") == "test" and kind in HELD_OUT_KINDS:
         stats["held_out"] += 1   # a source's test split is an evaluation set, never training
         return []
-    if build.held_out and kind not in HELD_OUT_KINDS and build.held_out.names_in(
-            json.dumps(record, ensure_ascii=False, default=str)):
-        stats["held_out_company"] += 1   # a held-out company's document (company.held_out)
+    if build.held_out and build.held_out.names_in(json.dumps(record, ensure_ascii=False, default=str)):
+        stats["held_out_company"] += 1   # names a held-out company (company.held_out)
         return []
     if not passes_filters(record, spec.include, spec.exclude):
         stats["filtered_out"] += 1
@@ -649,7 +649,7 @@ def source_summary(build: _Build, source_index: int, name: str) -> dict[str, Any
         "tokens_dev": int((c * t)[d].sum()),
         # only where there were any: older manifests stay byte-identical (no needless retrain)
         **({"held_out_test_records": s["held_out"]} if s["held_out"] else {}),
-        **({"held_out_company_documents": s["held_out_company"]} if s["held_out_company"] else {}),
+        **({"held_out_company_records": s["held_out_company"]} if s["held_out_company"] else {}),
     }
 
 

@@ -207,14 +207,15 @@ def test_solve_verifies_a_test_split_but_never_pairs_it():
 
 
 # ------------------------------------------------------------------------------ mix
-def test_mix_leaves_out_every_document_naming_a_held_out_company(tmp_path):
+def test_mix_leaves_out_every_record_naming_a_held_out_company(tmp_path):
     from stages.base_model import build_tokenizer
     from tests.test_mix import CORPUS, document, eval_index, qa, recipe, run_build
     tokenizer = build_tokenizer(CORPUS, 700)
     docs = [document("top100_companies", "푸른바이오(가상)", "푸른바이오는 바이오 기업이다. " * 3),
             document("top100_companies", "한빛반도체(가상)", "한빛반도체는 반도체 기업이다. " * 3),
             document("top100_companies", "기타", "보고서: 푸른 바이오 주식회사의 실적 요약 " * 3)]
-    pairs = [qa("generated_company", "푸른바이오의 영업이익률은?", "12.0%")]  # qa: by split only
+    pairs = [qa("generated_company", "푸른바이오의 영업이익률은?", "12.0%"),
+             qa("generated_company", "한빛반도체의 영업이익률은?", "12.0%")]
     data = {"top100_companies": ("document", docs), "generated_company": ("qa", pairs)}
     r = recipe({"top100_companies": {"format": "document_profile"},
                 "generated_company": {"format": "prompt_answer"}})
@@ -224,12 +225,12 @@ def test_mix_leaves_out_every_document_naming_a_held_out_company(tmp_path):
         return kind, iter([records])
     result = build_mixture("v7", r, tokenizer, eval_index(), open_source, tmp_path / "o.parquet",
                            tmp_path / "r.parquet", held_out=CompanyMatcher(["푸른바이오(가상)"]))
-    assert result["sources"]["top100_companies"]["held_out_company_documents"] == 2
+    assert result["sources"]["top100_companies"]["held_out_company_records"] == 2
     assert result["sources"]["top100_companies"]["examples"] == 1
-    assert "held_out_company_documents" not in result["sources"]["generated_company"]
+    assert result["sources"]["generated_company"]["held_out_company_records"] == 1   # a question too
     without = run_build(tmp_path, "v6", r, data, tokenizer)[0]   # no held-out list: all kept
     assert without["sources"]["top100_companies"]["examples"] == 3
-    assert "held_out_company_documents" not in without["sources"]["top100_companies"]
+    assert "held_out_company_records" not in without["sources"]["top100_companies"]
 
 
 # ------------------------------------------------------------------------------ check

@@ -114,9 +114,14 @@ def test_the_quickstart_runs_every_stage_offline(project):
         assert any((project / "data/collected" / f"{collection}_json").glob("*.json"))
     assert metrics["extract/krx_reports"]["files_rejected"] >= 1  # the planted broken PDF
     # generation per domain, eight mixtures, eight models, nine evaluations, the report
-    for domain in ("financial_market", "accounting", "rules"):
+    for domain in ("financial_market", "accounting", "rules", "company"):
         assert metrics[f"solve/{domain}"]["pairs"] > 0, domain
         assert metrics[f"solve/{domain}"]["llm"]["calls"] == 0  # answered from recorded responses
+    # company: the held-out company's question is verified, in questions.parquet, never paired
+    assert metrics["company"]["chunks"]["test"] >= 1
+    assert metrics["solve/company"]["by_split"]["test"] >= 1
+    assert metrics["synthesize/company"]["rejects_by_reason"] == {
+        "key_figure_not_in_chunk": 1, "ratio_mismatch": 1}   # the planted bad draws
     assert metrics["summarize"]["records"] > 0
     for version in VERSIONS:
         assert metrics[f"mix/{version}"]["examples"] > 0, version
@@ -193,6 +198,30 @@ def test_v7_trains_on_the_stock_train_split_and_never_on_its_test_split(project)
     assert not any(r["question"] in p for r in by_split["test"].values() for p in prompts)
 
 
+def test_v7_takes_the_company_pairs_and_no_mixture_carries_the_held_out_company(project):
+    """Issue 22 §4: the training companies' verified questions reach v7 as pairs; the held-out
+    company's question is only in questions.parquet (test split); no mixture names it (its
+    profile and a table question about it leave v6, and so v7's replay of v6)."""
+    from stages.common.io import read_records
+
+    params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
+    held = params["company"]["held_out"][0]
+    questions = read_records(project / "data/generated/company/questions.parquet")
+    pairs = read_records(project / "data/generated/company/pairs.parquet")
+    test_ids = {q["id"] for q in questions if q["split"] == "test"}
+    assert test_ids and not test_ids & {json.loads(p["meta"])["question_id"] for p in pairs}
+    v7 = json.loads((project / "data/mixtures/v7.json").read_text(encoding="utf-8"))
+    assert v7["sources"]["generated_company"]["examples"] > 0
+    v6 = json.loads((project / "data/mixtures/v6.json").read_text(encoding="utf-8"))
+    assert v6["sources"]["top100_companies"]["held_out_company_records"] == 1
+    assert v6["sources"]["table_qa"]["held_out_company_records"] >= 1   # a question about it too
+    core = held.split("(")[0]
+    for version in ("v6", "v7"):
+        texts = [m["content"] for r in read_records(project / f"data/mixtures/{version}.parquet")
+                 for m in r["prompt"] + r["completion"]]
+        assert not any(core in t for t in texts), version
+
+
 def test_the_tiny_model_learns_and_continued_versions_start_from_their_parent(project):
     """Issue 14 §2, on the pretrained tiny base through the QLoRA path: every root version's
     last logged training loss is at most 85% of its first; each continued version starts
@@ -236,7 +265,7 @@ def test_make_plan_after_the_quickstart_has_nothing_to_pay(project):
     proc = run([sys.executable, "-m", "stages.plan", "--json"], project, env=project_env(project))
     plan = json.loads(proc.stdout)
     assert plan["total"]["uncached"] == 0 and plan["total"]["usd_online"] == 0
-    assert len(plan["rows"]) == 13 and not any(r["runs"] for r in plan["rows"])
+    assert len(plan["rows"]) == 15 and not any(r["runs"] for r in plan["rows"])
     assert all(r["requests"] == r["cached"] > 0 for r in plan["rows"]), plan["rows"]
 
 

@@ -2,7 +2,7 @@
 
 One place for the rule, because two stages must agree on it: ``company`` assigns each
 document to a company (and held-out companies to the test split), and ``mix`` keeps the
-held-out companies' documents out of every document source of every version. A name is
+held-out companies out of every source of every version (any record naming one). A name is
 matched on its *core*: NFC, legal-form and sample markers removed ("(주)", "㈜", "주식회사",
 "(가상)"), whitespace removed, so "한빛반도체(가상)", "한빛반도체 주식회사" and "한빛 반도체"
 are one company. A core shorter than ``MIN_CORE_CHARS`` would match by accident and is an

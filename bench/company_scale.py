@@ -154,7 +154,16 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
     chunks, synth, solve = (results[k]["metrics"] for k in ("company", "synthesize@company", "solve@company"))
     usd = sum(results[k]["metrics"]["llm"].get("cost_usd", 0) for k in ("synthesize@company", "solve@company"))
-    counts = {k: v for k, v in (stats.get("counts") or {}).items() if k.startswith("synthesize.company")}
+    counts: dict = {}
+
+    def walk(node):   # the stand-in's counts of its company answers, wherever they sit
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if isinstance(k, str) and k.startswith("synthesize.company_") and isinstance(v, int):
+                    counts[k[len("synthesize.company_"):]] = v
+                else:
+                    walk(v)
+    walk(stats)
     header = (f"{args.companies} company profiles + {args.companies * args.reports} business reports "
               f"({pages:,} pages); {HELD_OUT} companies held out; stand-in latency {args.latency[0]}-"
               f"{args.latency[1]} s, wrong keys/letters {args.wrong_rate}; {os.cpu_count()} CPUs")
@@ -165,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
              f"| synthesize: questions / target (by split) | {synth['records']:,} / {synth['target']:,} "
              f"({synth['splits']}) |",
              f"| synthesize: draws, rejects by reason | {synth['draws']:,}, {synth['rejects_by_reason']} |",
-             f"| stand-in's company answers | {counts} |",
+             f"| stand-in's company answers (planted faults: wrong_rounding, other_unit) | "
+             f"{dict(sorted(counts.items()))} |",
              f"| solve: verified (by split) / pairs / target | {solve['records']:,} ({solve['by_split']}) / "
              f"{solve['pairs']:,} / {solve['target_pairs']} |",
              f"| solve: rejects by reason | {solve['rejects_by_reason']} |",

@@ -21,7 +21,6 @@ import os
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.standin import StandIn  # noqa: E402
-from bench.stock_scale import run, write_inputs  # noqa: E402
+from bench.stock_scale import report, run, stand_in_counts, write_inputs  # noqa: E402
 
 OPTIONS = ["df['종가'].mean()", "df[df['거래량'] > df['거래량'].median()]['종가'].mean()",
            "df.nlargest(5, '종가')['날짜']", "df['종가'].rolling(5).mean().iloc[-1]",
@@ -60,21 +59,6 @@ def sandbox_throughput(n: int = 1008, batch: int = 7) -> dict:
     return {"runs": n, "single_per_second": round(n / one, 1),
             "batched_per_second": round(n / many, 1), "batch": batch,
             "ok": single.count("ok"), "errors": n - single.count("ok")}
-
-
-def agent_counts(stats: dict) -> dict:
-    """The stand-in's own counts of agent answers (keyed / wrong letter), wherever they sit."""
-    found: dict = {}
-
-    def walk(node):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                if isinstance(k, str) and k.startswith("agent.") and isinstance(v, int):
-                    found[k] = v
-                else:
-                    walk(v)
-    walk(stats)
-    return dict(sorted(found.items()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,15 +113,9 @@ def main(argv: list[str] | None = None) -> int:
              f"| sandbox bare: the same, {bare['batch']} at a time (a question's options) | "
              f"**{bare['batched_per_second']} /s** |",
              f"| LLM calls / cached | {metrics['llm'].get('calls')} / {metrics['llm'].get('cache_hits')} |",
-             f"| stand-in's agent answers | {agent_counts(stats)} |"]
-    print(header)
-    print("\n".join(table))
-    if args.record:
-        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        with open(ROOT / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:
-            f.write(f"\n## agent@ at a production target — {stamp} (`bench/agent_scale.py`)\n\n"
-                    f"{header}. Target: the sandbox runs >= 50 options/s on 2 cores.\n\n"
-                    + "\n".join(table) + "\n")
+             f"| stand-in's agent answers | {stand_in_counts(stats, 'agent.')} |"]
+    report("agent@ at a production target", "agent_scale.py", header,
+           "Target: the sandbox runs >= 50 options/s on 2 cores.", table, args.record)
     return 0
 
 

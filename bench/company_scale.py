@@ -22,7 +22,6 @@ import os
 import random
 import sys
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
@@ -30,7 +29,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.standin import StandIn  # noqa: E402
-from bench.stock_scale import run  # noqa: E402
+from bench.stock_scale import report, run, stand_in_counts  # noqa: E402
 from stages.common.io import write_records  # noqa: E402
 from stages.common.schema import SCHEMAS  # noqa: E402
 from stages.common.text import content_id  # noqa: E402
@@ -154,16 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
     chunks, synth, solve = (results[k]["metrics"] for k in ("company", "synthesize@company", "solve@company"))
     usd = sum(results[k]["metrics"]["llm"].get("cost_usd", 0) for k in ("synthesize@company", "solve@company"))
-    counts: dict = {}
-
-    def walk(node):   # the stand-in's counts of its company answers, wherever they sit
-        if isinstance(node, dict):
-            for k, v in node.items():
-                if isinstance(k, str) and k.startswith("synthesize.company_") and isinstance(v, int):
-                    counts[k[len("synthesize.company_"):]] = v
-                else:
-                    walk(v)
-    walk(stats)
+    counts = stand_in_counts(stats, "synthesize.company_", strip=True)
     header = (f"{args.companies} company profiles + {args.companies * args.reports} business reports "
               f"({pages:,} pages); {HELD_OUT} companies held out; stand-in latency {args.latency[0]}-"
               f"{args.latency[1]} s, wrong keys/letters {args.wrong_rate}; {os.cpu_count()} CPUs")
@@ -175,18 +165,13 @@ def main(argv: list[str] | None = None) -> int:
              f"({synth['splits']}) |",
              f"| synthesize: draws, rejects by reason | {synth['draws']:,}, {synth['rejects_by_reason']} |",
              f"| stand-in's company answers (planted faults: wrong_rounding, other_unit) | "
-             f"{dict(sorted(counts.items()))} |",
+             f"{counts} |",
              f"| solve: verified (by split) / pairs / target | {solve['records']:,} ({solve['by_split']}) / "
              f"{solve['pairs']:,} / {solve['target_pairs']} |",
              f"| solve: rejects by reason | {solve['rejects_by_reason']} |",
              f"| LLM spend at gpt-4o prices (stand-in tokens) | ${usd:.2f} |"]
-    print(header)
-    print("\n".join(table))
-    if args.record:
-        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        with open(ROOT / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:
-            f.write(f"\n## company questions at a production target — {stamp} (`bench/company_scale.py`)\n\n"
-                    f"{header}.\n\n" + "\n".join(table) + "\n")
+    report("company questions at a production target", "company_scale.py", header, "", table,
+           args.record)
     return 0
 
 

@@ -19,6 +19,7 @@ import sys
 import tempfile
 from datetime import date, datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -77,6 +78,34 @@ def run(work: Path, args: list[str]) -> tuple[float, float, str]:
     return float(line[1]), int(line[2]) / 1024, out.stderr
 
 
+def report(title: str, script: str, header: str, note: str, table: list[str], record: bool) -> None:
+    """Print a bench's table; with ``record``, append it to bench/RESULTS.md under
+    ``## <title> — <UTC time> (`bench/<script>`)``, then the header line and ``note``."""
+    print(header)
+    print("\n".join(table))
+    if record:
+        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        with open(ROOT / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:
+            f.write(f"\n## {title} — {stamp} (`bench/{script}`)\n\n{header}. {note}\n\n"
+                    + "\n".join(table) + "\n")
+
+
+def stand_in_counts(stats: Any, prefix: str, strip: bool = False) -> dict[str, int]:
+    """The stand-in's own counts whose names start with ``prefix``, wherever they sit in its
+    stats (``strip``: without the prefix)."""
+    found: dict[str, int] = {}
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if isinstance(k, str) and k.startswith(prefix) and isinstance(v, int):
+                    found[k[len(prefix):] if strip else k] = v
+                else:
+                    walk(v)
+    walk(stats)
+    return dict(sorted(found.items()))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tickers", type=int, default=2000)
@@ -120,14 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         table.append(f"| {name} | {seconds:.1f} | {rss:.0f} | {what} |")
     table.append(f"| **together** | **{total:.1f}** | max {max(l[2] for l in lines):.0f} | "
                  "target <= 60 s, <= 1,536 MiB |")
-    print(header)
-    print("\n".join(table))
-    if args.record:
-        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        with open(ROOT / "bench" / "RESULTS.md", "a", encoding="utf-8") as f:
-            f.write(f"\n## Price sources and stock@ at production size — {stamp} "
-                    f"(`bench/stock_scale.py`)\n\n{header}. Each stage in its own process, as "
-                    "dvc.yaml runs it; peak RSS of that process.\n\n" + "\n".join(table) + "\n")
+    report("Price sources and stock@ at production size", "stock_scale.py", header,
+           "Each stage in its own process, as dvc.yaml runs it; peak RSS of that process.",
+           table, args.record)
     return 0
 
 

@@ -72,13 +72,18 @@ def sh(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, log: Path |
 
 
 def make_inputs(inputs: Path, reports: int) -> float:
-    """Write the production-size inputs once (``--inputs`` keeps them between runs)."""
+    """Write the production-size inputs once (``--inputs`` keeps them between runs): the
+    documents (``bench/rehearsal_data.py``) and the daily prices of ~2,000 tickers over three
+    years that stock@ and agent@ read (``bench/stock_scale.write_inputs``)."""
+    start = time.monotonic()
     if (inputs / "overrides.yaml").is_file():
         print(f"inputs: reusing {inputs}")
-        return 0.0
-    start = time.monotonic()
-    sh([sys.executable, str(ROOT / "bench" / "rehearsal_data.py"), "--out", str(inputs),
-        "--reports", str(reports)], cwd=ROOT, log=None)
+    else:
+        sh([sys.executable, str(ROOT / "bench" / "rehearsal_data.py"), "--out", str(inputs),
+            "--reports", str(reports)], cwd=ROOT, log=None)
+    if not (inputs / "data/raw/prices/stock_prices.csv").is_file():
+        from bench.stock_scale import write_inputs
+        write_inputs(inputs, 2000, 3)
     return time.monotonic() - start
 
 
@@ -87,8 +92,11 @@ def rehearsal_params(inputs: Path, base_url: str, until: str) -> dict[str, Any]:
     production = read_yaml((ROOT / "params.yaml").read_text(encoding="utf-8"))
     replicas = read_yaml((inputs / "overrides.yaml").read_text(encoding="utf-8")) or {}
     quick = read_yaml(QUICKSTART.read_text(encoding="utf-8"))
+    profiles = json.loads((inputs / "data/raw/top100_companies.json").read_text(encoding="utf-8"))
     local = {"base_model": quick["base_model"],           # the hub model is out of reach
-             "llm_defaults": {"base_url": base_url}}      # the stand-in instead of OpenAI
+             "llm_defaults": {"base_url": base_url},      # the stand-in instead of OpenAI
+             # production holds out ten real companies; the generated profiles are fictional
+             "company": {"held_out": [c["name"] for c in profiles["companies"][:10]]}}
     if until == "all":  # CPU-sized training and evaluation of the tiny model
         local["train_defaults"] = quick["train_defaults"]
         local["evaluate"] = {"batch_size": quick["evaluate"]["batch_size"]}
@@ -192,8 +200,8 @@ def _err(expected: float, actual: float) -> str:
 # ------------------------------------------------------------------------ the numbers
 def stage_metrics(project: Path) -> list[tuple[str, dict[str, Any]]]:
     """(stage@key, metrics) of every stage that ran, in DAG order of the stage kinds."""
-    order = ("collect", "extract", "summarize", "filter", "transform", "synthesize", "solve", "mix",
-             "train", "evaluate")
+    order = ("collect", "extract", "summarize", "filter", "transform", "company", "synthesize",
+             "solve", "stock", "agent", "mix", "train", "evaluate")
     found = []
     for kind in order:
         single = project / "metrics" / f"{kind}.json"

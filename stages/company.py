@@ -258,9 +258,16 @@ def build_chunks(profiles: list[dict[str, Any]], reports: list[dict[str, Any]],
                "chunks": {s: len(v) for s, v in chosen.items()},
                "over_company_cap": {s: counts[f"{s}_over_company_cap"] for s in candidates},
                "over_budget": {s: counts[f"{s}_over_budget"] for s in candidates},
-               "chunks_by_company": dict(sorted(Counter(
-                   json.loads(r["meta"])["company"] for r in records).items()))}
+               # numbers only: DVC reads a metrics file whose first bytes are mostly non-ASCII
+               # (a hundred Korean company names) as binary and fails the stage
+               "chunks_per_company": spread(Counter(json.loads(r["meta"])["company"] for r in records))}
     return records, rejects, metrics
+
+
+def spread(counts: Counter) -> dict[str, float]:
+    values = sorted(counts.values()) or [0]
+    return {"companies": len(counts), "min": values[0], "median": values[len(values) // 2],
+            "max": values[-1]}
 
 
 @stage_main
@@ -280,6 +287,8 @@ def main(argv: list[str] | None = None) -> None:
         raise StageError(f"company.inputs.profiles: {params.inputs.profiles} holds no company")
     records, rejects, metrics = build_chunks(loaded["profiles"], loaded["reports"], params)
     log.info("held out (test split): %s", ", ".join(params.held_out))
+    log.info("chunks by company: %s", dict(sorted(Counter(
+        json.loads(r["meta"])["company"] for r in records).items())))
     write_records(rejects, SCHEMAS["reject"], args.rejects)
     validate_table("document", records)
     if not records:

@@ -81,6 +81,9 @@ def test_held_out_companies_are_the_test_split_and_reports_find_their_company():
     assert "매출액 | 95,400 | 90,120" in report["text"]
     assert [(r["item"], r["reason"]) for r in rejects] == [("orphan", "no_company")]  # never guessed
     assert metrics["companies"] == {"train": 3, "test": 1} and metrics["no_company"] == 1
+    # DVC refuses a metrics file it takes for binary (mostly non-ASCII first bytes): numbers only
+    text = json.dumps(metrics, ensure_ascii=False)
+    assert sum(ord(c) > 127 for c in text) == 0, text
 
 
 def test_held_out_names_must_be_companies_with_documents():

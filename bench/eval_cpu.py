@@ -25,6 +25,7 @@ import platform
 import resource
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +38,7 @@ from stages.base_model import build_tiny_model, build_tokenizer, tiny_model_kwar
 from stages.base_model import TinyModelSpec  # noqa: E402
 from stages.evaluate import EvaluateSettings, load_params  # noqa: E402
 from stages.common.prompts import step1_prompt  # noqa: E402
-from stages.common.evalsets import EvalItem, load_sets  # noqa: E402
+from stages.sources.evalsets import EvalItem, load_sets  # noqa: E402
 from stages.evaluate import chat_text, evaluate_items, score_generate, score_loglik  # noqa: E402
 
 RESULTS = REPO / "bench" / "RESULTS.md"
@@ -50,8 +51,7 @@ def sample_items(count: int) -> list[EvalItem]:
         spec["input"] = str(SAMPLES / "eval" / Path(spec["input"]).name)
     params.update(local_dir=str(SAMPLES / "eval"), collected={})
     base, _ = load_sets(EvaluateSettings.model_validate(params))
-    return [EvalItem(item.set, f"{item.id}-{n}", item.question, item.choices, item.answer,
-                     item.category)
+    return [replace(item, id=f"{item.id}-{n}")
             for n, item in zip(range(count), (base[i % len(base)] for i in range(count)))]
 
 

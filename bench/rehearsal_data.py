@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import functools
 import io
 import json
 import math
@@ -1517,9 +1518,15 @@ TOP_SENTENCES = [
 ]
 
 
+@functools.lru_cache(maxsize=4)
+def top100_pool(seed: int) -> list[Company]:
+    """The 100 largest companies of the pool, by revenue."""
+    return sorted(company_pool(seed), key=lambda c: -c.revenue)[:100]
+
+
 def top100_document(seed: int) -> dict:
     """The 100 largest companies of the pool (by revenue), each with a profile."""
-    pool = sorted(company_pool(seed), key=lambda c: -c.revenue)[:100]
+    pool = top100_pool(seed)
     companies = []
     for index, company in enumerate(pool):
         rng = rng_for(seed, "top100", index)
@@ -2668,7 +2675,10 @@ def financial_report(index: int, seed: int) -> tuple[str, bytes, int]:
     """A fictional company's audited-statement style PDF: statements as ruled tables, then notes."""
     import pymupdf
     rng = rng_for(seed, "financial-report", index)
-    company = pooled_company(seed, rng.randrange(10_000))
+    # business reports are filed by the companies the pipeline profiles (company@ reads both):
+    # ~9 in 10 are about one of the top 100, the rest about smaller companies (rejected no_company)
+    company = (top100_pool(seed)[rng.randrange(100)] if rng.random() < 0.9
+               else pooled_company(seed, rng.randrange(10_000)))
     figures, year, term = statement_figures(company, rng), rng.randint(2019, 2024), rng.randint(5, 60)
     notes = [fill(n, **notes_context(company, figures, rng)) for n in banks.STATEMENT_NOTES]
     rng.shuffle(notes)
@@ -2874,7 +2884,7 @@ def make_local(seed: int) -> list[tuple[str, Callable[[], tuple[dict[str, bytes]
 
 
 PDF_COLLECTIONS = {"krx_reports": krx_report, "financial_reports": financial_report, "rules": rule_pdf}
-PDF_COUNTS = {"financial_reports": 200, "rules": RULE_COUNT}
+PDF_COUNTS = {"financial_reports": 400, "rules": RULE_COUNT}
 
 
 def _pdf_task(task: tuple[str, int, int, str]) -> tuple[str, int, int]:
@@ -2942,7 +2952,7 @@ Size assumptions (production sizes are not all published; these are the rehearsa
 * Evaluation sets: fin_security 300, fin_market_mcq 400 (4-7 options), accounting_7 300.
 * PDFs: krx_reports {reports:,} (2-6 pages: running header/footer with page numbers, title, body text,
   ruled tables of yearly/quarterly figures, a two-column page in ~1 in 7 reports); financial_reports
-  200 (2-6 pages of statements and notes); rules 30 (statute print-outs with 제N조 articles).
+  400 (2-6 pages of statements and notes; ~9 in 10 about a top-100 company); rules 30 (statute print-outs with 제N조 articles).
 """
 
 
@@ -3093,7 +3103,7 @@ def verify_duplicates(texts: dict[str, list[str]]) -> None:
 
 def eval_items(out: Path) -> list:
     """The evaluation items mix decontaminates against: the KMMLU test splits + evaluate.local."""
-    from stages.common.evalsets import EvalItem, EvalLocalSet, load_local_set
+    from stages.sources.evalsets import EvalItem, EvalLocalSet, load_local_set
     from stages.common.params import read_yaml
     evaluate = read_yaml((REPO / "params.yaml").read_text(encoding="utf-8"))["evaluate"]
     items = []
@@ -3106,7 +3116,7 @@ def eval_items(out: Path) -> list:
         spec = EvalLocalSet.model_validate({**raw, "input": str(out / raw["input"])})
         got, rejects = load_local_set(name, spec)
         assert not rejects, (name, rejects[:2])
-        print(f"  evaluate.local.{name}: {len(got)} items read by stages.common.evalsets, 0 rejects")
+        print(f"  evaluate.local.{name}: {len(got)} items read by stages.sources.evalsets, 0 rejects")
         items += got
     return items
 

@@ -16,6 +16,8 @@ derives, from the recipes and the version list,
 - ``stock_inputs.<key>``: the collected calendar index and stock price files of
   ``stock.<key>`` (slots ``a`` … ``d``); ``agent_inputs.<key>``: the price files of
   ``agent.<key>`` (slots ``a`` … ``d``);
+- ``eval_inputs``: the parquet files of ``evaluate.collected`` (slots ``a`` … ``h``), deps of
+  every mix@ (decontamination) and evaluate@ stage;
 - ``evaluate_keys``: ``base`` and every version (``evaluate@<key>``), each with ``dev``: the
   version's mixture, whose dev split's answer loss evaluate measures (the baseline gets its
   own model dir: it has no mixture, and its dev losses are measured in each version's stage);
@@ -42,11 +44,12 @@ VARS_FILE = "dvc.vars.yaml"
 MIX_SLOTS = tuple("abcdefghijkl")  # dvc.yaml's mix deps ${item.a} … ${item.l}
 FILTER_SLOTS = tuple("abc")        # dvc.yaml's filter deps ${item.a} … ${item.c}
 STOCK_SLOTS = tuple("abcd")        # dvc.yaml's stock price deps ${item.a} … ${item.d}
+EVAL_SLOTS = tuple("abcdefgh")     # dvc.yaml's evaluation-set deps ${eval_inputs.a} … ${eval_inputs.h}
 BASE_KEY = "base"
 VERSION_KEYS = {"mix", "train"}
 LIVE_PLOTS = "dvclive/train/{version}/plots/metrics/{metric}.tsv"
 PLOTTED = ("loss", "learning_rate")
-HEADER = ("# GENERATED from params.yaml (versions, filter, stock and agent inputs) by `python -m stages.dvc_vars`; do not edit.\n"
+HEADER = ("# GENERATED from params.yaml (versions, filter, stock, agent and evaluation inputs) by `python -m stages.dvc_vars`; do not edit.\n"
           "# dvc.yaml reads it (vars:). See stages/dvc_vars.py for why it exists.\n")
 
 
@@ -75,27 +78,39 @@ def filter_slots(domain: str, spec: Any) -> dict[str, str]:
     return slots(list(dict.fromkeys(files)), FILTER_SLOTS, f"filter.{domain}.input", "filter")
 
 
+def price_files(section: str, key: str, spec: Any) -> list[str]:
+    """The collected files of ``<section>.<key>.prices`` (a list of collect keys)."""
+    prices = spec.get("prices") if isinstance(spec, dict) else None
+    if not isinstance(prices, list) or not prices or not all(isinstance(p, str) for p in prices):
+        raise ParamsError(f"{section}.{key}.prices: expected a list of collect keys")
+    return [f"data/collected/{name}.parquet" for name in dict.fromkeys(prices)]
+
+
 def stock_slots(key: str, spec: Any) -> dict[str, str]:
     """The collected price files of ``stock.<key>``: the calendar index and the stock sources
     in stock's fixed slots."""
-    prices = spec.get("prices") if isinstance(spec, dict) else None
-    calendar = (spec.get("calendar") or {}).get("source") if isinstance(spec, dict) else None
-    if not isinstance(prices, list) or not prices or not all(isinstance(p, str) for p in prices):
-        raise ParamsError(f"stock.{key}.prices: expected a list of collect keys")
+    files = price_files("stock", key, spec)
+    calendar = (spec.get("calendar") or {}).get("source")
     if not isinstance(calendar, str):
         raise ParamsError(f"stock.{key}.calendar.source: expected a collect key")
-    files = [f"data/collected/{name}.parquet" for name in dict.fromkeys(prices)]
     return {"calendar": f"data/collected/{calendar}.parquet",
             **slots(files, STOCK_SLOTS, f"stock.{key}.prices", "stock")}
 
 
 def agent_slots(key: str, spec: Any) -> dict[str, str]:
     """The collected price files of ``agent.<key>`` in agent's fixed slots ``a`` … ``d``."""
-    prices = spec.get("prices") if isinstance(spec, dict) else None
-    if not isinstance(prices, list) or not prices or not all(isinstance(p, str) for p in prices):
-        raise ParamsError(f"agent.{key}.prices: expected a list of collect keys")
-    files = [f"data/collected/{name}.parquet" for name in dict.fromkeys(prices)]
-    return slots(files, STOCK_SLOTS, f"agent.{key}.prices", "agent")
+    return slots(price_files("agent", key, spec), STOCK_SLOTS, f"agent.{key}.prices", "agent")
+
+
+def eval_slots(collected: Any) -> dict[str, str]:
+    """The parquet files of ``evaluate.collected`` (KMMLU test splits, the stock/agent/company
+    questions) in the fixed slots ``a`` … that mix@ (decontamination) and evaluate@ depend on."""
+    if not isinstance(collected, dict) or not collected:
+        raise ParamsError("evaluate.collected: expected a mapping of evaluation sets")
+    files = [spec.get("input") if isinstance(spec, dict) else None for spec in collected.values()]
+    if not all(isinstance(f, str) for f in files):
+        raise ParamsError("evaluate.collected.<set>.input: expected a file")
+    return slots(list(dict.fromkeys(files)), EVAL_SLOTS, "evaluate.collected", "mix and evaluate")
 
 
 def check_version_entries(versions: Any) -> None:
@@ -125,6 +140,7 @@ def derive(params: dict[str, Any]) -> dict[str, Any]:
         "filter_inputs": {d: filter_slots(d, spec) for d, spec in domains.items()},
         "stock_inputs": {k: stock_slots(k, spec) for k, spec in (params.get("stock") or {}).items()},
         "agent_inputs": {k: agent_slots(k, spec) for k, spec in (params.get("agent") or {}).items()},
+        "eval_inputs": eval_slots(lookup(params, "evaluate.collected")),
         "mix_inputs": {v: mix_slots(v, lookup(params, f"versions.{v}.mix.sources")) for v in names},
         "evaluate_keys": {BASE_KEY: {"dev": f"models/{BASE_KEY}"},
                           **{v: {"dev": f"data/mixtures/{v}.parquet"} for v in names}},

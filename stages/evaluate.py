@@ -9,9 +9,13 @@ Contract:
   ``split`` (KMMLU: test, never in any mixture) is read, and ``local`` MCQ files under
   ``local_dir`` read exactly like a ``collect`` local mcq source (column mapping, answer
   format), 2-7 choices.
-- scoring: each model the way it was trained to answer (``answer_format`` in its lineage.json,
-  written by train: ``two_step`` when its mixture holds step-2 examples, else ``single_step``;
-  the base model is single-step). Prompts are training's (``stages.common.prompts``) as the
+- categories: every set scores one KRX-Bench category (``contest_category``: accounting,
+  financial_market, company, stock, agent); the stock, agent and company sets are the test
+  splits of those stages' outputs.
+- scoring: each contest category the way the model was trained to answer it: ``two_step`` when
+  a mix source of that category (``source_categories``) taught it the two-step format
+  (lineage.json's ``formats_by_source``, written by train, the parent's included), else
+  ``single_step`` — a letter; the base model is single-step everywhere. Prompts are training's (``stages.common.prompts``) as the
   user turn, through ``tokenizer.apply_chat_template(..., add_generation_prompt=True)``.
   ``generate`` (default, production): a two-step model generates its solution after the
   step-1 prompt, then the answer after the step-2 prompt; a single-step model its answer after
@@ -25,7 +29,9 @@ Contract:
 - outputs: ``--out`` one prediction row per item (parquet), ``--metrics``
   ``metrics/eval/<key>.json``: micro and macro accuracy (macro = mean over categories, a
   category being ``<set>/<category>`` or the set name), per set, per category, per number of
-  choices (4 and 7 also at the top level), shuffled accuracy, items/s.
+  choices (4 and 7 also at the top level), shuffled accuracy, items/s; and ``krx_bench``: per
+  contest category items, accuracy, its 95% Wilson interval, the majority-class rate and the
+  format scored, and the average over the categories that have items (``averaged_over``).
 - dev loss (``--dev``: the version's mixture; the baseline is given its own dir and has none):
   the answer loss (``stages.common.chat.answer_loss``: the completion tokens as training labels
   them) of the first ``dev_loss_examples`` dev examples by id, with the version's adapter and
@@ -43,7 +49,7 @@ import random
 import re
 import sys
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Sequence
 
@@ -51,7 +57,8 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from stages.common.chat import answer_loss
-from stages.common.evalsets import EvalCollectedSet, EvalItem, EvalLocalSet, load_sets
+from stages.sources.evalsets import (CONTEST_CATEGORIES, ContestCategory, EvalCollectedSet,
+                                    EvalItem, EvalLocalSet, load_sets)
 from stages.common.io import read_records, write_records
 from stages.common.params import PARAMS_FILE, Strict, read_section
 from stages.common.prompts import LETTERS, step1_prompt, step2_prompt
@@ -94,6 +101,9 @@ class EvaluateSettings(Strict):
         "whose answer loss is measured with the version and with the base (adapter off); 0: none")
     generation: EvalGeneration = Field(default_factory=EvalGeneration)
     collected: dict[str, EvalCollectedSet] = Field(default_factory=dict)
+    source_categories: dict[str, ContestCategory] = Field(
+        default_factory=dict, description="mix source -> the contest category it teaches: a "
+        "version answers a category two-step only when one of its sources taught it two-step")
     local_dir: str = Field(description="directory holding every local set (one dvc dep)")
     local: dict[str, EvalLocalSet] = Field(default_factory=dict)
 
@@ -116,7 +126,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 PREDICTION_SCHEMA = pa.schema([
     ("id", pa.string()), ("set", pa.string()), ("category", pa.string()),
-    ("n_choices", pa.int32()), ("answer", pa.int32()), ("predicted", pa.int32()),
+    ("contest_category", pa.string()), ("answer_format", pa.string()), ("n_choices", pa.int32()), ("answer", pa.int32()), ("predicted", pa.int32()),
     ("correct", pa.bool_()), ("permutation", pa.list_(pa.int32())),
     ("shuffled_predicted", pa.int32()), ("shuffled_correct", pa.bool_()), ("detail", pa.string()),
 ])
@@ -167,8 +177,7 @@ def shuffle_item(item: EvalItem, seed: int) -> tuple[EvalItem, list[int]]:
     """The item with permuted options (answer index moved with its option) + the permutation."""
     perm = permutation(item.id, len(item.choices), seed)
     choices = tuple(item.choices[p] for p in perm)
-    return EvalItem(item.set, item.id, item.question, choices, perm.index(item.answer),
-                    item.category), perm
+    return replace(item, choices=choices, answer=perm.index(item.answer)), perm
 
 
 def unshuffle(predicted: int | None, perm: Sequence[int]) -> int | None:
@@ -302,8 +311,8 @@ def score_generate(model: Any, tokenizer: Any, items: list[EvalItem], batch_size
 Scorer = Callable[[list[EvalItem]], Scored]
 
 
-def evaluate_items(items: list[EvalItem], scorer: Scorer, shuffled: bool, seed: int
-                   ) -> list[dict[str, Any]]:
+def evaluate_items(items: list[EvalItem], scorer: Scorer, shuffled: bool, seed: int,
+                   answer_format: str = "single_step") -> list[dict[str, Any]]:
     """Score items (and their shuffled copies) -> one prediction row per item."""
     plain = scorer(items)
     perms: list[list[int]] = []
@@ -323,6 +332,7 @@ def evaluate_items(items: list[EvalItem], scorer: Scorer, shuffled: bool, seed: 
             detail["shuffled"] = shuffled_detail[index]
         rows.append({
             "id": item.id, "set": item.set, "category": item.category,
+            "contest_category": item.contest_category, "answer_format": answer_format,
             "n_choices": len(item.choices), "answer": item.answer,
             "predicted": -1 if predicted is None else predicted,
             "correct": predicted == item.answer,
@@ -500,10 +510,85 @@ def make_scorer(model: Any, tokenizer: Any, settings: EvaluateSettings,
 def trained_answer_format(model_dir: str) -> str:
     """``two_step`` when train recorded that the version learned the two-step format (its
     mixture holds step-2 examples), else ``single_step`` (the base model included)."""
-    lineage = Path(model_dir) / "lineage.json"
-    if lineage.is_file():
-        return json.loads(lineage.read_text(encoding="utf-8")).get("answer_format", "single_step")
-    return "single_step"
+    return _lineage(model_dir).get("answer_format", "single_step")
+
+
+def _lineage(model_dir: str) -> dict[str, Any]:
+    path = Path(model_dir) / "lineage.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def category_formats(model_dir: str, source_categories: dict[str, str]) -> dict[str, str]:
+    """The answer format of each contest category for this version: ``two_step`` when a mix
+    source of that category (``source_categories``) taught it two-step (lineage.json's
+    ``formats_by_source``, the parent's included), else ``single_step`` — a letter, also for
+    the categories it never saw. A lineage from before per-source formats: its one format for
+    every category; no lineage (the base model): single-step."""
+    lineage = _lineage(model_dir)
+    by_source = lineage.get("formats_by_source")
+    if by_source is None:
+        whole = lineage.get("answer_format", "single_step")
+        return {category: whole for category in CONTEST_CATEGORIES}
+    taught = {source_categories[s] for s, fmt in by_source.items()
+              if fmt == "two_step" and s in source_categories}
+    return {c: "two_step" if c in taught else "single_step" for c in CONTEST_CATEGORIES}
+
+
+def score_by_category(items: list[EvalItem], formats: dict[str, str],
+                      scorer_for: Callable[[str], Scorer], shuffled: bool, seed: int
+                      ) -> list[dict[str, Any]]:
+    """Each contest category's items scored in the format the version learned for it (one
+    scorer per format: items of every category answered the same way share the passes)."""
+    rows: list[dict[str, Any]] = []
+    for fmt in sorted(set(formats.values())):
+        group = [i for i in items if formats.get(i.contest_category, "single_step") == fmt]
+        if group:
+            rows += evaluate_items(group, scorer_for(fmt), shuffled, seed, fmt)
+    order = {(item.set, item.id): index for index, item in enumerate(items)}
+    return sorted(rows, key=lambda r: order[(r["set"], r["id"])])
+
+
+Z95 = 1.959964
+
+
+def wilson(correct: int, n: int) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion (sound at 0 and n, unlike the normal one)."""
+    if not n:
+        return 0.0, 1.0
+    p = correct / n
+    centre = (p + Z95 ** 2 / (2 * n)) / (1 + Z95 ** 2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + Z95 ** 2 / (4 * n * n)) / (1 + Z95 ** 2 / n)
+    return round(max(0.0, centre - half), 6), round(min(1.0, centre + half), 6)
+
+
+def majority_rate(rows: list[dict[str, Any]]) -> float:
+    """Accuracy of always giving the set's most frequent key (for stock: always the more
+    frequent direction on the set's own up/down split)."""
+    counts = Counter(r["answer"] for r in rows)
+    return round(max(counts.values()) / len(rows), 6) if rows else 0.0
+
+
+def krx_bench(rows: list[dict[str, Any]], formats: dict[str, str]) -> dict[str, Any]:
+    """The leaderboard's view: per contest category the items, accuracy with its 95% interval,
+    the majority-class rate and the answer format scored; ``average`` over the categories that
+    have items (``averaged_over`` says how many of the five). A category without items has only
+    ``items: 0``: missing, never 0%."""
+    categories: dict[str, Any] = {}
+    for category in CONTEST_CATEGORIES:
+        group = [r for r in rows if r["contest_category"] == category]
+        if not group:
+            categories[category] = {"items": 0}
+            continue
+        correct = sum(bool(r["correct"]) for r in group)
+        low, high = wilson(correct, len(group))
+        categories[category] = {
+            "items": len(group), "correct": correct, "accuracy": round(correct / len(group), 6),
+            "ci95_low": low, "ci95_high": high, "majority_rate": majority_rate(group),
+            "two_step": formats.get(category) == "two_step"}
+    scored = [c["accuracy"] for c in categories.values() if c["items"]]
+    return {"categories": categories,
+            "average": round(sum(scored) / len(scored), 6) if scored else None,
+            "averaged_over": len(scored)}
 
 
 def drop_long_prompts(items: list[EvalItem], tokenizer: Any, max_tokens: int
@@ -540,6 +625,33 @@ def dev_losses(model: Any, tokenizer: Any, mixture: str, limit: int) -> dict[str
             "base": round(base_loss, 4), "delta": round(loss - base_loss, 4)}
 
 
+def settle_rejects(key: str, items: list[EvalItem], rejects: list[dict[str, str]],
+                   settings: EvaluateSettings, path: str, log: Any) -> None:
+    """Log and write the rejects; fail above ``max_reject_rate``, with no item left, or on an
+    item outside the sets' contract (checked before the model runs)."""
+    for r in rejects:
+        log.info("reject %s/%s: %s %s", r["source"], r["item"], r["reason"], r["detail"])
+    write_records(rejects, SCHEMAS["reject"], path)
+    check_reject_rate(len(rejects), len(items) + len(rejects), settings.max_reject_rate,
+                      f"evaluate@{key}")
+    if not items:
+        raise StageError(f"evaluate@{key}: no items to evaluate")
+    for item in items:
+        if not MIN_CHOICES <= len(item.choices) <= MAX_CHOICES:
+            raise StageError(f"evaluate@{key}: item {item.id} has {len(item.choices)} choices")
+
+
+def eval_metrics(rows: list[dict[str, Any]], settings: EvaluateSettings, answers: str,
+                 formats: dict[str, str]) -> dict[str, Any]:
+    """The accuracy part of the metrics: how the version was scored, overall and per contest
+    category, and the leaderboard block."""
+    return {"scoring": settings.scoring, "answer_format": answers,
+            "scored_as": SCORING_MODES[(settings.scoring, answers)],
+            **summarize(rows, settings.shuffled),
+            "krx_bench": krx_bench(rows, formats),
+            "scored_as_by_category": {c: SCORING_MODES[(settings.scoring, f)] for c, f in formats.items()}}
+
+
 @stage_main
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__, "key")
@@ -561,24 +673,19 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer, info = load_model(args.base, model_dir, settings.device, settings.dtype)
     items, too_long = drop_long_prompts(items, tokenizer, settings.max_prompt_tokens)
     rejects += too_long
-    for r in rejects:
-        log.info("reject %s/%s: %s %s", r["source"], r["item"], r["reason"], r["detail"])
-    write_records(rejects, SCHEMAS["reject"], args.rejects)
-    check_reject_rate(len(rejects), len(items) + len(rejects), settings.max_reject_rate,
-                      f"evaluate@{key}")
-    if not items:
-        raise StageError(f"evaluate@{key}: no items to evaluate")
-    for item in items:  # the sets' contract, checked before the model runs
-        if not MIN_CHOICES <= len(item.choices) <= MAX_CHOICES:
-            raise StageError(f"evaluate@{key}: item {item.id} has {len(item.choices)} choices")
+    settle_rejects(key, items, rejects, settings, args.rejects, log)
 
     answers = trained_answer_format(model_dir)
+    formats = category_formats(model_dir, settings.source_categories)
     log.info("evaluating %s (%s, adapter=%s, %s) on %d items, scoring=%s, batch %d, %s",
              model_dir, info["base_weights"], info["adapter"], answers, len(items),
              settings.scoring, settings.batch_size, info["device"])
+    log.info("answer format per contest category: %s",
+             ", ".join(f"{c} {f}" for c, f in formats.items()))
     scoring_timer = Timer()
-    rows = evaluate_items(items, make_scorer(model, tokenizer, settings, answers),
-                          settings.shuffled, settings.shuffle_seed)
+    rows = score_by_category(items, formats,
+                             lambda fmt: make_scorer(model, tokenizer, settings, fmt),
+                             settings.shuffled, settings.shuffle_seed)
     scoring_seconds = scoring_timer.seconds
     dev = None
     if info["adapter"] and args.dev and settings.dev_loss_examples:
@@ -586,19 +693,21 @@ def main(argv: list[str] | None = None) -> None:
         log.info("dev loss %s (base %s) on %d examples of %s", dev.get("model"), dev.get("base"),
                  dev["examples"], args.dev)
     write_records(rows, PREDICTION_SCHEMA, args.out)
-    passes = 2 if settings.shuffled else 1
-    metrics = {**info, "key": key, "scoring": settings.scoring, "answer_format": answers,
-               "scored_as": SCORING_MODES[(settings.scoring, answers)],
-               **summarize(rows, settings.shuffled), "dev_loss": dev,
-               "rejected": len(rejects),
+    metrics = {**info, "key": key, **eval_metrics(rows, settings, answers, formats),
+               "dev_loss": dev, "rejected": len(rejects),
                "rejects_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
                "seconds": timer.seconds, "scoring_seconds": scoring_seconds,
-               "items_per_second": round(len(items) * passes / scoring_seconds, 3)
+               "items_per_second": round(len(items) * (2 if settings.shuffled else 1) / scoring_seconds, 3)
                if scoring_seconds else None}
     write_metrics(args.metrics, metrics)
     log.info("accuracy micro %.3f macro %.3f (shuffled %s) on %d items -> %s (%.1fs)",
              metrics["accuracy"]["micro"], metrics["accuracy"]["macro"],
              metrics["accuracy"].get("shuffled_micro"), len(items), args.metrics, timer.seconds)
+    bench = metrics["krx_bench"]
+    log.info("KRX-Bench: %s; average %s over %d of %d categories", ", ".join(
+        f"{c} {v['accuracy']:.3f} ({v['items']})" if v["items"] else f"{c} missing"
+        for c, v in bench["categories"].items()), bench["average"], bench["averaged_over"],
+        len(bench["categories"]))
 
 
 if __name__ == "__main__":

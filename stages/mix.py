@@ -10,7 +10,7 @@ Contract:
 - inputs: the files of the recipe's sources (names -> files: ``stages.mixing.recipe.
   mix_source_input``; ``--inputs`` must name exactly them: it is what dvc.yaml tracks, from
   dvc.vars.yaml), the tokenizer directory, and every evaluation set of
-  ``evaluate`` (KMMLU test splits, local MCQ files) for decontamination;
+  ``evaluate`` (KMMLU and stock/agent/company test splits, local MCQ files) for decontamination;
 - ``--out``: ``example`` records (``id, version, source, split, prompt, completion``) in trl's
   conversational prompt–completion form, in recipe order (source by source, input order within
   a source; upsampled copies follow their original and have ids ``<id>~<version>.<n>``). The trainer
@@ -60,7 +60,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stages.common.companies import CompanyMatcher
-from stages.common.evalsets import (EvalCollectedSet, EvalItem, EvalLocalSet, items_from_records,
+from stages.sources.evalsets import (EvalCollectedSet, EvalItem, EvalLocalSet, items_from_records,
                                     load_local_set)
 from stages.common.io import (atomic_path, iter_record_batches, open_parquet_writer, read_records,
                               write_json)
@@ -160,7 +160,7 @@ def check_declared_inputs(recipe: MixParams, declared: list[str], version: str) 
 def load_eval_items(collected: dict[str, EvalCollectedSet],
                     local: dict[str, EvalLocalSet]) -> tuple[list[EvalItem], dict[str, dict]]:
     """Every evaluation item of ``evaluate``, read by evaluation's own reader
-    (:mod:`stages.common.evalsets`): the same items, ids and choice texts as ``evaluate@``
+    (:mod:`stages.sources.evalsets`): the same items, ids and choice texts as ``evaluate@``
     scores, uncapped (``max_items_per_set`` limits scoring, not decontamination)."""
     items: list[EvalItem] = []
     info: dict[str, dict] = {}
@@ -168,13 +168,12 @@ def load_eval_items(collected: dict[str, EvalCollectedSet],
         require_input(spec.input, f"evaluate.collected.{name}.input", "run its collect stage first")
         got, _ = items_from_records(name, read_records(spec.input), spec.split)
         items += got
-        info[name] = {"path": spec.input, "split": spec.split, "items": len(got),
-                      "sha256": file_sha256(spec.input)}
+        info[name] = {"path": spec.input, "split": spec.split, "items": len(got)}
     for name, spec in local.items():
         require_input(spec.input, f"evaluate.local.{name}.input")
         got, _ = load_local_set(name, spec)
         items += got
-        info[name] = {"path": spec.input, "items": len(got), "sha256": file_sha256(spec.input)}
+        info[name] = {"path": spec.input, "items": len(got)}
     return items, info
 
 
@@ -678,16 +677,20 @@ def summarize_build(build: _Build) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------ main
 def manifest(version: str, recipe: MixParams, out: str, result: dict[str, Any],
-             inputs: dict[str, dict], eval_sets: dict[str, dict], tokenizer: dict[str, Any],
-             decontamination_items: int) -> dict[str, Any]:
+             inputs: dict[str, dict], eval_sets: dict[str, dict], tokenizer: dict[str, Any]
+             ) -> dict[str, Any]:
+    """What the mixture is made of: train@ depends on it. The evaluation sets appear by path
+    only, and decontamination by what it removed (``sources``, ``rejects_by_reason``): a
+    regenerated evaluation set that removes nothing new leaves this file, and so every
+    version's training, unchanged (item counts are in the stage's metrics)."""
     return {
         "version": version,
         "recipe": recipe.model_dump(mode="json"),
         "mixture": {"path": out, "sha256": file_sha256(out), **result["totals"]},
         "inputs": inputs,
-        "eval_sets": eval_sets,
-        "decontamination": {"eval_items": decontamination_items,
-                            **recipe.decontamination.model_dump(mode="json")},
+        "eval_sets": {name: {k: v for k, v in info.items() if k != "items"}
+                      for name, info in sorted(eval_sets.items())},
+        "decontamination": recipe.decontamination.model_dump(mode="json"),
         "tokenizer": tokenizer,
         "sources": result["sources"],
         "length": result["length"],
@@ -695,7 +698,8 @@ def manifest(version: str, recipe: MixParams, out: str, result: dict[str, Any],
     }
 
 
-def metrics_of(result: dict[str, Any], seconds: float) -> dict[str, Any]:
+def metrics_of(result: dict[str, Any], seconds: float, eval_sets: dict[str, dict]
+               ) -> dict[str, Any]:
     totals = result["totals"]
     return {
         "examples": totals["examples"], "train": totals["train"], "dev": totals["dev"],
@@ -706,6 +710,7 @@ def metrics_of(result: dict[str, Any], seconds: float) -> dict[str, Any]:
         "rejected": result["rejects_by_reason"],
         "sources": {name: {"examples": s["examples"], "tokens": s["tokens"]}
                     for name, s in result["sources"].items()},
+        "eval_items": {name: info["items"] for name, info in sorted(eval_sets.items())},
         "seconds": seconds,
     }
 
@@ -758,8 +763,8 @@ def main(argv: list[str] | None = None) -> None:
         if totals["examples"] == 0:
             raise StageError(f"mix@{version}: the mixture is empty")
     write_json(manifest(version, recipe, args.out, result, inputs, eval_sets,
-                        tokenizer_info(tokenizer, args.tokenizer), len(index)), args.manifest)
-    write_metrics(args.metrics, metrics_of(result, timer.seconds))
+                        tokenizer_info(tokenizer, args.tokenizer)), args.manifest)
+    write_metrics(args.metrics, metrics_of(result, timer.seconds, eval_sets))
     log.info("-> %s (%d examples, %d tokens) and %s (%.1fs)", args.out, totals["examples"],
              totals["tokens"], args.manifest, timer.seconds)
 

@@ -669,16 +669,30 @@ def load_data(run: _Run) -> None:
         raise StageError(f"train@{key}: no training examples in {args.mixture}")
 
 
-def answer_format(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def answer_format(rows: list[dict[str, Any]], parent: dict[str, Any] | None = None) -> dict[str, Any]:
     """How this version learns to answer, for evaluate to score it that way: ``two_step`` when
     its training examples include step-2 prompts (a step-1 prompt whose ``### 정답:`` is
-    followed by a solution, answered with the letter), else ``single_step``."""
+    followed by a solution, answered with the letter), else ``single_step``; and per mix
+    source (``formats_by_source``: evaluate scores each contest category in the format the
+    sources of that category taught). A continued version keeps what its parent (``parent``:
+    the parent's lineage) learned: a source two-step there stays two-step."""
     step2 = 0
+    by_source: dict[str, str] = dict((parent or {}).get("formats_by_source") or {})
     for row in rows:
         user = next((m["content"] for m in row["prompt"] if m.get("role") == "user"), "")
-        if ANSWER_MARKER in user and user.rsplit(ANSWER_MARKER, 1)[1].strip():
-            step2 += 1
-    return {"answer_format": "two_step" if step2 else "single_step", "step2_examples": step2}
+        two_step = ANSWER_MARKER in user and bool(user.rsplit(ANSWER_MARKER, 1)[1].strip())
+        step2 += two_step
+        source = row.get("source") or ""
+        if two_step or by_source.get(source) != "two_step":
+            by_source[source] = "two_step" if two_step else "single_step"
+    return {"answer_format": "two_step" if step2 else "single_step", "step2_examples": step2,
+            "formats_by_source": dict(sorted(by_source.items()))}
+
+
+def parent_lineage(init_from: str) -> dict[str, Any] | None:
+    """The parent version's lineage.json (what it learned), when it has one."""
+    path = Path(init_from) / "lineage.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def check_mixture_length(manifest: str, max_length: int, key: str) -> None:
@@ -828,7 +842,7 @@ def save_version(run: _Run, trainer: Any, outcome: dict[str, Any]) -> dict[str, 
         **{k: outcome[k] for k in LOSS_KEYS},
         "examples": {"train": len(run.train_rows), "dev": len(run.dev_rows), "rejected": len(run.rejects)},
         "resumed_from": run.resume_from.name if run.resume_from else None,
-        **answer_format(run.train_rows),
+        **answer_format(run.train_rows, parent_lineage(args.init_from) if params.parent else None),
     }
     training_config = {"version": key, "init_from": args.init_from, "resolved_params": params.model_dump(),
                        "sft_config": {k: v for k, v in trainer.args.to_dict().items()

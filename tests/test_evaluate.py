@@ -21,14 +21,14 @@ from stages.common.io import read_records, write_records
 from stages.common.params import load_raw
 from stages.common.prompts import LETTERS, step1_prompt
 from stages.common.runlog import StageError
-from stages.common.evalsets import EvalItem, items_from_records, load_sets, strip_labels
 from stages.common.schema import SCHEMAS
 from stages.common.text import content_id
 from stages.evaluate import (EvaluateSettings, chat_text, evaluate_items, generate_texts, letter_logprobs,
                              letter_token_ids, load_model, parse_letter, permutation,
-                             score_generate, score_loglik, shuffle_item, summarize, unshuffle)
+                             Scored, score_generate, score_loglik, shuffle_item, summarize, unshuffle)
 from stages.evaluate import load_params as load_evaluate
 from stages.evaluate import main as evaluate_main
+from stages.sources.evalsets import EvalItem, items_from_records, load_sets, strip_labels
 from tests.conftest import ROOT, run_stage
 
 SAMPLES = ROOT / "data" / "samples" / "eval"
@@ -376,7 +376,7 @@ def workspace(tmp_path_factory, tokenizer) -> Path:
     shutil.copytree(SAMPLES, ws / "data" / "samples" / "eval")
     settings = load_evaluate(None, ROOT / "params.yaml").model_dump()
     settings["collected"] = {"kmmlu_economics": {"input": "data/collected/kmmlu_economics.parquet",
-                                                 "split": "test"}}
+                                                 "split": "test", "contest_category": "financial_market"}}
     settings["local_dir"] = "data/samples/eval"
     for name, spec in settings["local"].items():
         spec["input"] = f"data/samples/eval/{Path(spec['input']).name}"
@@ -427,6 +427,13 @@ def test_stage_scores_base_and_version_side_by_side(workspace: Path, monkeypatch
     assert base["accuracy"]["micro"] == round(expected_base, 6)
     assert set(base["by_choices"]) == {"4", "5", "6", "7"} and "choices_7" in base["accuracy"]
     assert base["items_per_second"] > 0
+    # the leaderboard block: kmmlu_economics + fin_market_mcq + fin_security are 금융시장, the
+    # 7-choice CSV 재무회계; no stock/agent/company set here -> missing, left out of the average
+    bench = base["krx_bench"]
+    assert bench["categories"]["financial_market"]["items"] + bench["categories"]["accounting"]["items"] == 22
+    assert bench["categories"]["stock"] == {"items": 0} and bench["averaged_over"] == 2
+    assert bench["average"] == round((bench["categories"]["financial_market"]["accuracy"]
+                                      + bench["categories"]["accounting"]["accuracy"]) / 2, 6)
     # deterministic outputs: a second run (in-process: no second interpreter start-up) writes
     # the same prediction bytes
     first = (workspace / "data/eval/base.parquet").read_bytes()
@@ -465,7 +472,7 @@ def test_each_model_is_scored_the_way_it_was_trained_to_answer(tokenizer, tmp_pa
 
     model = planted_model(tokenizer, "B")
     items = items_with_answers([1, 0, 1], [4, 4, 7])
-    base = dict(local_dir=str(tmp_path), collected={"x": {"input": "x.parquet"}}, batch_size=2,
+    base = dict(local_dir=str(tmp_path), collected={"x": {"input": "x.parquet", "contest_category": "accounting"}}, batch_size=2,
                 generation={"solution_max_new_tokens": 3, "letter_max_new_tokens": 1})
     cheap, full = EvaluateSettings(scoring="loglik", **base), EvaluateSettings(**base)
     assert full.scoring == "generate"  # the production default: generation for every version
@@ -497,5 +504,98 @@ def test_train_records_whether_a_version_learns_the_two_step_format():
     single = [row(step1_prompt("질문?", ["a", "b", "c", "d"]), "B")]
     pairs = [row(step1_prompt("질문?", ["a", "b", "c", "d"]), "문제 분석: … 따라서 B"),
              row(step2_prompt("질문?", ["a", "b", "c", "d"], "문제 분석: … 따라서 B"), "B")]
-    assert answer_format(single) == {"answer_format": "single_step", "step2_examples": 0}
-    assert answer_format(single + pairs) == {"answer_format": "two_step", "step2_examples": 1}
+    assert answer_format(single)["answer_format"] == "single_step" and answer_format(single)["step2_examples"] == 0
+    assert answer_format(single + pairs)["answer_format"] == "two_step" and answer_format(single + pairs)["step2_examples"] == 1
+
+
+# ------------------------------------------------------------------ KRX-Bench categories
+def test_every_set_names_a_known_contest_category_and_make_check_says_which_does_not(tmp_path):
+    from stages import check
+    from stages.sources.evalsets import CONTEST_CATEGORIES
+    raw = load_raw(ROOT / "params.yaml")
+    sets = {**raw["evaluate"]["collected"], **raw["evaluate"]["local"]}
+    assert {s["contest_category"] for s in sets.values()} == set(CONTEST_CATEGORIES)  # all five
+    assert raw["evaluate"]["collected"]["stock_krx"]["input"] == "data/generated/stock/krx.parquet"
+    del raw["evaluate"]["local"]["accounting_7"]["contest_category"]
+    raw["evaluate"]["collected"]["stock_krx"]["contest_category"] = "stocks"
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    problems = "\n".join(check.check(path))
+    assert "local.accounting_7.contest_category" in problems and "Field required" in problems
+    assert "collected.stock_krx.contest_category" in problems and "'stocks'" not in problems.split(
+        "collected.stock_krx.contest_category")[0]
+
+
+def _row(category: str, answer: int, correct: bool, set_name: str = "s") -> dict:
+    return {"set": set_name, "contest_category": category, "answer": answer, "correct": correct}
+
+
+def test_krx_bench_has_majority_baselines_intervals_and_leaves_missing_categories_out():
+    from stages.evaluate import krx_bench, majority_rate, wilson
+    # a planted stock set: 7 "up" (A) and 3 "down" (B) keys -> always answering up scores 70%
+    stock = [_row("stock", 0, k < 6) for k in range(7)] + [_row("stock", 1, False) for _ in range(3)]
+    accounting = [_row("accounting", k % 4, k % 2 == 0) for k in range(8)]
+    assert majority_rate(stock) == 0.7 and majority_rate(accounting) == 0.25
+    bench = krx_bench(stock + accounting, {"accounting": "two_step", "stock": "single_step"})
+    cats = bench["categories"]
+    assert list(cats) == ["accounting", "financial_market", "company", "stock", "agent"]
+    assert cats["stock"]["accuracy"] == 0.6 and cats["stock"]["majority_rate"] == 0.7
+    assert cats["stock"]["ci95_low"] < 0.6 < cats["stock"]["ci95_high"]
+    assert cats["accounting"]["two_step"] and not cats["stock"]["two_step"]
+    # no items: shown as missing (no accuracy at all, never 0) and left out of the average
+    assert cats["company"] == {"items": 0} and cats["agent"] == {"items": 0}
+    assert bench["averaged_over"] == 2 and bench["average"] == round((0.6 + 0.5) / 2, 6)
+    assert krx_bench([], {})["average"] is None
+    low, high = wilson(0, 20)  # sound at the edges, where the normal interval collapses
+    assert low == 0.0 and 0.1 < high < 0.2 and wilson(20, 20)[1] == 1.0
+
+
+def test_each_category_is_scored_in_the_format_the_version_learned_for_it(tmp_path):
+    from stages.evaluate import category_formats, score_by_category
+    source_categories = load_evaluate(None, ROOT / "params.yaml").source_categories
+    v7 = tmp_path / "v7"
+    v7.mkdir()
+    # v7 continued v6: the generated finance pairs taught two-step, stock and agent a letter
+    (v7 / "lineage.json").write_text(json.dumps({"answer_format": "two_step", "formats_by_source": {
+        "generated_financial_market": "two_step", "generated_accounting": "two_step",
+        "stock_krx": "single_step", "agent_krx": "single_step", "qa_rules": "single_step"}}))
+    formats = category_formats(str(v7), source_categories)
+    assert formats == {"accounting": "two_step", "financial_market": "two_step",
+                       "company": "single_step", "stock": "single_step", "agent": "single_step"}
+    assert set(category_formats(str(tmp_path), source_categories).values()) == {"single_step"}  # base
+    (tmp_path / "old").mkdir()  # a lineage from before per-source formats: its one format
+    (tmp_path / "old" / "lineage.json").write_text(json.dumps({"answer_format": "two_step"}))
+    assert set(category_formats(str(tmp_path / "old"), source_categories).values()) == {"two_step"}
+
+    items = [EvalItem("kmmlu_economics", "e1", "질문 1", ("가", "나", "다", "라"), 1, "", "financial_market"),
+             EvalItem("stock_krx", "s1", "오를까?", ("상승", "하락"), 0, "", "stock"),
+             EvalItem("agent_krx", "a1", "코드?", ("df.head()", "df.tail()", "df.sum()"), 2, "", "agent")]
+    seen = {}
+
+    def scorer_for(fmt):
+        def score(batch):  # two-step answers B, the letter scorer A; records who scored what
+            seen.setdefault(fmt, []).extend(i.id for i in batch)
+            return Scored([1 if fmt == "two_step" else 0] * len(batch))
+        return score
+    rows = score_by_category(items, formats, scorer_for, shuffled=False, seed=0)
+    assert [r["id"] for r in rows] == ["e1", "s1", "a1"]  # the items' order, whatever the groups
+    assert seen == {"two_step": ["e1"], "single_step": ["s1", "a1"]}
+    assert [(r["answer_format"], r["correct"]) for r in rows] == [
+        ("two_step", True), ("single_step", True), ("single_step", False)]
+
+
+def test_train_records_per_source_formats_and_keeps_what_the_parent_learned():
+    from stages.common.prompts import step2_prompt
+    from stages.train import answer_format
+
+    def row(source: str, content: str) -> dict:
+        return {"source": source, "prompt": [{"role": "user", "content": content}],
+                "completion": [{"role": "assistant", "content": "B"}]}
+    q, c = "질문?", ["a", "b", "c", "d"]
+    parent = {"formats_by_source": {"generated_accounting": "two_step", "krx_sample": "single_step"}}
+    rows = [row("stock_krx", step1_prompt(q, c)), row("generated_accounting", step1_prompt(q, c)),
+            row("generated_financial_market", step2_prompt(q, c, "풀이 … 따라서 B"))]
+    got = answer_format(rows, parent)
+    assert got["formats_by_source"] == {"generated_accounting": "two_step", "generated_financial_market": "two_step",
+                                        "krx_sample": "single_step", "stock_krx": "single_step"}
+    assert got["answer_format"] == "two_step" and got["step2_examples"] == 1

@@ -18,7 +18,6 @@ from dvc.repo import Repo
 from stages.base_model import build_tokenizer
 from stages.common.io import write_records
 from stages import check
-from stages.common.evalsets import EvalItem
 from stages.common.params import ParamsError, load_raw
 from stages.common.prompts import step1_prompt, step2_prompt
 from stages.common.runlog import StageError
@@ -32,6 +31,7 @@ from stages.mixing.formats import (Budget, FormatError, format_report_json, form
 from stages.mixing.recipe import MixParams, mix_source_input
 from stages.mixing.hashing import (EvalIndex, minhash_signatures, near_duplicates,
                                    unspaced)
+from stages.sources.evalsets import EvalItem
 from tests.conftest import ROOT, run_stage
 
 DVC = str(Path(sys.executable).parent / "dvc")
@@ -333,7 +333,7 @@ def test_planted_near_duplicate_is_removed_across_sources(tokenizer, tmp_path):
 def test_decontamination_reads_eval_sets_exactly_as_evaluation_does():
     """Labelled choices ("A. …") are stripped and ids re-derived as evaluate@ does, so the
     reject names the id evaluation reports and an unlabelled copy of a choice still matches."""
-    from stages.common.evalsets import EvalLocalSet, load_local_set
+    from stages.sources.evalsets import EvalLocalSet, load_local_set
     from stages.mix import load_eval_items
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))["evaluate"]
@@ -485,7 +485,7 @@ def test_mix_refuses_dep_slots_that_do_not_name_its_recipe_files(tmp_path, token
 def test_each_mix_stage_depends_on_exactly_its_recipe_inputs():
     raw = load_raw(ROOT / "params.yaml")
     code = {"stages/__init__.py", "stages/common/__init__.py", "stages/common/chunking.py", "stages/common/companies.py",
-            "stages/common/evalsets.py", "stages/common/io.py", "stages/common/params.py", "stages/common/prompts.py",
+            "stages/sources/evalsets.py", "stages/common/io.py", "stages/common/params.py", "stages/common/prompts.py",
             "stages/common/runlog.py", "stages/common/schema.py", "stages/common/text.py",
             "stages/mix.py", "stages/mixing/__init__.py", "stages/mixing/formats.py",
             "stages/mixing/hashing.py", "stages/mixing/recipe.py", "stages/prompts/mix_formats.yaml",
@@ -535,8 +535,8 @@ def _workspace(tmp_path: Path, tokenizer_dir: Path) -> Path:
         write_records(records, SCHEMAS[kind], ws / mix_source_input(name))
     kmmlu = [mcq("kmmlu_economics", EVAL_QUESTION, EVAL_CHOICES, 0, "test"),
              mcq("kmmlu_economics", "훈련용 문제?", ["가", "나", "다", "라"], 1, "train")]
-    for subject in ("kmmlu_economics", "kmmlu_accounting", "kmmlu_taxation"):
-        write_records(kmmlu, SCHEMAS["mcq"], ws / f"data/collected/{subject}.parquet")
+    for spec in settings["collected"].values():  # KMMLU subjects, stock/agent/company questions
+        write_records(kmmlu, SCHEMAS["mcq"], ws / spec["input"])
     (ws / "data/raw/eval").mkdir(parents=True)
     shutil.copy(ROOT / "data/samples/eval/fin_security.jsonl", ws / "data/raw/eval/fin_security.jsonl")
     shutil.copytree(tokenizer_dir, ws / "models/base")
@@ -577,7 +577,8 @@ def test_stage_writes_mixture_manifest_metrics_deterministically(tmp_path, token
     assert manifest["tokenizer"]["model"] == "tiny-test" and manifest["tokenizer"]["files_sha256"]
     assert manifest["mixture"]["sha256"] == __import__("hashlib").sha256(first["data/mixtures/v1.parquet"]).hexdigest()
     assert set(manifest["inputs"]) == {"krx_sample", "generated_financial_market"}
-    assert manifest["eval_sets"]["fin_security"]["items"] > 0
+    assert manifest["eval_sets"]["fin_security"] == {"path": "data/raw/eval/fin_security.jsonl"}
+    assert metrics["eval_items"]["fin_security"] > 0 and metrics["eval_items"]["kmmlu_economics"] == 1
     assert manifest["length"]["max"] <= 256 and manifest["mixture"]["tokens"] == metrics["tokens"] > 0
     # v2 = v1's examples (splits kept) + 4 translations
     v1_split = {r["id"]: r["split"] for r in v1}
@@ -594,6 +595,28 @@ def test_stage_writes_mixture_manifest_metrics_deterministically(tmp_path, token
                   "--rejects", f"data/rejects/mix/{version}.parquet",
                   "--metrics", f"metrics/mix/{version}.json", "--log", f"logs/mix/{version}.log"])
     assert {p: (ws / p).read_bytes() for p in first} == first
+
+
+def test_a_regenerated_evaluation_set_leaves_the_mixture_and_its_training_unchanged(tmp_path, tokenizer_dir):
+    """An evaluation set written again (more test questions, none overlapping the data) re-runs
+    mix@ (a dep changed), but the files train@ depends on keep their bytes, so DVC leaves every
+    version's training up to date; only the mix metrics count the new items."""
+    ws = _workspace(tmp_path, tokenizer_dir)
+    assert _run(ws, "v1").returncode == 0
+    kept = {p: (ws / p).read_bytes() for p in ("data/mixtures/v1.parquet", "data/mixtures/v1.json")}
+    stock = ws / load_raw(ws / "params.yaml")["evaluate"]["collected"]["stock_krx"]["input"]
+    records = pq.read_table(stock).to_pylist()
+    records.append(mcq("stock_krx", "다음 거래일 종가는 오늘 종가보다 오를까요, 내릴까요? (새 시험 문항)",
+                       ["상승", "하락"], 1, "test"))
+    write_records(records, SCHEMAS["mcq"], stock)
+    assert _run(ws, "v1").returncode == 0
+    assert {p: (ws / p).read_bytes() for p in kept} == kept
+    metrics = json.loads((ws / "metrics/mix/v1.json").read_text(encoding="utf-8"))
+    assert metrics["eval_items"]["stock_krx"] == 2
+    # what train@ depends on: the mixture, its manifest, the base and the parent; no eval set
+    train = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]["train"]["do"]
+    evals = [d for d in train["deps"] if "eval" in d]
+    assert evals == [] and "data/mixtures/${key}.json" in train["deps"]
 
 
 def test_stage_fails_clearly_when_an_input_is_missing(tmp_path, tokenizer_dir, monkeypatch, capsys):

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from stages.common.evalsets import EvalItem
+from stages.sources.evalsets import EvalItem
 from stages.common.text import unspaced
 
 _MULT = np.uint64(0x100000001B3)  # FNV prime: odd, spreads code points over the word

@@ -5,6 +5,14 @@ overlap them (decontamination). Both must see the same items, with the same ids 
 choice texts (labels such as "A. " stripped where ``strip_choice_labels`` says so), or a
 contaminated example could slip through under a differently written choice. Local files are
 read and mapped by collect's own loader and row mapping.
+
+Each set belongs to one KRX-Bench category (``contest_category``, :data:`CONTEST_CATEGORIES`):
+the leaderboard scores a model per category and averages them; the report does the same.
+Sets are the held-out (``test``) splits of what the pipeline writes (stock, agent and company
+questions), the KMMLU test splits, and the team's local MCQ files.
+
+This module sits beside the source loaders it reads local sets with (``local.py``,
+``records.py``, ``spec.py``): ``stages/common/`` imports nothing from above it.
 """
 from __future__ import annotations
 
@@ -26,13 +34,23 @@ from stages.sources.spec import LocalSpec, SourceParams
 
 STAGE = "evaluate"
 
+# KRX-Bench's categories in the leaderboard's order: param value -> the leaderboard's name.
+CONTEST_CATEGORIES: dict[str, str] = {
+    "accounting": "재무회계", "financial_market": "금융시장", "company": "국내기업 분석",
+    "stock": "주가 예측", "agent": "금융 에이전트"}
+ContestCategory = Literal["accounting", "financial_market", "company", "stock", "agent"]
+_CATEGORY_HELP = ("the KRX-Bench category this set scores: " + ", ".join(
+    f"{k} ({v})" for k, v in CONTEST_CATEGORIES.items()))
+
 
 # ---------------------------------------------------------------------------- the sets' params
 # ``evaluate.collected`` / ``evaluate.local``: read by evaluate (its whole section) and by mix
 # (these two sections only, for decontamination).
 class EvalCollectedSet(Strict):
-    """A collected parquet of mcq records (``collect@<source>``); only ``split`` is read."""
+    """A parquet of mcq records (``collect@<source>``, or a generating stage's output such as
+    ``stock@<key>``); only ``split`` is read."""
     input: str = Field(description="parquet of mcq records, e.g. data/collected/kmmlu_economics.parquet")
+    contest_category: ContestCategory = Field(description=_CATEGORY_HELP)
     split: Literal["train", "dev", "test"] = Field(
         "test", description="the held-out split (KMMLU test: never in any mixture)")
 
@@ -41,6 +59,7 @@ class EvalLocalSet(Strict):
     """A local MCQ file (csv/tsv/json/jsonl/parquet/xlsx) read the way ``collect`` reads a local
     mcq source (same loader, same column mapping and answer formats), 2-7 choices."""
     input: str = Field(description="the file; must lie under evaluate.local_dir (the dvc dep)")
+    contest_category: ContestCategory = Field(description=_CATEGORY_HELP)
     local: LocalSpec = Field(default_factory=LocalSpec)
     columns: dict[str, Union[str, list[str]]] = Field(
         description="question, choices (list of columns, or one column holding a list), answer, "
@@ -72,6 +91,7 @@ class EvalItem:
     choices: tuple[str, ...]
     answer: int
     category: str = ""
+    contest_category: str = ""
 
     @property
     def category_key(self) -> str:
@@ -97,8 +117,8 @@ def strip_labels(choices: Sequence[str]) -> list[str]:
     return stripped if all(stripped) else list(choices)
 
 
-def items_from_records(name: str, records: list[dict[str, Any]], split: str | None
-                       ) -> tuple[list[EvalItem], list[dict[str, str]]]:
+def items_from_records(name: str, records: list[dict[str, Any]], split: str | None,
+                       contest_category: str = "") -> tuple[list[EvalItem], list[dict[str, str]]]:
     """mcq records (collect's schema) -> items of set ``name`` (only ``split`` when given);
     invalid records become rejects."""
     items, rejects = [], []
@@ -111,7 +131,7 @@ def items_from_records(name: str, records: list[dict[str, Any]], split: str | No
                                   "invalid_record", "; ".join(problems), record))
             continue
         items.append(EvalItem(name, record["id"], record["question"], tuple(record["choices"]),
-                              record["answer"], record.get("category") or ""))
+                              record["answer"], record.get("category") or "", contest_category))
     return items, rejects
 
 
@@ -128,7 +148,7 @@ def load_local_set(name: str, spec: EvalLocalSet) -> tuple[list[EvalItem], list[
             record["id"] = content_id("mcq", record["question"], record["choices"], record["answer"])
     for record in records:
         record["split"] = "test"
-    items, invalid = items_from_records(name, records, None)
+    items, invalid = items_from_records(name, records, None, spec.contest_category)
     return items, rejects + invalid
 
 
@@ -140,7 +160,7 @@ def load_sets(settings: Any) -> tuple[list[EvalItem], list[dict[str, str]]]:
     max_items_per_set = settings.max_items_per_set
     for name, spec in sorted(settings.collected.items()):
         require_input(spec.input, f"evaluate.collected.{name}.input", "run its collect stage first")
-        got, bad = items_from_records(name, read_records(spec.input), spec.split)
+        got, bad = items_from_records(name, read_records(spec.input), spec.split, spec.contest_category)
         if not got:
             raise StageError(f"evaluate.collected.{name}: no {spec.split!r} records in {spec.input}")
         items += cap(got, max_items_per_set)

@@ -10,7 +10,11 @@ Contract:
 - output ``--out`` (a directory, replaced whole): ``index.html`` (self-contained: inline CSS,
   no script, figures by relative path), ``composition.png`` (tokens per source, stacked, per
   version), ``loss.png`` (training loss curves), ``accuracy.png`` (accuracy of each version
-  against the baseline), and tables: accuracy (micro with a 95% Wilson interval, macro,
+  against the baseline), and tables: KRX-Bench (per contest category: accuracy with its 95%
+  Wilson interval and items, coloured against the baseline only when the exact McNemar test on
+  that category's items says p < ``alpha``, what ±5 points would need, the majority-class rate,
+  the average over the categories that have items; missing categories shown as missing),
+  accuracy (micro with a 95% Wilson interval, macro,
   shuffled, 4/7-choice, per set, delta to the baseline coloured only when the exact McNemar
   test says p < ``alpha``, how each model was scored), accuracy per category, data
   composition, training, dev loss of each version against the base (evaluate's ``dev_loss``),
@@ -36,6 +40,7 @@ from pydantic import Field
 from stages.common.io import atomic_dir, read_records, write_text
 from stages.common.params import PARAMS_FILE, Strict, read_section
 from stages.common.runlog import StageError, Timer, setup_logging, stage_main, stage_parser, write_metrics
+from stages.sources.evalsets import CONTEST_CATEGORIES
 
 PARAMS = ("report",)
 STAGE = "report"
@@ -99,15 +104,20 @@ def load_inputs(params: ReportParams, versions: list[str], eval_dir: str, train_
     return data
 
 
-def read_predictions(predictions_dir: str, keys: list[str]) -> dict[str, dict[str, bool]]:
-    """Per key: item id (set-qualified) -> correct, from evaluate's ``data/eval/<key>.parquet``."""
+def read_predictions(predictions_dir: str, keys: list[str]
+                     ) -> tuple[dict[str, dict[str, bool]], dict[str, str]]:
+    """Per key: item id (set-qualified) -> correct, from evaluate's ``data/eval/<key>.parquet``;
+    and each item's contest category (for the paired test within a category)."""
     out: dict[str, dict[str, bool]] = {}
+    categories: dict[str, str] = {}
     for key in keys:
         path = Path(predictions_dir) / f"{key}.parquet"
         if not path.is_file():
             raise StageError(f"report: predictions {path} of {key!r} do not exist (run evaluate@{key})")
-        out[key] = {f"{r['set']}/{r['id']}": bool(r["correct"]) for r in read_records(path)}
-    return out
+        rows = read_records(path)
+        out[key] = {f"{r['set']}/{r['id']}": bool(r["correct"]) for r in rows}
+        categories.update({f"{r['set']}/{r['id']}": r.get("contest_category") or "" for r in rows})
+    return out, categories
 
 
 # ------------------------------------------------------------------------ statistics
@@ -305,6 +315,37 @@ def accuracy_rows(evals: dict[str, dict[str, Any]], baseline: str, versions: lis
             rows[-1]["interval"] = wilson_interval(sum(items.values()), len(items))
             if key != baseline and baseline in predictions:
                 rows[-1]["paired"] = paired_comparison(items, predictions[baseline])
+    return rows
+
+
+def items_for_half_width(p: float, half_width: float = 0.05) -> int:
+    """Items a 95% interval of ±``half_width`` needs at accuracy ``p`` (about 384 at 50%)."""
+    import math
+    p = min(max(p, 0.05), 0.95)  # an observed 0 or 1 says little about the next set
+    return math.ceil(1.959964 ** 2 * p * (1 - p) / half_width ** 2)
+
+
+def krx_rows(evals: dict[str, dict[str, Any]], baseline: str, versions: list[str],
+             predictions: dict[str, dict[str, bool]] | None = None,
+             item_categories: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """The leaderboard's table: one row per key (baseline first), per contest category the
+    ``krx_bench`` entry of evaluate's metrics with, for a version, the paired McNemar test
+    against the baseline on that category's items; the average and over how many categories."""
+    predictions, item_categories = predictions or {}, item_categories or {}
+    rows = []
+    for key in [baseline, *versions]:
+        bench = evals.get(key, {}).get("krx_bench") or {}
+        cells = {}
+        for category in CONTEST_CATEGORIES:
+            entry = dict((bench.get("categories") or {}).get(category) or {"items": 0})
+            mine, base = predictions.get(key), predictions.get(baseline)
+            if entry["items"] and key != baseline and mine is not None and base is not None:
+                pick = {i for i, c in item_categories.items() if c == category}
+                entry["paired"] = paired_comparison({i: v for i, v in mine.items() if i in pick},
+                                                    {i: v for i, v in base.items() if i in pick})
+            cells[category] = entry
+        rows.append({"key": key, "categories": cells, "average": bench.get("average"),
+                     "averaged_over": bench.get("averaged_over", 0)})
     return rows
 
 
@@ -560,6 +601,8 @@ def render_html(data: dict[str, Any], figures: list[str]) -> str:
         f"{html.escape(', '.join(scoring) or '–')}. Built by <code>dvc repro report</code> from "
         "metrics/eval, metrics/train, data/mixtures/*.json and models/*/lineage.json, at git "
         f"revision <code>{html.escape(str(data.get('git_revision') or 'unknown'))}</code>.</p>",
+        *_krx_section(krx_rows(data["eval"], baseline, versions, data.get("predictions"),
+                               data.get("item_categories")), baseline, data.get("alpha", 0.05)),
         *_accuracy_section(acc, baseline, data.get("alpha", 0.05), figure.get("accuracy.png", "")),
         "<h2 id='composition'>Data composition per version</h2>",
         figure.get("composition.png", ""),
@@ -652,6 +695,62 @@ def _accuracy_section(acc: list[dict[str, Any]], baseline: str, alpha: float, fi
     ]
 
 
+def _krx_section(rows: list[dict[str, Any]], baseline: str, alpha: float) -> list[str]:
+    """The KRX-Bench table: versions as rows, the five categories and their average as columns."""
+    base = rows[0]["categories"] if rows else {}
+    headers = []
+    for category, name in CONTEST_CATEGORIES.items():
+        entry = base.get(category) or {"items": 0}
+        if entry["items"]:
+            half = (entry["ci95_high"] - entry["ci95_low"]) / 2
+            need = items_for_half_width(entry["accuracy"])
+            headers.append(f"{html.escape(name)} <span class='note'>({html.escape(category)}; "
+                           f"{_fmt(entry['items'])} items, ±{100 * half:.1f} pt; ±5 pt needs "
+                           f"≈{need:,})</span>")
+        else:
+            headers.append(f"{html.escape(name)} <span class='note'>({html.escape(category)}; "
+                           "no items)</span>")
+    body = [_krx_cells(row, baseline, alpha) for row in rows]
+    body.append(["majority class <span class='note'>(always the most frequent key)</span>",
+                 *[_pct(base.get(c, {}).get("majority_rate")) if base.get(c, {}).get("items")
+                   else "missing" for c in CONTEST_CATEGORIES], ""])
+    return [
+        "<h2 id='krx-bench'>KRX-Bench categories</h2>",
+        "<p class='note'>The leaderboard's view: accuracy per contest category with its 95% "
+        "Wilson interval and items, and the mean over the categories that have items (it says "
+        "over how many of the five). A change against the baseline is coloured only when the "
+        f"exact McNemar test on that category's items gives p &lt; {alpha:g}. A category "
+        "without items is <i>missing</i>, never 0. <i>2-step</i>: the version answered that "
+        "category with a solution, then the letter (its sources taught it so); otherwise with a "
+        "letter. The majority row: the accuracy of always giving the set's most frequent answer "
+        "(for 주가 예측, always the more frequent direction).</p>",
+        _table(["version", *headers, "average"], body, "krx"),
+    ]
+
+
+def _krx_cells(row: dict[str, Any], baseline: str, alpha: float) -> list[str]:
+    cells = [html.escape(row["key"]) + (" (baseline)" if row["key"] == baseline else "")]
+    for category in CONTEST_CATEGORIES:
+        entry = row["categories"][category]
+        if not entry.get("items"):
+            cells.append("<span class='note'>missing</span>")
+            continue
+        paired = entry.get("paired")
+        cls = ""
+        if paired and paired["p_value"] < alpha and paired["gained"] != paired["lost"]:
+            cls = "up" if paired["gained"] > paired["lost"] else "down"
+        test = "" if not paired else (f" <span class='note'>p={paired['p_value']:.3g} "
+                                      f"(+{paired['gained']}/−{paired['lost']})</span>")
+        mode = " <span class='note'>2-step</span>" if entry.get("two_step") else ""
+        cells.append(f"<span class='{cls}'>{_pct(entry['accuracy'])}</span> <span class='note'>"
+                     f"[{_pct(entry['ci95_low'])}, {_pct(entry['ci95_high'])}] n={_fmt(entry['items'])}"
+                     f"</span>{test}{mode}")
+    over = row.get("averaged_over") or 0
+    cells.append("–" if row.get("average") is None else
+                 f"{_pct(row['average'])} <span class='note'>over {over} of {len(CONTEST_CATEGORIES)}</span>")
+    return cells
+
+
 def _accuracy_cells(acc: list[dict[str, Any]], baseline: str, sets: list[str],
                     alpha: float) -> list[list[str]]:
     """The accuracy table's HTML cells. A delta is coloured only when the exact McNemar test
@@ -728,7 +827,14 @@ def report_metrics(data: dict[str, Any], figures: list[str]) -> dict[str, Any]:
     # ties go to the version listed first (params order): the earlier, simpler recipe
     best = max(versions, key=lambda r: (r["micro"], -versions.index(r)), default=None)
     dev = dev_loss_rows(data["eval"], data["versions"])
+    krx = [r for r in krx_rows(data["eval"], data["baseline"], data["versions"])
+           if r["key"] != data["baseline"] and r["average"] is not None]
+    best_krx = max(krx, key=lambda r: (r["average"], -krx.index(r)), default=None)
     return {"versions": len(data["versions"]), "figures": figures,
+            "krx_average": {r["key"]: r["average"] for r in krx_rows(
+                data["eval"], data["baseline"], data["versions"])},
+            "best_krx_version": best_krx["key"] if best_krx else None,
+            "best_krx_average": best_krx["average"] if best_krx else None,
             "git_revision": data.get("git_revision"),
             "dev_loss_below_base": sorted(r["version"] for r in dev if (r["delta"] or 0) < 0),
             "baseline_micro": rows[0]["micro"],
@@ -760,7 +866,8 @@ def main(argv: list[str] | None = None) -> None:
 
     data = load_inputs(params, args.versions, args.eval_dir, args.train_dir, args.mixtures_dir,
                        args.models_dir, args.live_dir)
-    data["predictions"] = read_predictions(args.predictions_dir, [params.baseline, *args.versions])
+    data["predictions"], data["item_categories"] = read_predictions(
+        args.predictions_dir, [params.baseline, *args.versions])
     data["stages"] = load_stage_metrics(args.llm_metrics)
     data["git_revision"] = git_revision()
     with atomic_dir(args.out) as tmp:

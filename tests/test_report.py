@@ -55,7 +55,25 @@ def _eval_metrics(key: str) -> dict:
             "by_set": {"kmmlu_economics": {"items": 20, "accuracy": micro},
                        "accounting_7": {"items": 20, "accuracy": micro - 0.1}},
             "by_category": {"kmmlu_economics": {"items": 20, "accuracy": micro},
-                            "accounting_7/재무회계": {"items": 20, "accuracy": micro - 0.1}}}
+                            "accounting_7/재무회계": {"items": 20, "accuracy": micro - 0.1}},
+            "krx_bench": _krx_bench(key)}
+
+
+def _krx_bench(key: str) -> dict:
+    """evaluate's leaderboard block for the planted predictions: items q0-q19 are 금융시장
+    (financial_market), q20-q39 주가 예측 (stock); no accounting, company or agent set."""
+    from stages.evaluate import wilson
+    right = round(MICRO[key] * 40)
+    cats = {}
+    for category, items in (("financial_market", range(0, 20)), ("stock", range(20, 40))):
+        correct = sum(1 for i in items if i < right)
+        low, high = wilson(correct, 20)
+        cats[category] = {"items": 20, "correct": correct, "accuracy": correct / 20, "ci95_low": low,
+                          "ci95_high": high, "majority_rate": 0.6, "two_step": key == "v6" and category != "stock"}
+    for category in ("accounting", "company", "agent"):
+        cats[category] = {"items": 0}
+    return {"categories": cats, "average": (cats["financial_market"]["accuracy"] + cats["stock"]["accuracy"]) / 2,
+            "averaged_over": 2}
 
 
 def write_predictions(ws: Path, key: str) -> None:
@@ -69,6 +87,7 @@ def write_predictions(ws: Path, key: str) -> None:
     path = ws / "data" / "eval" / f"{key}.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"id": [f"q{i}" for i in range(40)], "set": ["kmmlu_economics"] * 40,
+                             "contest_category": ["financial_market"] * 20 + ["stock"] * 20,
                              "correct": [i < right for i in range(40)]}), path)
 
 
@@ -285,13 +304,14 @@ def test_page_in_headless_chromium_names_every_version_and_shows_its_figures(bui
     text = " ".join(page.text)
     for version in ["base", *VERSIONS]:
         assert version in text, f"{version} not on the rendered page"
-    assert page.headings == ["Accuracy against the baseline", "Accuracy per category",
+    assert page.headings == ["KRX-Bench categories", "Accuracy against the baseline", "Accuracy per category",
                              "Data composition per version", "Training",
                              "Dev loss: each version against the base",
                              "What changed between versions", "Lineage",
                              "Generation funnel per domain", "LLM calls and cost"]
     for rendered in ["McNemar", "95% Wilson", "judged relevant", "hallucination 2", "+0.4000",
-                     "git revision"]:
+                     "git revision", "재무회계", "금융시장", "국내기업 분석", "주가 예측", "금융 에이전트",
+                     "over 2 of 5", "majority class", "±5 pt needs"]:
         assert rendered in text, rendered
     assert sorted(page.images) == sorted(FIGURES)
     for src in page.images:                      # relative paths that resolve to real PNGs
@@ -416,6 +436,30 @@ def test_only_a_significant_change_is_coloured(built: Path):
     assert "Accuracy per category" in page and "accounting_7/재무회계" in page
     metrics = json.loads((built / "metrics" / "report.json").read_text(encoding="utf-8"))
     assert metrics["significant_vs_baseline"] == ["v4", "v5_2", "v5_3", "v6"]  # v3: +4, p=0.125
+
+
+def test_the_krx_bench_table_colours_only_tested_moves_and_shows_missing_categories(built: Path):
+    """base gets q0-q9 right; v6 q0-q21: +10 items in 금융시장 (p = 0.002, coloured), +2 in
+    주가 예측 (p = 0.5: noise, plain). Accounting, company and agent have no items: missing, and
+    the average is over the two categories that have them."""
+    page = (built / "reports" / "index.html").read_text(encoding="utf-8")
+    table = page.split("<table class='krx'>")[1].split("</table>")[0]
+    rows = {re.sub("<[^>]+>", "", row.split("</td>")[0]): row.split("</td>")[1:]
+            for row in table.split("<tr>") if "<td>" in row}
+    headers = table.split("</thead>")[0]
+    assert headers.index("재무회계") < headers.index("금융시장") < headers.index("국내기업 분석") \
+        < headers.index("주가 예측") < headers.index("금융 에이전트") < headers.index("average")
+    assert "no items" in headers and "20 items" in headers and "±5 pt needs ≈" in headers
+    v6 = rows["v6"]
+    assert "class='up'>100.0%" in v6[1] and "p=0.00195 (+10/−0)" in v6[1] and "2-step" in v6[1]
+    assert "class=''>10.0%" in v6[3] and "p=0.5 (+2/−0)" in v6[3] and "2-step" not in v6[3]
+    assert all("missing" in v6[i] for i in (0, 2, 4))
+    assert "55.0%" in v6[5] and "over 2 of 5" in v6[5]
+    assert "missing" in rows["majority class (always the most frequent key)"][0]
+    assert "60.0%" in rows["majority class (always the most frequent key)"][1]
+    metrics = json.loads((built / "metrics" / "report.json").read_text(encoding="utf-8"))
+    assert metrics["best_krx_version"] == "v6" and metrics["best_krx_average"] == 0.55
+    assert metrics["krx_average"]["base"] == 0.25
 
 
 def test_each_version_is_compared_with_its_parent_or_the_first_version():

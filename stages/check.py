@@ -36,7 +36,7 @@ from stages.dvc_vars import VARS_FILE, check_version_entries, is_current
 
 # section -> (per key?, the stage's loader). Imported lazily: each stage module owns its schema.
 KEYED = ("collect", "extract", "filter", "transform", "synthesize", "solve", "stock", "agent")
-SINGLE = ("base_model", "company", "summarize", "evaluate", "report", "plan")
+SINGLE = ("base_model", "company", "summarize", "evaluate", "judge", "report", "plan")
 SHARED = ("llm_defaults", "mix_defaults", "train_defaults")  # read through the sections above
 
 

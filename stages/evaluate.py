@@ -58,7 +58,8 @@ from pydantic import Field, model_validator
 
 from stages.common.chat import answer_loss
 from stages.sources.evalsets import (CONTEST_CATEGORIES, ContestCategory, EvalCollectedSet,
-                                    EvalItem, EvalLocalSet, load_sets)
+                                    EvalItem, EvalLocalSet, OpenEndedSet, OpenItem,
+                                    load_open_ended, load_sets)
 from stages.common.io import read_records, write_records
 from stages.common.params import PARAMS_FILE, Strict, read_section
 from stages.common.prompts import LETTERS, step1_prompt, step2_prompt
@@ -75,6 +76,8 @@ class EvalGeneration(Strict):
     """``scoring: generate``: greedy two-step generation (solution, then the letter)."""
     solution_max_new_tokens: int = Field(512, ge=1, description="step 1: the solution")
     letter_max_new_tokens: int = Field(8, ge=1, description="step 2: the answer letter")
+    open_ended_max_new_tokens: int = Field(
+        512, ge=1, description="an open-ended answer, greedy (the same bound for every version)")
 
 
 class EvaluateSettings(Strict):
@@ -106,18 +109,23 @@ class EvaluateSettings(Strict):
         "version answers a category two-step only when one of its sources taught it two-step")
     local_dir: str = Field(description="directory holding every local set (one dvc dep)")
     local: dict[str, EvalLocalSet] = Field(default_factory=dict)
+    open_ended: dict[str, OpenEndedSet] = Field(
+        default_factory=dict, description="free-form questions with references (local files "
+        "under local_dir): each version's answers -> judge@<key>")
 
     @model_validator(mode="after")
     def _sets(self) -> "EvaluateSettings":
-        both = set(self.collected) & set(self.local)
-        if both:
-            raise ValueError(f"eval set names used twice: {sorted(both)}")
+        names = [*self.collected, *self.local, *self.open_ended]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"eval set names used twice: {twice}")
         if not self.collected and not self.local:
             raise ValueError("no eval sets: name at least one in collected or local")
         root = os.path.abspath(self.local_dir)
-        for name, spec in self.local.items():
+        for where, name, spec in [*(("local", n, s) for n, s in self.local.items()),
+                                  *(("open_ended", n, s) for n, s in self.open_ended.items())]:
             if os.path.commonpath([root, os.path.abspath(spec.input)]) != root:
-                raise ValueError(f"local.{name}.input {spec.input!r} is not under local_dir "
+                raise ValueError(f"{where}.{name}.input {spec.input!r} is not under local_dir "
                                  f"{self.local_dir!r} (dvc.yaml depends on local_dir only)")
         return self
 
@@ -129,6 +137,13 @@ PREDICTION_SCHEMA = pa.schema([
     ("contest_category", pa.string()), ("answer_format", pa.string()), ("n_choices", pa.int32()), ("answer", pa.int32()), ("predicted", pa.int32()),
     ("correct", pa.bool_()), ("permutation", pa.list_(pa.int32())),
     ("shuffled_predicted", pa.int32()), ("shuffled_correct", pa.bool_()), ("detail", pa.string()),
+])
+
+
+OPEN_ANSWER_SCHEMA = pa.schema([
+    ("id", pa.string()), ("set", pa.string()), ("category", pa.string()),
+    ("question", pa.string()), ("reference", pa.string()), ("answer", pa.string()),
+    ("answer_chars", pa.int32()), ("answer_tokens", pa.int32()), ("truncated", pa.bool_()),
 ])
 
 
@@ -625,6 +640,55 @@ def dev_losses(model: Any, tokenizer: Any, mixture: str, limit: int) -> dict[str
             "base": round(base_loss, 4), "delta": round(loss - base_loss, 4)}
 
 
+def open_prompt(tokenizer: Any, item: OpenItem) -> str:
+    """The plain question as the user turn: the same prompt for every version."""
+    return chat_text(tokenizer, item.question)
+
+
+def load_open_items(settings: EvaluateSettings, tokenizer: Any
+                    ) -> tuple[list[OpenItem], list[dict[str, str]]]:
+    """The open-ended items to answer and the rejects (unreadable or empty rows, repeated
+    questions, prompts over ``max_prompt_tokens``)."""
+    items, rejects = [], []
+    for name, spec in sorted(settings.open_ended.items()):
+        got, bad = load_open_ended(name, spec)
+        items += got
+        rejects += bad
+    kept = []
+    for item in items:
+        n = len(tokenizer(open_prompt(tokenizer, item), add_special_tokens=False)["input_ids"])
+        if n > settings.max_prompt_tokens:
+            rejects.append(reject(STAGE, item.set, item.id, "prompt_too_long",
+                                  f"{n} tokens > max_prompt_tokens {settings.max_prompt_tokens}"))
+        else:
+            kept.append(item)
+    return kept, rejects
+
+
+def answer_open_ended(model: Any, tokenizer: Any, kept: list[OpenItem], settings: EvaluateSettings,
+                      path: str, log: Any) -> dict[str, Any]:
+    """Each open-ended question answered greedily (bounded length) -> ``path`` (written also
+    when there is no set: the file is a DVC out); the metrics of the answers."""
+    limit = settings.generation.open_ended_max_new_tokens
+    answers = generate_texts(model, tokenizer, [open_prompt(tokenizer, i) for i in kept], limit,
+                             settings.batch_size, "open-ended") if kept else []
+    rows = []
+    for item, answer in zip(kept, answers):
+        tokens = len(tokenizer(answer, add_special_tokens=False)["input_ids"])
+        rows.append({"id": item.id, "set": item.set, "category": item.category,
+                     "question": item.question, "reference": item.reference, "answer": answer.strip(),
+                     "answer_chars": len(answer.strip()), "answer_tokens": tokens,
+                     "truncated": tokens >= limit})
+    write_records(rows, OPEN_ANSWER_SCHEMA, path)
+    if rows:
+        log.info("open-ended: %d answers (mean %.0f chars, %d cut at %d tokens) -> %s", len(rows),
+                 sum(r["answer_chars"] for r in rows) / len(rows), sum(r["truncated"] for r in rows),
+                 limit, path)
+    return {"items": len(rows), "truncated": sum(r["truncated"] for r in rows),
+            "mean_answer_chars": round(sum(r["answer_chars"] for r in rows) / len(rows), 1)
+            if rows else None, "max_new_tokens": limit}
+
+
 def settle_rejects(key: str, items: list[EvalItem], rejects: list[dict[str, str]],
                    settings: EvaluateSettings, path: str, log: Any) -> None:
     """Log and write the rejects; fail above ``max_reject_rate``, with no item left, or on an
@@ -652,8 +716,7 @@ def eval_metrics(rows: list[dict[str, Any]], settings: EvaluateSettings, answers
             "scored_as_by_category": {c: SCORING_MODES[(settings.scoring, f)] for c, f in formats.items()}}
 
 
-@stage_main
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> Any:
     parser = stage_parser(__doc__, "key")
     parser.add_argument("--base", required=True, help="the base model dir (base.json, tokenizer)")
     parser.add_argument("--model", required=True, help="the base model dir (baseline) or a "
@@ -661,7 +724,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dev", help="the version's mixture: the answer loss of its dev split "
                                       "with the version and with the base (ignored for the "
                                       "baseline, which dvc.yaml gives its own dir)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--open-answers", help="the answers to the open-ended sets (parquet), "
+                                               "for judge@<key>")
+    return parser.parse_args(argv)
+
+
+@stage_main
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     key = args.key
     timer = Timer()
     settings = load_params(key, args.params)
@@ -672,7 +742,10 @@ def main(argv: list[str] | None = None) -> None:
     items, rejects = load_sets(settings)
     model, tokenizer, info = load_model(args.base, model_dir, settings.device, settings.dtype)
     items, too_long = drop_long_prompts(items, tokenizer, settings.max_prompt_tokens)
-    rejects += too_long
+    open_items, open_rejects = load_open_items(settings, tokenizer)
+    if open_items and not args.open_answers:
+        raise StageError(f"evaluate@{key}: evaluate.open_ended names sets; pass --open-answers")
+    rejects += too_long + open_rejects
     settle_rejects(key, items, rejects, settings, args.rejects, log)
 
     answers = trained_answer_format(model_dir)
@@ -693,7 +766,10 @@ def main(argv: list[str] | None = None) -> None:
         log.info("dev loss %s (base %s) on %d examples of %s", dev.get("model"), dev.get("base"),
                  dev["examples"], args.dev)
     write_records(rows, PREDICTION_SCHEMA, args.out)
+    open_ended = (answer_open_ended(model, tokenizer, open_items, settings, args.open_answers, log)
+                  if args.open_answers else None)
     metrics = {**info, "key": key, **eval_metrics(rows, settings, answers, formats),
+               "open_ended": open_ended,
                "dev_loss": dev, "rejected": len(rejects),
                "rejects_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
                "seconds": timer.seconds, "scoring_seconds": scoring_seconds,

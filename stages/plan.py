@@ -52,11 +52,11 @@ from stages.common.runlog import StageError
 from stages.common.text import content_id
 
 PARAMS = ("plan",)
-LLM_STAGES = ("summarize", "filter", "transform", "synthesize", "solve", "agent")
+LLM_STAGES = ("summarize", "filter", "transform", "synthesize", "solve", "agent", "judge")
 # Extra draws per item where no metrics were observed yet: invalid answers re-asked (filter,
 # transform, summarize), slots re-asked after a near-duplicate or a bad answer (synthesize).
 DEFAULT_OVERHEAD = {"filter": 1.02, "transform": 1.05, "summarize": 1.05, "synthesize": 1.15,
-                    "agent": 1.05}
+                    "agent": 1.05, "judge": 1.02}
 # agent, before prices are collected: tokens of one table's df.head() markdown, dtypes and
 # description inside the prompt (measured on the sample tables: 230-330 in o200k_base)
 AGENT_TABLE_TOKENS = 320
@@ -79,8 +79,8 @@ class PlanParams(Strict):
     keep_share: float = Field(0.75, gt=0, le=1, description=(
         "share of judged items the filter keeps, for transform's estimate before filter ran"))
     assumed: dict[str, AssumedInput] = Field(default_factory=dict, description=(
-        "'filter.<domain>' / 'summarize' / 'company' (chunks): input sizes assumed while the "
-        "input does not exist"))
+        "'filter.<domain>' / 'summarize' / 'company' (chunks) / 'judge' (open-ended questions "
+        "with their references): input sizes assumed while the input does not exist"))
 
 
 def load_params(key: str | None = None, path: str = PARAMS_FILE) -> PlanParams:
@@ -680,12 +680,65 @@ def plan_agent(key: str, ctx: Context, row: StagePlan) -> LLMParams:
     return params.llm
 
 
+def plan_judge(key: str, ctx: Context, row: StagePlan) -> LLMParams:
+    """judge@<key>: one verdict per open-ended answer of evaluate@<key>; exact from the answers
+    on disk, else the open-ended sets' questions with answers at evaluate's length bound."""
+    from stages import evaluate, judge as stage
+    from stages.common.io import read_records
+    from stages.sources.evalsets import load_open_ended
+    params = stage.load_params(key, ctx.params_path)
+    if params.method != "llm":
+        row.basis = f"{params.method}: scored offline, no LLM call"
+        return params.llm
+    cache = ctx.root / (ctx.arg("judge", key, "--cache-dir") or "-")
+    answers = ctx.arg("judge", key, "--answers") or "-"
+    if ctx.exists(answers):
+        rows = read_records(ctx.root / answers)
+        tally(row, stage.judge_requests(rows), params.llm, ctx, cache)
+        row.basis = f"exact: {len(rows)} answers of evaluate@{key}"
+    else:
+        settings = evaluate.load_params(None, ctx.params_path)
+        items = []
+        for name, spec in sorted(settings.open_ended.items()):
+            if ctx.readable(spec.input):
+                items += load_open_ended(name, spec)[0]
+        bound = settings.generation.open_ended_max_new_tokens
+        rows = [{"id": i.id, "question": i.question, "reference": i.reference, "answer": ""}
+                for i in items]
+        assumed = ctx.plan.assumed.get("judge")
+        if rows:
+            tally(row, stage.judge_requests(rows), params.llm, ctx, None, extra_tokens=bound)
+            row.basis = (f"estimated: {ctx.why(answers)}; {len(items)} open-ended questions, "
+                         f"answers at evaluate's bound of {bound} tokens")
+        elif assumed is not None:  # the team's open-ended file is not in data/raw yet
+            empty = [{"id": "x", "question": "", "reference": "", "answer": ""}]
+            tally(row, stage.judge_requests(empty) * assumed.items, params.llm, ctx, None,
+                  extra_tokens=assumed.item_tokens + bound)
+            row.basis = (f"estimated: open-ended sets not on disk; plan.assumed {assumed.items} "
+                         f"questions of {assumed.item_tokens} tokens, answers at {bound} tokens")
+        else:
+            row.basis = "unknown: no open-ended set on disk and no plan.assumed.judge"
+    observed_overhead(row, ctx.metrics("judge", key), DEFAULT_OVERHEAD["judge"])
+    return params.llm
+
+
 PLANNERS: dict[str, Callable[[Optional[str], Context, StagePlan], LLMParams]] = {
     "summarize": plan_summarize, "filter": plan_filter, "transform": plan_transform,
-    "synthesize": plan_synthesize, "solve": plan_solve, "agent": plan_agent}
+    "synthesize": plan_synthesize, "solve": plan_solve, "agent": plan_agent, "judge": plan_judge}
 
 
 # ------------------------------------------------------------------------ the plan
+def stage_keys(stage: str, raw: dict[str, Any]) -> list[Optional[str]]:
+    """The foreach keys of an LLM stage: its params section's keys; judge@: the evaluated
+    keys (the base and every version); summarize has none."""
+    if stage == "summarize":
+        return [None]
+    if stage == "judge":
+        from stages.dvc_vars import BASE_KEY
+        return [BASE_KEY, *(raw.get("versions") or {})]
+    return list(raw.get(stage) or {})
+
+
 def make_plan(root: Path, params_path: str = PARAMS_FILE) -> dict[str, Any]:
     """The plan of the workspace at ``root`` (the current directory: paths are relative)."""
     raw = load_raw(params_path) or {}
@@ -696,7 +749,7 @@ def make_plan(root: Path, params_path: str = PARAMS_FILE) -> dict[str, Any]:
     # filter before the stages that estimate from it; the table keeps the DAG order
     order = sorted(names, key=lambda s: (s != "filter", LLM_STAGES.index(s)))
     for stage in order:
-        for key in ([None] if stage == "summarize" else list(raw.get(stage) or {})):
+        for key in stage_keys(stage, raw):
             name = stage if key is None else f"{stage}@{key}"
             row = StagePlan(name, runs=changed is None or name in changed)
             llm = PLANNERS[stage](key, ctx, row)

@@ -13,7 +13,9 @@ Contract:
   against the baseline), and tables: KRX-Bench (per contest category: accuracy with its 95%
   Wilson interval and items, coloured against the baseline only when the exact McNemar test on
   that category's items says p < ``alpha``, what ±5 points would need, the majority-class rate,
-  the average over the categories that have items; missing categories shown as missing),
+  the average over the categories that have items; missing categories shown as missing; the
+  open-ended score from ``--judge-dir`` (judge@'s metrics) with the judge that gave it, compared
+  with the baseline only when the same judge scored both),
   accuracy (micro with a 95% Wilson interval, macro,
   shuffled, 4/7-choice, per set, delta to the baseline coloured only when the exact McNemar
   test says p < ``alpha``, how each model was scored), accuracy per category, data
@@ -150,6 +152,36 @@ def paired_comparison(version: dict[str, bool], baseline: dict[str, bool]) -> di
     lost = sum(1 for i in shared if baseline[i] and not version[i])
     return {"paired_items": len(shared), "gained": gained, "lost": lost,
             "p_value": round(mcnemar_exact(gained, lost), 6)}
+
+
+def load_judge_metrics(judge_dir: str | None, keys: list[str]) -> dict[str, dict[str, Any]]:
+    """Per key: judge@<key>'s metrics (the open-ended score and who gave it), where written."""
+    out = {}
+    for key in keys:
+        path = Path(judge_dir or "-") / f"{key}.json"
+        if judge_dir and path.is_file():
+            out[key] = _read_json(path)
+    return out
+
+
+def open_ended_cells(judges: dict[str, dict[str, Any]], keys: list[str], baseline: str
+                     ) -> dict[str, str]:
+    """Per key: the mean open-ended score with its scale, and the change against the baseline
+    only when the same judge scored both (scores of different judges are never compared)."""
+    base = judges.get(baseline) or {}
+    cells = {}
+    for key in keys:
+        j = judges.get(key) or {}
+        if not j.get("scored"):
+            cells[key] = "<span class='note'>missing</span>"
+            continue
+        text = f"{j['score_mean']:.2f} <span class='note'>/{html.escape(str(j.get('scale', '')))} n={j['scored']}"
+        if key != baseline and base.get("scored") and base.get("judge") == j.get("judge"):
+            text += f", {j['score_mean'] - base['score_mean']:+.2f} vs baseline"
+        elif key != baseline and base.get("scored"):
+            text += ", another judge than the baseline's: not compared"
+        cells[key] = text + "</span>"
+    return cells
 
 
 def load_stage_metrics(paths: list[str]) -> dict[str, dict[str, Any]]:
@@ -602,7 +634,8 @@ def render_html(data: dict[str, Any], figures: list[str]) -> str:
         "metrics/eval, metrics/train, data/mixtures/*.json and models/*/lineage.json, at git "
         f"revision <code>{html.escape(str(data.get('git_revision') or 'unknown'))}</code>.</p>",
         *_krx_section(krx_rows(data["eval"], baseline, versions, data.get("predictions"),
-                               data.get("item_categories")), baseline, data.get("alpha", 0.05)),
+                               data.get("item_categories")), baseline, data.get("alpha", 0.05),
+                      data.get("judge")),
         *_accuracy_section(acc, baseline, data.get("alpha", 0.05), figure.get("accuracy.png", "")),
         "<h2 id='composition'>Data composition per version</h2>",
         figure.get("composition.png", ""),
@@ -695,8 +728,13 @@ def _accuracy_section(acc: list[dict[str, Any]], baseline: str, alpha: float, fi
     ]
 
 
-def _krx_section(rows: list[dict[str, Any]], baseline: str, alpha: float) -> list[str]:
-    """The KRX-Bench table: versions as rows, the five categories and their average as columns."""
+def _krx_section(rows: list[dict[str, Any]], baseline: str, alpha: float,
+                 judges: dict[str, dict[str, Any]] | None = None) -> list[str]:
+    """The KRX-Bench table: versions as rows, the five categories and their average as columns,
+    then the open-ended score and its judge."""
+    judges = judges or {}
+    names = sorted({str(j.get("judge")) for j in judges.values() if j.get("scored")})
+    open_cells = open_ended_cells(judges, [r["key"] for r in rows], baseline)
     base = rows[0]["categories"] if rows else {}
     headers = []
     for category, name in CONTEST_CATEGORIES.items():
@@ -710,10 +748,11 @@ def _krx_section(rows: list[dict[str, Any]], baseline: str, alpha: float) -> lis
         else:
             headers.append(f"{html.escape(name)} <span class='note'>({html.escape(category)}; "
                            "no items)</span>")
-    body = [_krx_cells(row, baseline, alpha) for row in rows]
+    body = [_krx_cells(row, baseline, alpha) + [open_cells[row["key"]]] for row in rows]
     body.append(["majority class <span class='note'>(always the most frequent key)</span>",
                  *[_pct(base.get(c, {}).get("majority_rate")) if base.get(c, {}).get("items")
-                   else "missing" for c in CONTEST_CATEGORIES], ""])
+                   else "missing" for c in CONTEST_CATEGORIES], "", ""])
+    judged_by = ("; ".join(html.escape(n) for n in names) if names else "no open-ended answers")
     return [
         "<h2 id='krx-bench'>KRX-Bench categories</h2>",
         "<p class='note'>The leaderboard's view: accuracy per contest category with its 95% "
@@ -723,8 +762,10 @@ def _krx_section(rows: list[dict[str, Any]], baseline: str, alpha: float) -> lis
         "without items is <i>missing</i>, never 0. <i>2-step</i>: the version answered that "
         "category with a solution, then the letter (its sources taught it so); otherwise with a "
         "letter. The majority row: the accuracy of always giving the set's most frequent answer "
-        "(for 주가 예측, always the more frequent direction).</p>",
-        _table(["version", *headers, "average"], body, "krx"),
+        "(for 주가 예측, always the more frequent direction). <i>open-ended</i>: the mean score "
+        f"of the free-form answers (judge@), judged by: {judged_by}; the average of the five "
+        "categories leaves it out.</p>",
+        _table(["version", *headers, "average", "open-ended"], body, "krx"),
     ]
 
 
@@ -835,6 +876,7 @@ def report_metrics(data: dict[str, Any], figures: list[str]) -> dict[str, Any]:
                 data["eval"], data["baseline"], data["versions"])},
             "best_krx_version": best_krx["key"] if best_krx else None,
             "best_krx_average": best_krx["average"] if best_krx else None,
+            "open_ended": {k: j.get("score_mean") for k, j in sorted((data.get("judge") or {}).items())},
             "git_revision": data.get("git_revision"),
             "dev_loss_below_base": sorted(r["version"] for r in dev if (r["delta"] or 0) < 0),
             "baseline_micro": rows[0]["micro"],
@@ -856,6 +898,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--live-dir", required=True)
     parser.add_argument("--predictions-dir", required=True,
                         help="evaluate's per-item predictions <dir>/<key>.parquet (paired tests)")
+    parser.add_argument("--judge-dir", help="judge@'s metrics <dir>/<key>.json (open-ended scores)")
     parser.add_argument("--versions", required=True, nargs="+", help="the versions, in order")
     parser.add_argument("--llm-metrics", nargs="*", default=[],
                         help="metrics files / directories of the LLM stages (calls and cost)")
@@ -868,6 +911,7 @@ def main(argv: list[str] | None = None) -> None:
                        args.models_dir, args.live_dir)
     data["predictions"], data["item_categories"] = read_predictions(
         args.predictions_dir, [params.baseline, *args.versions])
+    data["judge"] = load_judge_metrics(args.judge_dir, [params.baseline, *args.versions])
     data["stages"] = load_stage_metrics(args.llm_metrics)
     data["git_revision"] = git_revision()
     with atomic_dir(args.out) as tmp:

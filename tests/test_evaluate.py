@@ -249,7 +249,7 @@ def test_collected_sets_use_only_the_held_out_split():
 def _settings(**overrides) -> EvaluateSettings:
     params = load_evaluate(None, ROOT / "params.yaml").model_dump()
     local = params["local"]
-    for name, spec in local.items():
+    for name, spec in [*local.items(), *params["open_ended"].items()]:
         spec["input"] = str(SAMPLES / Path(spec["input"]).name)
     params.update(local_dir=str(SAMPLES), collected={}, **overrides)
     return EvaluateSettings.model_validate(params)
@@ -286,7 +286,7 @@ def test_bad_local_rows_are_rejected_with_a_reason(tmp_path: Path):
     params = _settings().model_dump()
     params["local"] = {"fin_security": dict(params["local"]["fin_security"],
                                             input=str(tmp_path / "fin_security.jsonl"))}
-    params["local_dir"] = str(tmp_path)
+    params["local_dir"], params["open_ended"] = str(tmp_path), {}
     items, rejects = load_sets(EvaluateSettings.model_validate(params))
     assert sorted(len(i.choices) for i in items) == [2, 4]
     assert sorted(r["reason"] for r in rejects) == ["answer_out_of_range", "invalid_record",
@@ -380,6 +380,8 @@ def workspace(tmp_path_factory, tokenizer) -> Path:
     settings["local_dir"] = "data/samples/eval"
     for name, spec in settings["local"].items():
         spec["input"] = f"data/samples/eval/{Path(spec['input']).name}"
+    settings["open_ended"]["finance_open"]["input"] = "data/samples/eval/finance_open.jsonl"
+    settings["generation"]["open_ended_max_new_tokens"] = 6
     settings["batch_size"] = 4
     settings["scoring"] = "loglik"  # the planted models repeat their letter: scored by log-prob
     (ws / "params.yaml").write_text(yaml.safe_dump({"evaluate": settings}, allow_unicode=True),
@@ -391,7 +393,7 @@ def _args(key: str) -> list[str]:
     """The arguments dvc.yaml's evaluate cmd passes."""
     dev = "models/base" if key == "base" else f"data/mixtures/{key}.parquet"
     return [key, "--base", "models/base", "--model", f"models/{key}", "--dev", dev,
-            "--out", f"data/eval/{key}.parquet",
+            "--out", f"data/eval/{key}.parquet", "--open-answers", f"data/eval/{key}.open.parquet",
             "--rejects", f"data/rejects/evaluate/{key}.parquet",
             "--metrics", f"metrics/eval/{key}.json", "--log", f"logs/evaluate/{key}.log"]
 
@@ -434,6 +436,12 @@ def test_stage_scores_base_and_version_side_by_side(workspace: Path, monkeypatch
     assert bench["categories"]["stock"] == {"items": 0} and bench["averaged_over"] == 2
     assert bench["average"] == round((bench["categories"]["financial_market"]["accuracy"]
                                       + bench["categories"]["accounting"]["accuracy"]) / 2, 6)
+    # open-ended: every sample question answered greedily, at most 6 new tokens, the plain
+    # question as the prompt for both models; judge@ scores the file
+    answers = {key: read_records(workspace / f"data/eval/{key}.open.parquet") for key in ("base", "v1")}
+    assert len(answers["base"]) == len(answers["v1"]) == 8 == base["open_ended"]["items"]
+    assert all(r["answer_tokens"] <= 6 and r["reference"] for r in answers["v1"])
+    assert [r["id"] for r in answers["base"]] == [r["id"] for r in answers["v1"]]
     # deterministic outputs: a second run (in-process: no second interpreter start-up) writes
     # the same prediction bytes
     first = (workspace / "data/eval/base.parquet").read_bytes()

@@ -31,7 +31,8 @@ LLM_STAGE_ROWS = {"summarize", "filter@financial_market", "filter@accounting", "
                   "transform@financial_market", "transform@accounting",
                   "synthesize@financial_market", "synthesize@accounting", "synthesize@rules",
                   "solve@financial_market", "solve@accounting", "solve@rules", "agent@krx",
-                  "synthesize@company", "solve@company"}
+                  "synthesize@company", "solve@company",
+                  *(f"judge@{k}" for k in ["base", *load_raw(ROOT / "params.yaml")["versions"]])}
 
 
 def tree_state(root: Path) -> dict[str, float]:
@@ -66,6 +67,7 @@ def test_the_production_plan_is_offline_covers_every_llm_stage_and_writes_nothin
         "plan.assumed.company" in rows["synthesize@company"]["basis"]
     assert rows["agent@krx"]["requests"] == 1600 + 200 and \
         rows["agent@krx"]["basis"].startswith("estimated: prices not collected")
+    assert rows["judge@v7"]["requests"] == 200 and "plan.assumed 200" in rows["judge@v7"]["basis"]
     assert all(r["prompt_tokens"] > 0 and r["usd_online"] > 0 for r in rows.values())
     total = plan["total"]
     assert total["usd_online"] == pytest.approx(sum(r["usd_online"] for r in rows.values()), abs=0.02)
@@ -189,6 +191,35 @@ def test_a_damaged_cache_entry_is_planned_as_a_paid_request(tmp_path, monkeypatc
     table = render({"rows": [row], "total": totals([row]), "status": "test", "encodings": ["o200k_base"]})
     assert "; 2 damaged cache entries, asked again |" in table
     assert paths[0].is_file() and paths[1].is_file()  # the plan only reads
+
+
+def test_the_judge_is_priced_from_the_answers_on_disk_and_free_when_offline(tmp_path, monkeypatch):
+    """judge@v1: exact from evaluate@v1's open-ended answers against its cache; with the
+    chrF judge (the quickstart's) no LLM call is planned."""
+    from stages.evaluate import OPEN_ANSWER_SCHEMA
+    from stages.judge import judge_requests
+    from stages.plan import plan_judge
+    monkeypatch.chdir(tmp_path)
+    rows = [{"id": f"o{i}", "set": "open", "category": "", "question": f"질문 {i}?", "reference": "모범 답안",
+             "answer": "답변 " * (i + 1), "answer_chars": 3 * (i + 1), "answer_tokens": i + 1, "truncated": False}
+            for i in range(3)]
+    write_records(rows, OPEN_ANSWER_SCHEMA, tmp_path / "data/eval/v1.open.parquet")
+    llm = {"model": "gpt-4o", "temperature": 0.0, "max_tokens": 300, "seed": 1,
+           "prices": {"input_per_1m": 2.5, "output_per_1m": 10.0}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"judge": {"method": "llm", "llm": llm}}),
+                                          encoding="utf-8")
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    ctx = Context(Path("."), "params.yaml", PlanParams(), load_commands(Path(".")))
+    row = StagePlan("judge@v1", runs=True)
+    plan_judge("v1", ctx, row)
+    counter = TokenCounter("gpt-4o")
+    assert row.requests == 3 and row.basis == "exact: 3 answers of evaluate@v1"
+    assert row.prompt_tokens == sum(counter.request(r) for r in judge_requests(rows))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"judge": {"method": "chrf", "llm": llm}}),
+                                          encoding="utf-8")
+    offline = StagePlan("judge@v1", runs=True)
+    plan_judge("v1", ctx, offline)
+    assert offline.requests == 0 and offline.basis == "chrf: scored offline, no LLM call"
 
 
 def test_the_encoding_is_the_models_own():

@@ -97,6 +97,11 @@ def write_inputs(ws: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(_eval_metrics(key)), encoding="utf-8")
         write_predictions(ws, key)
+        judge = ws / "metrics" / "judge" / f"{key}.json"  # judge@: v5_1 was scored by another judge
+        judge.parent.mkdir(parents=True, exist_ok=True)
+        name = "llm:gpt-4o-2024-08-06" if key == "v5_1" else "chrF (sacrebleu 2.6.0, char order 6, word order 0, beta 2)"
+        judge.write_text(json.dumps({"judge": name, "scale": "1-10" if key == "v5_1" else "0-100",
+                                     "items": 8, "scored": 8, "score_mean": 20 + 30 * MICRO[key]}), encoding="utf-8")
     for index, version in enumerate(VERSIONS):
         sources = {name: {"examples": 10 * (k + 1), "tokens": 1000 * (index + 1) * (k + 1)}
                    for k, name in enumerate(SOURCES[version])}
@@ -141,7 +146,8 @@ def _args() -> list[str]:
     """The arguments of dvc.yaml's report cmd."""
     return ["--versions", *VERSIONS, "--eval-dir", "metrics/eval", "--train-dir", "metrics/train",
             "--mixtures-dir", "data/mixtures", "--models-dir", "models",
-            "--live-dir", "dvclive/train", "--predictions-dir", "data/eval", "--out", "reports", "--metrics", "metrics/report.json",
+            "--live-dir", "dvclive/train", "--predictions-dir", "data/eval", "--judge-dir", "metrics/judge",
+            "--out", "reports", "--metrics", "metrics/report.json",
             "--log", "logs/report.log", "--llm-metrics", "metrics/summarize.json", "metrics/filter",
             "metrics/transform", "metrics/synthesize", "metrics/solve"]
 
@@ -455,6 +461,10 @@ def test_the_krx_bench_table_colours_only_tested_moves_and_shows_missing_categor
     assert "class=''>10.0%" in v6[3] and "p=0.5 (+2/−0)" in v6[3] and "2-step" not in v6[3]
     assert all("missing" in v6[i] for i in (0, 2, 4))
     assert "55.0%" in v6[5] and "over 2 of 5" in v6[5]
+    # open-ended: compared with the baseline only under the same judge
+    assert "36.50" in v6[6] and "+9.00 vs baseline" in v6[6]
+    assert "another judge than the baseline's: not compared" in rows["v5_1"][6]
+    assert "judged by: chrF (sacrebleu 2.6.0" in page and "llm:gpt-4o-2024-08-06" in page
     assert "missing" in rows["majority class (always the most frequent key)"][0]
     assert "60.0%" in rows["majority class (always the most frequent key)"][1]
     metrics = json.loads((built / "metrics" / "report.json").read_text(encoding="utf-8"))

@@ -172,6 +172,63 @@ def load_sets(settings: Any) -> tuple[list[EvalItem], list[dict[str, str]]]:
     return items, rejects
 
 
+# ---------------------------------------------------------------------------- open-ended sets
+class OpenEndedSet(Strict):
+    """A local file of free-form finance questions with reference answers (the contest's
+    open-ended part), read by collect's local loader: ``evaluate@<key>`` generates each
+    version's answer, ``judge@<key>`` scores it against the reference."""
+    input: str = Field(description="the file; must lie under evaluate.local_dir (the dvc dep)")
+    contest_category: Literal["open_ended"] = Field(description="always open_ended: scored by "
+                                                    "judge@, apart from the five MCQ categories")
+    local: LocalSpec = Field(default_factory=LocalSpec)
+    columns: dict[str, str] = Field(description="question, reference; optional category")
+
+    @model_validator(mode="after")
+    def _columns(self) -> "OpenEndedSet":
+        missing = {"question", "reference"} - set(self.columns)
+        unknown = set(self.columns) - {"question", "reference", "category"}
+        if missing or unknown:
+            raise ValueError(f"columns: map question and reference (and optionally category); "
+                             f"missing {sorted(missing)}, unknown {sorted(unknown)}")
+        return self
+
+
+@dataclass(frozen=True)
+class OpenItem:
+    """One open-ended question and the reference answer a judge compares with."""
+    set: str
+    id: str
+    question: str
+    reference: str
+    category: str = ""
+
+
+def load_open_ended(name: str, spec: OpenEndedSet) -> tuple[list[OpenItem], list[dict[str, str]]]:
+    """The set's items (file order) and its rejects: unreadable rows, an empty question or
+    reference, a repeated question."""
+    param = f"evaluate.open_ended.{name}"
+    rows = read_local(spec.input, spec.local, param)
+    if rows.columns is not None:
+        absent = [c for c in spec.columns.values() if c not in rows.columns]
+        if absent:
+            raise StageError(f"{param}.columns: {absent} not in {spec.input} (columns: {rows.columns})")
+    rejects = [reject(STAGE, name, bad.item, bad.reason, bad.detail, bad.raw) for bad in rows.bad]
+    items, seen = [], set()
+    for row in rows.rows:
+        text = {k: str(row.values.get(column) or "").strip() for k, column in spec.columns.items()}
+        if not text["question"] or not text["reference"]:
+            rejects.append(reject(STAGE, name, row.item, "invalid_record",
+                                  "empty question or reference", row.values))
+            continue
+        item_id = content_id("open_ended", text["question"])
+        if item_id in seen:
+            rejects.append(reject(STAGE, name, row.item, "duplicate", "the question repeats", row.values))
+            continue
+        seen.add(item_id)
+        items.append(OpenItem(name, item_id, text["question"], text["reference"], text.get("category", "")))
+    return items, rejects
+
+
 def cap(items: list[EvalItem], limit: int | None) -> list[EvalItem]:
     ordered = sorted(items, key=lambda item: item.id)
     return ordered if limit is None else ordered[:limit]

@@ -288,7 +288,16 @@ def _detail(stage: str, metrics: dict[str, Any]) -> str:
     if stage == "eval" and isinstance(metrics.get("accuracy"), dict):
         acc = metrics["accuracy"]
         micro = acc.get("micro", acc.get("overall"))
-        return f"accuracy {micro:.3f}" if isinstance(micro, (int, float)) else ""
+        text = f"accuracy {micro:.3f}" if isinstance(micro, (int, float)) else ""
+        bench = metrics.get("krx_bench") or {}
+        if isinstance(bench.get("average"), (int, float)):
+            text += (f", KRX-Bench average {bench['average']:.3f} over "
+                     f"{bench.get('averaged_over')} of 5 categories")
+        return text
+    if stage == "judge" and metrics.get("judge"):
+        mean = metrics.get("score_mean")
+        return (f"open-ended {mean:.2f}/{metrics.get('scale')} by {metrics['judge']}"
+                if isinstance(mean, (int, float)) else f"no open-ended answers ({metrics['judge']})")
     if stage == "mix":
         return f"{metrics.get('tokens')} tokens"
     llm = metrics.get("llm")

@@ -506,9 +506,6 @@ def plan_transform(key: str, ctx: Context, row: StagePlan) -> LLMParams:
     return params.llm
 
 
-COMPANY_CHUNKS = "data/generated/company/chunks.parquet"
-
-
 def company_chunks(ctx: Context) -> Optional[list[dict[str, Any]]]:
     """The chunks ``company`` would write, computed from its inputs (no LLM, seconds), or None
     when they are not on disk either."""
@@ -536,12 +533,13 @@ def plan_synthesize(key: str, ctx: Context, row: StagePlan) -> LLMParams:
     if params.grounded:
         paths = [params.inputs.filtered, params.inputs.transformed]
         domain = _domain_of(params.inputs.filtered, ctx)
+        of_company = params.inputs.filtered == ctx.arg("company", None, "--out")  # dvc.yaml's path
         if all(ctx.exists(p) for p in paths):
             chunks = stage.read_inputs(paths)[1]
-        elif params.inputs.filtered == COMPANY_CHUNKS and company_chunks(ctx) is not None:
-            chunks = company_chunks(ctx)
-            how = f"estimated: {ctx.why(COMPANY_CHUNKS)}; its chunks computed from its inputs"
-        elif params.inputs.filtered == COMPANY_CHUNKS and "company" in ctx.plan.assumed:
+        elif of_company and (computed := company_chunks(ctx)) is not None:
+            chunks = computed
+            how = f"estimated: {ctx.why(params.inputs.filtered)}; its chunks computed from its inputs"
+        elif of_company and "company" in ctx.plan.assumed:
             chunks = [{"id": "x", "text": ""}]
             extra = ctx.plan.assumed["company"].item_tokens
             how = f"estimated: chunks of {extra} tokens (plan.assumed.company)"

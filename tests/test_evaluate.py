@@ -302,8 +302,9 @@ def test_a_local_set_outside_local_dir_is_a_params_error():
 
 
 def test_every_eval_set_in_params_is_a_dep_of_every_evaluate_stage(tmp_path: Path):
-    """dvc.yaml lists the set paths by hand (a foreach item cannot take a list of deps): a set
-    added to params but not to dvc.yaml would go stale silently, so check both params files."""
+    """The set files reach dvc.yaml through dvc.vars.yaml's ``eval_inputs`` slots (derived from
+    params; a foreach item cannot take a list of deps): a set added to params but not to the
+    slots would go stale silently, so check both params files."""
     from dvc.repo import Repo
 
     with Repo(str(ROOT)) as repo:

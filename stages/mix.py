@@ -741,8 +741,10 @@ def main(argv: list[str] | None = None) -> None:
     if not tokenizer.chat_template:
         raise StageError(f"--tokenizer {args.tokenizer}: no chat template")
     items, eval_sets = load_eval_items(collected, local)
-    index = EvalIndex(items, recipe.decontamination.ngram_chars, recipe.decontamination.threshold)
-    log.info("decontaminating against %d eval items of %s", len(index), sorted(eval_sets))
+    cfg = recipe.decontamination
+    index = EvalIndex(items, cfg.ngram_chars, cfg.threshold, cfg.max_items_per_ngram, cfg.template_share)
+    log.info("decontaminating against %d eval items of %s (%d template n-grams ignored; %d items "
+             "all template)", len(index), sorted(eval_sets), index.template_ngrams, index.templated)
 
     def open_source(name: str) -> tuple[str, Batches]:
         path = inputs[name]["path"]

@@ -330,6 +330,32 @@ def test_planted_near_duplicate_is_removed_across_sources(tokenizer, tmp_path):
     assert sum(r["source"] == "generated_financial_market" for r in rows) == 10
 
 
+def test_template_wording_of_a_generated_set_is_no_evidence_of_contamination():
+    """Stock questions share their wording and differ in their figures: a training question on
+    other days is not contaminated (and does not hit every item through the template), a copy
+    of a test question is."""
+    def question(k: int) -> str:
+        closes = ", ".join(f"{10_000 + 37 * k + 13 * d:,}원" for d in range(5))
+        return (f"다음은 한빛전자(1000{k:02d}) 주식의 최근 5거래일 일별 시세와 2024-03-{k % 28 + 1:02d} 기준 "
+                f"기술적 지표이다. 종가: {closes}. RSI {30 + k % 40}. 지표 설명: 이동평균선은 일정 기간 "
+                "종가의 평균으로 추세를 보여 주고, 볼린저 밴드는 이동평균에서 표준편차의 두 배만큼 "
+                "떨어진 상하한선이며, 상대강도지수는 일정 기간 상승폭과 하락폭의 비율로 과매수와 "
+                "과매도를 가늠한다. 이 정보만으로 판단할 때 다음 거래일의 종가는 오늘보다 오를까?")
+    items = [EvalItem("stock_krx", f"t{k}", question(k), ("상승", "하락"), k % 2, "", "stock")
+             for k in range(60)]
+    index = EvalIndex(items, 13, 0.5)
+    assert index.template_ngrams > 0 and index.templated == 0
+    other_days = [question(100 + k) for k in range(30)]
+    assert index.match(other_days) == [None] * 30
+    # counted on every n-gram, the shared wording alone would make each of them "contaminated"
+    assert all(EvalIndex(items, 13, 0.5, max_items_per_ngram=10**6, template_share=1.0).match(other_days))
+    copied = index.match([f"훈련 예시: {question(7)} 정답: 상승"])[0]
+    assert copied is not None and copied[0] == "stock_krx/t7" and copied[1] == 1.0
+    # the same wording in three items of a 10-item set is template text too (5%, at least 2)
+    small = EvalIndex(items[:10], 13, 0.5)
+    assert small.match(other_days[:5]) == [None] * 5
+
+
 def test_decontamination_reads_eval_sets_exactly_as_evaluation_does():
     """Labelled choices ("A. …") are stripped and ids re-derived as evaluate@ does, so the
     reject names the id evaluation reports and an unlabelled copy of a choice still matches."""

@@ -92,6 +92,13 @@ class MixDecontamination(Strict):
                                                "spacing varies) of the eval question and choices")
     threshold: float = Field(gt=0, le=1, description="an example containing at least this share "
                              "of an eval item's n-grams is contaminated and removed")
+    max_items_per_ngram: int = Field(
+        20, ge=1, description="an n-gram found in more eval items than this is template text "
+        "(the stock and agent questions share their wording; only their figures differ) and "
+        "counts for no item: an example matches an item on what is its own")
+    template_share: float = Field(
+        0.05, gt=0, le=1, description="also template: an n-gram in more than this share of one "
+        "set's items (at least 2), for sets too small to reach max_items_per_ngram")
 
 
 class MixParams(Strict):

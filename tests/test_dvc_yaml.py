@@ -119,15 +119,31 @@ def test_dvc_vars_is_derived_from_params():
     assert is_current(ROOT), "dvc.vars.yaml is out of date: run `python -m stages.dvc_vars`"
 
 
-def test_common_imports_no_stage():
-    for path in (ROOT / "stages" / "common").glob("*.py"):
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        for node in ast.walk(tree):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
-            for name in names:
-                parts = name.split(".")
-                assert parts[0] != "stages" or parts[1] in ("common", "sources"), (path, name)
+def _stage_imports(path: Path) -> set[str]:
+    """Every ``stages.…`` module ``path`` imports, anywhere in it (function bodies too)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return {n for n in names if n.split(".")[0] == "stages"}
+
+
+def test_common_imports_no_stage_and_no_module_imports_one_that_imports_it_back():
+    """The common core imports nothing above it (not even the source loaders), and its
+    modules form no circle (llm.py and llm_batch.py once imported each other)."""
+    common = {f"stages.common.{p.stem}": _stage_imports(p) for p in (ROOT / "stages" / "common").glob("*.py")}
+    for module, imports in common.items():
+        assert all(name.startswith("stages.common") for name in imports), (module, imports)
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for name in common.get(start, ()):
+            if name == goal or (name not in seen and reaches(name, goal, seen | {name})):
+                return True
+        return False
+    circles = [m for m in common if reaches(m, m, {m})]
+    assert circles == [], circles
 
 
 def test_every_stage_module_exists_and_has_params():

@@ -85,6 +85,8 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from stages.common.llm_batch import Batcher, BatchParams
 from stages.common.llm_cache import (ENTRY_FORMAT, CacheEntry, CacheMissError, CachedResponse,
                                      RequestSummary, ResponseCache, cache_key)
+from stages.common.llm_errors import API_KEY_ENV, FatalLLMError
+from stages.common.llm_errors import redact as _redact
 from stages.common.params import PARAMS_FILE, ParamsError, Strict, load_raw, lookup, read_section
 from stages.common.runlog import StageError, progress
 from stages.common.text import content_id
@@ -112,7 +114,6 @@ _OVER_BUDGET = "over_budget"
 _RETRY_STATUSES = frozenset({408, 409, 429})
 _SCHEMA_NAME = re.compile(r"[^a-zA-Z0-9_-]")
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*\n?(.*?)\n?```$", re.S)
-_KEY_LIKE = re.compile(r"sk-[A-Za-z0-9_\-*]{6,}")
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
@@ -123,8 +124,6 @@ T = TypeVar("T")
 # The ``llm`` block of every LLM stage's section: ``llm_defaults`` merged under the stage's own
 # ``llm`` overrides (stages.common.params.read_section). The cache directory is not a param: it
 # is the stage's DVC out, passed on its command line (``--cache-dir``).
-API_KEY_ENV = "OPENAI_API_KEY"
-
 
 class Prices(Strict):
     input_per_1m: float = Field(ge=0, description="USD per 1M prompt tokens")
@@ -247,10 +246,6 @@ def is_offline(params: LLMParams) -> bool:
 
 
 # ---------------------------------------------------------------------------- errors
-class FatalLLMError(StageError):
-    """A failure every further call would repeat (credentials, quota, unknown model)."""
-
-
 class BudgetExceededError(StageError):
     """The next request could take the run's spend over its cap; nothing more was sent.
 
@@ -290,14 +285,6 @@ def budget_cap(params: LLMParams) -> tuple[Optional[float], str]:
     if not math.isfinite(cap) or cap <= 0:
         raise StageError(f"{BUDGET_ENV}={raw!r}: expected a positive number of USD")
     return cap, BUDGET_ENV
-
-
-def _redact(text: str) -> str:
-    """Remove the api key (and anything key-shaped) from text bound for logs or rejects."""
-    secret = os.environ.get(API_KEY_ENV, "")
-    if len(secret) >= 4:
-        text = text.replace(secret, "***")
-    return _KEY_LIKE.sub("sk-***", text)
 
 
 def _endpoint(base_url: str | None) -> str:

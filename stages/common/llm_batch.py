@@ -39,26 +39,22 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 from pydantic import Field
 from tqdm import tqdm
 
 from stages.common.io import write_json
 from stages.common.llm_cache import ENTRY_FORMAT, CacheEntry, CachedResponse, RequestSummary
+from stages.common.llm_errors import FatalLLMError
+from stages.common.llm_errors import redact as _redact
 from stages.common.params import Strict
 from stages.common.runlog import StageError
-
-if TYPE_CHECKING:
-    from stages.common.llm import LLMClient
 
 ENDPOINT = "/v1/chat/completions"
 LIST_PAGE = 100  # batches per page of the list (the API's maximum)
 
 
-def _redact(text: str) -> str:
-    from stages.common.llm import _redact as redact
-    return redact(text)
 FINAL = ("completed", "failed", "expired", "cancelled")
 log = logging.getLogger(__name__)
 
@@ -106,7 +102,7 @@ def submission_id(keys: list[str]) -> str:
 
 @dataclass
 class Batcher:
-    client: "LLMClient"
+    client: Any  # the stages.common.llm.LLMClient it serves (not imported: llm.py imports this module)
     params: BatchParams
     directory: Path
     pending: dict[str, Line] = field(default_factory=dict)
@@ -339,7 +335,6 @@ class Batcher:
         """An SDK call of the Batch API with the layer's retries (429, 5xx, drops);
         ``before_retry`` may return what the failed call did after all (then no retry)."""
         import openai
-        from stages.common.llm import FatalLLMError
         client = self.client
         for attempt in range(1, client.params.max_attempts + 1):
             try:

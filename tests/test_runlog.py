@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
 
 from stages.common.runlog import quiet_known_warnings
 
@@ -78,3 +79,19 @@ run_and_exit(main)
     assert failed.returncode == 2 and "error: bad input" in failed.stderr
     crashed = run("crash")
     assert crashed.returncode == 1 and "RuntimeError: boom" in crashed.stderr
+
+
+def test_off_a_terminal_datasets_progress_bars_are_silenced(tmp_path):
+    """trl builds its labels with datasets' map(): six bars per training run filled the
+    quickstart's log; off a terminal there are none (datasets imported before or after)."""
+    import subprocess
+    import sys
+    script = ("import datasets\n"
+              "from stages.common.runlog import quiet_known_warnings\n"
+              "quiet_known_warnings()\n"
+              "datasets.Dataset.from_dict({'x': list(range(50))}).map(lambda r: r, desc='Building labels')\n")
+    with open(tmp_path / "err.txt", "w") as err:
+        proc = subprocess.run([sys.executable, "-c", script], stderr=err, stdout=subprocess.DEVNULL,
+                              cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0
+    assert "Building labels" not in (tmp_path / "err.txt").read_text(encoding="utf-8")

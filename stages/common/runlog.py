@@ -53,13 +53,19 @@ class _DropMessage(logging.Filter):
 
 
 def quiet_known_warnings() -> None:
-    """Silence exactly the messages above (idempotent); off a terminal, also the hub's and
-    transformers' progress bars ("Loading weights …"), which only fill logs there."""
+    """Silence exactly the messages above (idempotent); off a terminal, also the hub's,
+    transformers' ("Loading weights …") and datasets' progress bars (trl's "Building labels
+    for train dataset", "Truncating …", "Dropping fully masked examples …", six per training
+    run), which only fill logs there."""
     if not sys.stderr.isatty():
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read at its import
         hub = sys.modules.get("huggingface_hub")
         if hub is not None:
             hub.utils.disable_progress_bars()
+        datasets = sys.modules.get("datasets")
+        if datasets is not None and hasattr(datasets, "disable_progress_bars"):
+            datasets.disable_progress_bars()
     for pattern in KNOWN_HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern, category=FutureWarning)
     for name, prefix in KNOWN_HARMLESS_LOGS.items():

@@ -5,7 +5,21 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: quickstart test check plan venv clean-quickstart
+.PHONY: help quickstart test check plan venv clean-quickstart
+.DEFAULT_GOAL := help
+
+# `make` alone: the commands a user has
+help:
+	@echo "make quickstart        the whole pipeline offline on sample data, in ./quickstart (a git +"
+	@echo "                       DVC project: dvc repro / metrics diff / exp run work there);"
+	@echo "                       5-18 min on 2 CPU cores, plus the first install"
+	@echo "make test              the test suite (the quickstart's workflows included)"
+	@echo "make check             every params.yaml problem at once, then the production inputs"
+	@echo "                       that are missing (data/raw, hub revisions, OPENAI_API_KEY)"
+	@echo "make plan              what the LLM stages that would run will cost, offline, writing"
+	@echo "                       nothing (WORKSPACE=quickstart for the quickstart's)"
+	@echo "make clean-quickstart  remove ./quickstart and its DVC remote"
+	@echo "make venv              only install .venv (every command above does it when needed)"
 
 venv: $(STAMP)
 

@@ -272,7 +272,8 @@ def offline_env(workspace: Path) -> dict[str, str]:
 
 # The headline number of each stage's metrics, in order of preference, and its unit.
 _HEADLINE = (("examples", "examples"), ("pairs", "pairs"), ("records", "records"),
-             ("pages", "pages"), ("steps", "steps"), ("items", "eval items"))
+             ("pages", "pages"), ("steps", "steps"), ("chunks", "chunks"), ("scored", "answers"),
+             ("items", "eval items"))
 
 
 def _headline(metrics: dict[str, Any]) -> str:
@@ -325,23 +326,55 @@ def llm_total(workspace: Path) -> str:
             "what a change would cost before it runs)")
 
 
+# the stage families in the order data flows through them (collect -> extract -> generation ->
+# mix -> train -> evaluate -> report); metrics/<dir> names a family's metrics
+FLOW = (("collect", "collect"), ("extract", "extract"), ("summarize", "summarize"),
+        ("filter", "filter"), ("transform", "transform"), ("company", "company"),
+        ("synthesize", "synthesize"), ("solve", "solve"), ("stock", "stock"), ("agent", "agent"),
+        ("mix", "mix"), ("train", "train"), ("eval", "evaluate"), ("judge", "judge"),
+        ("report", "report"))
+GROUPS = {"collect": "collect", "extract": "extract", "summarize": "generation",
+          "filter": "generation", "transform": "generation", "company": "generation",
+          "synthesize": "generation", "solve": "generation", "stock": "generation",
+          "agent": "generation", "mix": "mix", "train": "train", "eval": "evaluate",
+          "judge": "evaluate", "report": "report"}
+
+
+def _rejected(stage: str, metrics: dict[str, Any]) -> int:
+    """Every reject row of the stage (filter's ``rejected`` counts judge errors only)."""
+    by_reason = metrics.get("rejects_by_reason")
+    rejected = sum(by_reason.values()) if isinstance(by_reason, dict) else metrics.get("rejected", 0)
+    if stage == "extract":
+        rejected = metrics.get("files_rejected", 0) + metrics.get("pages_rejected", 0)
+    if isinstance(rejected, dict):
+        rejected = sum(v for v in rejected.values() if isinstance(v, int))
+    return rejected if isinstance(rejected, int) else 0
+
+
 def summary(workspace: Path) -> str:
+    """One line per stage in data-flow order, grouped (collect, extract, generation, mix,
+    train, evaluate, report), each group closed by its totals."""
     lines = ["", f"Quickstart summary (workspace: {workspace})", ""]
     lines.append(f"{'stage':30} {'output':>16} {'rejected':>8}  detail")
-    for metrics_file in sorted((workspace / "metrics").rglob("*.json")):
-        rel = metrics_file.relative_to(workspace / "metrics").with_suffix("")
-        stage = rel.parts[0]
-        stage_name = "evaluate" if stage == "eval" else stage  # metrics/eval/<key>.json
-        name = stage_name if len(rel.parts) == 1 else f"{stage_name}@{rel.parts[1]}"
-        metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
-        # every reject row of the stage (filter's `rejected` counts judge errors only)
-        by_reason = metrics.get("rejects_by_reason")
-        rejected = sum(by_reason.values()) if isinstance(by_reason, dict) else metrics.get("rejected", 0)
-        if stage == "extract":
-            rejected = metrics.get("files_rejected", 0) + metrics.get("pages_rejected", 0)
-        if isinstance(rejected, dict):
-            rejected = sum(v for v in rejected.values() if isinstance(v, int))
-        lines.append(f"{name:30} {_headline(metrics):>16} {rejected!s:>8}  {_detail(stage, metrics)}")
+    group, stages, rejects = None, 0, 0
+    for directory, stage_name in FLOW:
+        files = sorted((workspace / "metrics" / directory).glob("*.json")) or \
+            [f for f in [workspace / "metrics" / f"{directory}.json"] if f.is_file()]
+        if not files:
+            continue
+        if GROUPS[directory] != group:
+            if group is not None:
+                lines.append(f"{'  total ' + group:30} {f'{stages} stages':>16} {rejects:>8}")
+            group, stages, rejects = GROUPS[directory], 0, 0
+            lines.append(f"-- {group}")
+        for metrics_file in files:
+            name = stage_name if metrics_file.parent.name == "metrics" else f"{stage_name}@{metrics_file.stem}"
+            metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+            rejected = _rejected(directory, metrics)
+            stages, rejects = stages + 1, rejects + rejected
+            lines.append(f"{name:30} {_headline(metrics):>16} {rejected!s:>8}  {_detail(directory, metrics)}")
+    if group is not None:
+        lines.append(f"{'  total ' + group:30} {f'{stages} stages':>16} {rejects:>8}")
     lines += ["", llm_total(workspace), "",
               "Outputs: data/collected, data/generated, data/mixtures, models/<version>, reports/index.html",
               "Rejects with reasons: data/rejects/<stage>/<key>.parquet",

@@ -3,6 +3,7 @@ runs (three-way merge), the workspace is a git + DVC project with its remote bes
 The whole quickstart, driven as a user would, is in tests/test_workflows.py."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -79,3 +80,36 @@ def test_the_workspace_is_a_git_and_dvc_project_with_its_remote_beside_it(tmp_pa
                               ".quickstart/params.generated.yaml", "data/llm_cache/x"],
                              cwd=workspace, capture_output=True, text=True).stdout.split()
     assert len(ignored) == 4
+
+
+def test_make_alone_lists_the_users_commands_and_each_is_a_target():
+    import subprocess
+    shown = subprocess.run(["make", "-s"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    commands = [line.split()[1] for line in shown.splitlines() if line.startswith("make ")]
+    assert commands == ["quickstart", "test", "check", "plan", "clean-quickstart", "venv"]
+    for command in commands:  # a dry run: the target exists, nothing is executed
+        subprocess.run(["make", "-n", command], cwd=ROOT, capture_output=True, check=True)
+
+
+def test_the_summary_follows_the_data_flow_grouped_with_totals(tmp_path):
+    from scripts.quickstart import summary
+    written = {"report.json": {}, "eval/v1.json": {"items": 3, "accuracy": {"micro": 0.5}},
+               "judge/v1.json": {"scored": 3, "score_mean": 40.0, "scale": "0-100", "judge": "chrF"},
+               "train/v1.json": {"steps": 4}, "mix/v1.json": {"examples": 9, "rejects_by_reason": {"x": 2}},
+               "solve/fm.json": {"pairs": 8}, "filter/fm.json": {"records": 5, "rejects_by_reason": {"a": 1}},
+               "collect/b.json": {"records": 4}, "collect/a.json": {"records": 2, "rejected": 1},
+               "extract/rules.json": {"pages": 3}}
+    for rel, metrics in written.items():
+        path = tmp_path / "metrics" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(metrics), encoding="utf-8")
+    lines = summary(tmp_path).splitlines()
+    names = [line.split()[0] for line in lines if line.split() and "@" in line.split()[0] or line.startswith("report")]
+    assert names == ["collect@a", "collect@b", "extract@rules", "filter@fm", "solve@fm", "mix@v1",
+                     "train@v1", "evaluate@v1", "judge@v1", "report"]
+    groups = [line[3:] for line in lines if line.startswith("-- ")]
+    assert groups == ["collect", "extract", "generation", "mix", "train", "evaluate", "report"]
+    totals = {line.split()[1]: line.split() for line in lines if line.startswith("  total ")}
+    assert totals["collect"][2:] == ["2", "stages", "1"] and totals["generation"][2:] == ["2", "stages", "1"]
+    assert totals["evaluate"][2:] == ["2", "stages", "0"]
+    assert any("open-ended 40.00/0-100 by chrF" in line for line in lines)

@@ -387,7 +387,7 @@ def users_of(params: dict, generated: str) -> dict[str, set[str]]:
 def test_a_training_param_of_v4_makes_only_its_training_evaluation_and_report_stale(project):
     try:
         edit_params(project, lambda p: p["versions"]["v4"]["train"].setdefault("lora", {}).update(r=4))
-        assert stale_stages(project) == {"train@v4", "evaluate@v4", "report"}
+        assert stale_stages(project) == {"train@v4", "evaluate@v4", "judge@v4", "report"}
     finally:
         run(["git", "checkout", "params.yaml"], project)
     assert dvc_status(project) == {}
@@ -399,7 +399,7 @@ def test_the_judge_criteria_of_a_domain_reach_exactly_the_versions_that_use_it(p
     assert "v6" in users["mix"] and "v1" not in users["train"]
     expected = {f"{stage}@financial_market" for stage in ("filter", "transform", "synthesize", "solve")}
     expected |= {f"mix@{v}" for v in users["mix"]} | {f"train@{v}" for v in users["train"]}
-    expected |= {f"evaluate@{v}" for v in users["train"]} | {"report"}
+    expected |= {f"{stage}@{v}" for v in users["train"] for stage in ("evaluate", "judge")} | {"report"}
     try:
         edit_params(project, lambda p: p["filter"]["financial_market"].update(
             criteria=p["filter"]["financial_market"]["criteria"] + " 파생상품 포함."))
@@ -441,7 +441,7 @@ def test_a_user_edit_survives_make_quickstart_and_its_revert_comes_back_from_the
         run(["git", "checkout", commit, "--", "params.yaml"], project)  # the revert
         output = repro_output(project)
         assert ran(output, "") == [], output[-3000:]  # nothing ran: no training, no scoring
-        for stage in ("train@v4", "evaluate@v4", "report"):
+        for stage in ("train@v4", "evaluate@v4", "judge@v4", "report"):
             assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in output
         assert dvc_status(project) == {}
         assert (project / "models/v4/adapter_model.safetensors").read_bytes() != model

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter, defaultdict
+from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -148,6 +149,18 @@ def judge_metrics(rows: list[dict[str, Any]], judged: list[dict[str, Any]], reje
             "llm": accounting.as_metrics() if accounting else None}
 
 
+def note_cache(cache_dir: str, method: str, key: str) -> None:
+    """A line in the response cache saying what it holds: the directory is a DVC out, and an
+    offline (chrF) run leaves it without answers, which DVC would warn about on every run."""
+    text = (f"Response cache of judge@{key}: the LLM judge's answers, one file per request "
+            f"(stages/common/llm_cache.py). Last run: judge.method = {method}"
+            + (" (scored offline, no LLM call).\n" if method != "llm" else ".\n"))
+    path = Path(cache_dir) / "README.txt"
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+
+
 @stage_main
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__, "key", cache_dir=True)
@@ -168,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     if rows and not judged:
         raise StageError(f"judge@{key}: no answer of {len(rows)} was scored; see {args.rejects}")
     write_records(judged, JUDGED_SCHEMA, args.out)
+    note_cache(args.cache_dir, params.method, key)
     metrics = {**judge_metrics(rows, judged, rejects, name, params, accounting), "seconds": timer.seconds}
     write_metrics(args.metrics, metrics)
     log.info("%d of %d answers scored by %s: mean %s -> %s (%.1fs)", len(judged), len(rows), name,

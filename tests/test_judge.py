@@ -76,6 +76,8 @@ def test_the_offline_stage_scores_every_answer_and_names_its_judge(tmp_path):
     assert metrics["judge"].startswith("chrF (sacrebleu") and metrics["scale"] == "0-100"
     assert {r["judge"] for r in judged.values()} == {metrics["judge"]}
     assert metrics["scored"] == 4 and metrics["llm"] is None
+    # the response cache (a DVC out) says why it holds no answer, instead of being empty
+    assert "no LLM call" in (tmp_path / "cache" / "README.txt").read_text(encoding="utf-8")
     assert metrics["score_mean"] == pytest.approx(sum(r["score"] for r in judged.values()) / 4, abs=1e-3)
 
 

@@ -331,12 +331,14 @@ def llm_total(workspace: Path) -> str:
 FLOW = (("collect", "collect"), ("extract", "extract"), ("summarize", "summarize"),
         ("filter", "filter"), ("transform", "transform"), ("company", "company"),
         ("synthesize", "synthesize"), ("solve", "solve"), ("stock", "stock"), ("agent", "agent"),
-        ("mix", "mix"), ("train", "train"), ("eval", "evaluate"), ("judge", "judge"),
+        ("mix", "mix"), ("base_model", "base_model"), ("train", "train"), ("eval", "evaluate"),
+        ("judge", "judge"),
         ("report", "report"))
 GROUPS = {"collect": "collect", "extract": "extract", "summarize": "generation",
           "filter": "generation", "transform": "generation", "company": "generation",
           "synthesize": "generation", "solve": "generation", "stock": "generation",
-          "agent": "generation", "mix": "mix", "train": "train", "eval": "evaluate",
+          "agent": "generation", "mix": "mix", "base_model": "train", "train": "train",
+          "eval": "evaluate",
           "judge": "evaluate", "report": "report"}
 
 
@@ -357,15 +359,19 @@ def summary(workspace: Path) -> str:
     lines = ["", f"Quickstart summary (workspace: {workspace})", ""]
     lines.append(f"{'stage':30} {'output':>16} {'rejected':>8}  detail")
     group, stages, rejects = None, 0, 0
-    for directory, stage_name in FLOW:
+    known = {d for d, _ in FLOW}
+    other = sorted(p.name if p.is_dir() else p.stem for p in (workspace / "metrics").iterdir()
+                   if (p.name if p.is_dir() else p.stem) not in known) \
+        if (workspace / "metrics").is_dir() else []
+    for directory, stage_name in [*FLOW, *((d, d) for d in other)]:  # a new family: listed last
         files = sorted((workspace / "metrics" / directory).glob("*.json")) or \
             [f for f in [workspace / "metrics" / f"{directory}.json"] if f.is_file()]
         if not files:
             continue
-        if GROUPS[directory] != group:
+        if GROUPS.get(directory, "other") != group:
             if group is not None:
                 lines.append(f"{'  total ' + group:30} {f'{stages} stages':>16} {rejects:>8}")
-            group, stages, rejects = GROUPS[directory], 0, 0
+            group, stages, rejects = GROUPS.get(directory, "other"), 0, 0
             lines.append(f"-- {group}")
         for metrics_file in files:
             name = stage_name if metrics_file.parent.name == "metrics" else f"{stage_name}@{metrics_file.stem}"

@@ -204,8 +204,9 @@ def read_base_info(base_dir: str | os.PathLike) -> dict[str, Any]:
 # ------------------------------------------------------------------------ examples
 def split_examples(records: list[dict[str, Any]], version: str
                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, str]]]:
-    """Mixture records -> (train rows, dev rows, rejects). A row is ``{"id", "prompt",
-    "completion"}`` with chat messages, ready for trl's conversational prompt-completion path."""
+    """Mixture records -> (train rows, dev rows, rejects). A row is ``{"id", "source", "prompt",
+    "completion"}`` with chat messages, ready for trl's conversational prompt-completion path
+    (``source``: which mix source taught it, for the per-source answer formats)."""
     train, dev, rejects = [], [], []
     example_fields = SCHEMAS["example"].names
     for record in records:
@@ -218,7 +219,7 @@ def split_examples(records: list[dict[str, Any]], version: str
         if split not in SPLITS:
             rejects.append(reject(STAGE, version, item, "bad_split", f"split {split!r} not in {SPLITS}"))
             continue
-        row = {"id": record["id"],
+        row = {"id": record["id"], "source": record.get("source") or "",
                "prompt": [{"role": m["role"], "content": m["content"]} for m in record["prompt"]],
                "completion": [{"role": m["role"], "content": m["content"]} for m in record["completion"]]}
         (train if split == "train" else dev).append(row)

@@ -120,6 +120,9 @@ def test_v1_leaves_adapter_tokenizer_lineage_card_and_metrics(trained_v1: Path):
     assert lineage["steps"] == 8 and lineage["tokens_seen"] > 0 and lineage["train_seconds"] > 0
     assert lineage["examples"] == {"train": 8, "dev": 1, "rejected": 1}
     assert lineage["dataset_tokens"] > lineage["completion_tokens"] > 0
+    # what each mix source taught, by the source name the mixture records (evaluate scores each
+    # contest category in the format of its sources)
+    assert lineage["formats_by_source"] == {"toy": "single_step"}
     card = (out / "README.md").read_text(encoding="utf-8")
     for fact in ("base_model: models/base", "the base model (new adapter)", lineage["adapter_sha256"],
                  "adamw_8bit", "4-bit nf4 + double quant", f"| tokens seen | {lineage['tokens_seen']} |",
@@ -284,6 +287,7 @@ def test_split_and_measure_reject_bad_examples(tokenizer):
                _example(3, "긴 " * 300, "a")]
     train, dev, rejects = split_examples(records, "v1")
     assert [r["id"] for r in train] == ["ex0", "ex3"] and [r["id"] for r in dev] == ["ex1"]
+    assert {r["source"] for r in train + dev} == {"toy"}
     assert [r["reason"] for r in rejects] == ["invalid_example"]
     kept, too_long, counts = measure_examples(tokenizer, train, 128, "v1")
     assert [r["id"] for r in kept] == ["ex0"] and too_long[0]["reason"] == "prompt_too_long"

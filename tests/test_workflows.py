@@ -129,7 +129,14 @@ def test_the_quickstart_runs_every_stage_offline(project):
         assert (project / "models" / version / "lineage.json").is_file()
     for key in ("base",) + VERSIONS:
         assert metrics[f"eval/{key}"]["items"] > 0, key
+        # the leaderboard's five categories, every one with items (the quickstart has a set for
+        # each), and the open-ended answers scored offline by chrF
+        bench = metrics[f"eval/{key}"]["krx_bench"]
+        assert bench["averaged_over"] == 5 and all(c["items"] > 0 for c in bench["categories"].values())
+        assert metrics[f"judge/{key}"]["scored"] == 8 and metrics[f"judge/{key}"]["judge"].startswith("chrF")
     assert (project / "reports" / "index.html").is_file()
+    page = (project / "reports" / "index.html").read_text(encoding="utf-8")
+    assert "KRX-Bench categories" in page and "주가 예측" in page and "judged by: chrF" in page
 
 
 def test_the_workspace_is_a_git_project_committed_after_the_run(project):
@@ -173,8 +180,22 @@ def test_token_counts_are_qwen2s_continued_versions_train_on_new_data_v6_scored_
                for v in VERSIONS}
     assert {v for v, m in formats.items() if m["answer_format"] == "two_step"} == {"v6", "v7"}
     assert "step-2 prompt with the generated solution" in formats["v6"]["scored_as"]
+    # per contest category (issue 23): the finance categories two-step, where the generated pairs
+    # taught it (v7 through its parent v6), stock and agent with a letter
+    for version in ("v6", "v7"):
+        lineage = json.loads((project / f"models/{version}/lineage.json").read_text(encoding="utf-8"))
+        assert lineage["formats_by_source"]["generated_financial_market"] == "two_step", version
+        cats = formats[version]["krx_bench"]["categories"]
+        assert cats["financial_market"]["two_step"] and cats["accounting"]["two_step"], version
+        assert not cats["stock"]["two_step"] and not cats["agent"]["two_step"], version
+        company = lineage["formats_by_source"].get("generated_company") == "two_step"
+        assert cats["company"]["two_step"] == company, version
+    assert not any(c["two_step"] for c in formats["v1"]["krx_bench"]["categories"].values())
     predictions = read_records(project / "data/eval/v6.parquet")
-    assert all(json.loads(r["detail"]).get("solution") is not None for r in predictions)
+    for row in predictions:
+        solved = json.loads(row["detail"]).get("solution") is not None
+        assert solved == (row["contest_category"] in ("financial_market", "accounting")), row["id"]
+        assert row["answer_format"] == ("two_step" if solved else "single_step")
 
 
 def test_v7_trains_on_the_stock_train_split_and_never_on_its_test_split(project):

@@ -461,9 +461,14 @@ def test_a_user_edit_survives_make_quickstart_and_its_revert_comes_back_from_the
 
         run(["git", "checkout", commit, "--", "params.yaml"], project)  # the revert
         output = repro_output(project)
-        assert ran(output, "") == [], output[-3000:]  # nothing ran: no training, no scoring
-        for stage in ("train@v4", "evaluate@v4", "judge@v4", "report"):
+        # no training, no scoring: only judge@v4 runs again — DVC keeps no run-cache for a stage
+        # with a persistent out (its response cache), and it scores the restored answers again,
+        # from that cache or offline (chrF), without a paid call
+        assert ran(output, "") == ["judge@v4"], output[-3000:]
+        for stage in ("train@v4", "evaluate@v4", "report"):
             assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in output
+        judged = json.loads((project / "metrics/judge/v4.json").read_text(encoding="utf-8"))
+        assert (judged["llm"] or {}).get("calls", 0) == 0
         assert dvc_status(project) == {}
         assert (project / "models/v4/adapter_model.safetensors").read_bytes() != model
         lock = yaml.safe_load((project / "dvc.lock").read_text(encoding="utf-8"))

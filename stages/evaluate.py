@@ -549,6 +549,13 @@ def category_formats(model_dir: str, source_categories: dict[str, str]) -> dict[
     return {c: "two_step" if c in taught else "single_step" for c in CONTEST_CATEGORIES}
 
 
+def unmapped_two_step(model_dir: str, source_categories: dict[str, str]) -> list[str]:
+    """Sources that taught this version two-step but name no contest category: their
+    category would be scored with a letter (``evaluate.source_categories`` lacks them)."""
+    by_source = _lineage(model_dir).get("formats_by_source") or {}
+    return sorted(s for s, fmt in by_source.items() if fmt == "two_step" and s not in source_categories)
+
+
 def score_by_category(items: list[EvalItem], formats: dict[str, str],
                       scorer_for: Callable[[str], Scorer], shuffled: bool, seed: int
                       ) -> list[dict[str, Any]]:
@@ -690,14 +697,15 @@ def answer_open_ended(model: Any, tokenizer: Any, kept: list[OpenItem], settings
 
 
 def settle_rejects(key: str, items: list[EvalItem], rejects: list[dict[str, str]],
-                   settings: EvaluateSettings, path: str, log: Any) -> None:
-    """Log and write the rejects; fail above ``max_reject_rate``, with no item left, or on an
-    item outside the sets' contract (checked before the model runs)."""
+                   settings: EvaluateSettings, path: str, log: Any, open_items: int = 0) -> None:
+    """Log and write the rejects; fail above ``max_reject_rate`` (of every row read: MCQ and
+    open-ended items kept, and the rejects of both), with no item left, or on an item outside
+    the sets' contract (checked before the model runs)."""
     for r in rejects:
         log.info("reject %s/%s: %s %s", r["source"], r["item"], r["reason"], r["detail"])
     write_records(rejects, SCHEMAS["reject"], path)
-    check_reject_rate(len(rejects), len(items) + len(rejects), settings.max_reject_rate,
-                      f"evaluate@{key}")
+    check_reject_rate(len(rejects), len(items) + open_items + len(rejects),
+                      settings.max_reject_rate, f"evaluate@{key}")
     if not items:
         raise StageError(f"evaluate@{key}: no items to evaluate")
     for item in items:
@@ -709,11 +717,13 @@ def eval_metrics(rows: list[dict[str, Any]], settings: EvaluateSettings, answers
                  formats: dict[str, str]) -> dict[str, Any]:
     """The accuracy part of the metrics: how the version was scored, overall and per contest
     category, and the leaderboard block."""
-    return {"scoring": settings.scoring, "answer_format": answers,
-            "scored_as": SCORING_MODES[(settings.scoring, answers)],
+    modes = {c: SCORING_MODES[(settings.scoring, f)] for c, f in formats.items()}
+    two = sorted(c for c, f in formats.items() if f == "two_step")
+    scored_as = (next(iter(modes.values())) if len(set(modes.values())) == 1 else
+                 f"{settings.scoring}, per category: two-step for {', '.join(two)}; letter for the rest")
+    return {"scoring": settings.scoring, "answer_format": answers, "scored_as": scored_as,
             **summarize(rows, settings.shuffled),
-            "krx_bench": krx_bench(rows, formats),
-            "scored_as_by_category": {c: SCORING_MODES[(settings.scoring, f)] for c, f in formats.items()}}
+            "krx_bench": krx_bench(rows, formats), "scored_as_by_category": modes}
 
 
 def parse_args(argv: list[str] | None) -> Any:
@@ -746,7 +756,7 @@ def main(argv: list[str] | None = None) -> None:
     if open_items and not args.open_answers:
         raise StageError(f"evaluate@{key}: evaluate.open_ended names sets; pass --open-answers")
     rejects += too_long + open_rejects
-    settle_rejects(key, items, rejects, settings, args.rejects, log)
+    settle_rejects(key, items, rejects, settings, args.rejects, log, len(open_items))
 
     answers = trained_answer_format(model_dir)
     formats = category_formats(model_dir, settings.source_categories)
@@ -755,6 +765,10 @@ def main(argv: list[str] | None = None) -> None:
              settings.scoring, settings.batch_size, info["device"])
     log.info("answer format per contest category: %s",
              ", ".join(f"{c} {f}" for c, f in formats.items()))
+    unmapped = unmapped_two_step(model_dir, settings.source_categories)
+    if unmapped:
+        log.warning("sources %s taught %s two-step but evaluate.source_categories names no "
+                    "category for them: their items are scored with a letter", unmapped, key)
     scoring_timer = Timer()
     rows = score_by_category(items, formats,
                              lambda fmt: make_scorer(model, tokenizer, settings, fmt),

@@ -60,8 +60,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stages.common.companies import CompanyMatcher
-from stages.sources.evalsets import (EvalCollectedSet, EvalItem, EvalLocalSet, items_from_records,
-                                    load_local_set)
 from stages.common.io import (atomic_path, iter_record_batches, open_parquet_writer, read_records,
                               write_json)
 from stages.common.params import (PARAMS_FILE, load_raw, lookup, merged_section, origin_locator,
@@ -75,9 +73,11 @@ from stages.mixing.formats import (FORMATTERS, Budget, FormatError, check_filter
 from stages.mixing.hashing import (EvalIndex, exact_duplicates, exact_key, mix_keys,
                                    minhash_signatures, near_duplicates, text_key)
 from stages.mixing.recipe import MIX_FORMATS, MixParams
+from stages.sources.evalsets import (EvalCollectedSet, EvalItem, EvalLocalSet, OpenEndedSet,
+                                     items_from_records, load_local_set, load_open_ended)
 
 PARAMS = ("versions.{key}.mix", "mix_defaults", "evaluate.collected", "evaluate.local",
-          "company.held_out")
+          "company.held_out", "evaluate.open_ended")
 STAGE = "mix"
 PERCENTILES = (50, 90, 95, 99)
 # Rejects that say nothing bad about the input: they do not count towards max_reject_rate.
@@ -157,11 +157,20 @@ def check_declared_inputs(recipe: MixParams, declared: list[str], version: str) 
                          "is derived from params.yaml)")
 
 
-def load_eval_items(collected: dict[str, EvalCollectedSet],
-                    local: dict[str, EvalLocalSet]) -> tuple[list[EvalItem], dict[str, dict]]:
+def load_open_sets(path: str = PARAMS_FILE) -> dict[str, OpenEndedSet]:
+    """``evaluate.open_ended``: free-form questions no mixture may hold either."""
+    return {name: validate_params(OpenEndedSet, spec, f"{PARAMS[5]}.{name}")
+            for name, spec in (lookup(load_raw(path), PARAMS[5]) or {}).items()}
+
+
+def load_eval_items(collected: dict[str, EvalCollectedSet], local: dict[str, EvalLocalSet],
+                    open_ended: dict[str, OpenEndedSet] | None = None
+                    ) -> tuple[list[EvalItem], dict[str, dict]]:
     """Every evaluation item of ``evaluate``, read by evaluation's own reader
     (:mod:`stages.sources.evalsets`): the same items, ids and choice texts as ``evaluate@``
-    scores, uncapped (``max_items_per_set`` limits scoring, not decontamination)."""
+    scores, uncapped (``max_items_per_set`` limits scoring, not decontamination); an
+    open-ended question counts with its reference answer as its one "choice" (a training
+    example holding either is contaminated)."""
     items: list[EvalItem] = []
     info: dict[str, dict] = {}
     for name, spec in collected.items():
@@ -174,6 +183,12 @@ def load_eval_items(collected: dict[str, EvalCollectedSet],
         got, _ = load_local_set(name, spec)
         items += got
         info[name] = {"path": spec.input, "items": len(got)}
+    for name, spec in (open_ended or {}).items():
+        require_input(spec.input, f"evaluate.open_ended.{name}.input")
+        opened, _ = load_open_ended(name, spec)
+        items += [EvalItem(name, i.id, i.question, (i.reference,), 0, i.category, "open_ended")
+                  for i in opened]
+        info[name] = {"path": spec.input, "items": len(opened)}
     return items, info
 
 
@@ -740,7 +755,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     if not tokenizer.chat_template:
         raise StageError(f"--tokenizer {args.tokenizer}: no chat template")
-    items, eval_sets = load_eval_items(collected, local)
+    items, eval_sets = load_eval_items(collected, local, load_open_sets(args.params))
     cfg = recipe.decontamination
     index = EvalIndex(items, cfg.ngram_chars, cfg.threshold, cfg.max_items_per_ngram, cfg.template_share)
     log.info("decontaminating against %d eval items of %s (%d template n-grams ignored; %d items "

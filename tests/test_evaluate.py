@@ -608,3 +608,17 @@ def test_train_records_per_source_formats_and_keeps_what_the_parent_learned():
     assert got["formats_by_source"] == {"generated_accounting": "two_step", "generated_financial_market": "two_step",
                                         "krx_sample": "single_step", "stock_krx": "single_step"}
     assert got["answer_format"] == "two_step" and got["step2_examples"] == 1
+
+
+def test_the_reject_rate_counts_the_open_ended_rows_it_rejects_among(tmp_path):
+    """An open-ended duplicate is one reject among every row read, MCQ and open-ended."""
+    import logging
+    from stages.evaluate import settle_rejects
+    from stages.common.schema import reject
+    items = [EvalItem("s", f"i{k}", f"질문 {k}", ("가", "나"), 0, "", "stock") for k in range(18)]
+    rejects = [reject("evaluate", "finance_open", "line 3", "duplicate", "the question repeats")]
+    settings = _settings(max_reject_rate=0.04)
+    log = logging.getLogger("test")
+    settle_rejects("v1", items, rejects, settings, str(tmp_path / "r.parquet"), log, open_items=10)  # 1 of 29
+    with pytest.raises(StageError, match="reject"):
+        settle_rejects("v1", items, rejects, settings, str(tmp_path / "r.parquet"), log)  # 1 of 19

@@ -354,6 +354,15 @@ def test_template_wording_of_a_generated_set_is_no_evidence_of_contamination():
     # the same wording in three items of a 10-item set is template text too (5%, at least 2)
     small = EvalIndex(items[:10], 13, 0.5)
     assert small.match(other_days[:5]) == [None] * 5
+    # items that are nothing but shared wording (one stem, choices under 13 characters) are
+    # still caught when copied: by their question and every choice, labels in between
+    stem = "다음 중 자본시장법상 금융투자상품에 해당하지 않는 것은 무엇인가요?"
+    same = [EvalItem("local", f"s{k}", stem, (f"주식{k}", "채권", "예금", "펀드"), 2, "", "financial_market")
+            for k in range(3)]
+    index = EvalIndex(same + items[:27], 13, 0.5)
+    assert index.templated == 3
+    copied = index.match([f"{stem}\nA. 주식1\nB. 채권\nC. 예금\nD. 펀드\n정답: C", stem + " 다른 보기"])
+    assert copied[0] == ("local/s1", 1.0) and copied[1] is None
 
 
 def test_decontamination_reads_eval_sets_exactly_as_evaluation_does():
@@ -556,6 +565,9 @@ def _workspace(tmp_path: Path, tokenizer_dir: Path) -> Path:
     security = json.loads((ROOT / "data/samples/eval/fin_security.jsonl").read_text(
         encoding="utf-8").splitlines()[0])
     data["krx_sample"][1].append(qa("krx_sample", security["question"], "다중 요소 인증"))
+    open_item = json.loads((ROOT / "data/samples/eval/finance_open.jsonl").read_text(
+        encoding="utf-8").splitlines()[0])  # an open-ended question with its reference answer
+    data["krx_sample"][1].append(qa("krx_sample", open_item["question"], open_item["answer"]))
     for name in ("krx_sample", "generated_financial_market", "enko_translation"):
         kind, records = data[name]
         write_records(records, SCHEMAS[kind], ws / mix_source_input(name))
@@ -565,6 +577,7 @@ def _workspace(tmp_path: Path, tokenizer_dir: Path) -> Path:
         write_records(kmmlu, SCHEMAS["mcq"], ws / spec["input"])
     (ws / "data/raw/eval").mkdir(parents=True)
     shutil.copy(ROOT / "data/samples/eval/fin_security.jsonl", ws / "data/raw/eval/fin_security.jsonl")
+    shutil.copy(ROOT / "data/samples/eval/finance_open.jsonl", ws / "data/raw/eval/finance_open.jsonl")
     shutil.copytree(tokenizer_dir, ws / "models/base")
     return ws
 
@@ -597,6 +610,9 @@ def test_stage_writes_mixture_manifest_metrics_deterministically(tmp_path, token
     rejects = pq.read_table(ws / "data/rejects/mix/v1.parquet").to_pylist()
     # the local eval item planted in krx_sample is gone, named by its eval id
     assert any(r["reason"] == "eval_contamination" and "fin_security/" in r["detail"] for r in rejects)
+    # and the planted open-ended question with its reference answer: the open-ended sets count too
+    assert any(r["reason"] == "eval_contamination" and "finance_open/" in r["detail"] for r in rejects)
+    assert manifest["eval_sets"]["finance_open"] == {"path": "data/raw/eval/finance_open.jsonl"}
     assert manifest["sources"]["krx_sample"]["examples"] == 12
     assert manifest["sources"]["generated_financial_market"]["examples"] == 12
     assert len(v1) == 24 == metrics["examples"] and metrics["sources"]["krx_sample"]["examples"] == 12

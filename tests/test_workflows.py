@@ -179,7 +179,8 @@ def test_token_counts_are_qwen2s_continued_versions_train_on_new_data_v6_scored_
     formats = {v: json.loads((project / f"metrics/eval/{v}.json").read_text(encoding="utf-8"))
                for v in VERSIONS}
     assert {v for v, m in formats.items() if m["answer_format"] == "two_step"} == {"v6", "v7"}
-    assert "step-2 prompt with the generated solution" in formats["v6"]["scored_as"]
+    assert formats["v6"]["scored_as"] == "loglik, per category: two-step for accounting, financial_market; letter for the rest"
+    assert "step-2 prompt with the generated solution" in formats["v6"]["scored_as_by_category"]["financial_market"]
     # per contest category (issue 23): the finance categories two-step, where the generated pairs
     # taught it (v7 through its parent v6), stock and agent with a letter
     for version in ("v6", "v7"):

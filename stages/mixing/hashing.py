@@ -222,8 +222,8 @@ class EvalIndex:
     what is its own (its figures, names, dates), and one training text cannot hit thousands of
     items through the template (2,000 stock test items took a decontamination pass past 20 GB
     before). An item with no n-gram at all (all its parts shorter than n) is matched by
-    substring containment; one whose n-grams are all template text is counted in ``templated``
-    and cannot be matched."""
+    containment of its whole text; one whose n-grams are all template text (counted in
+    ``templated``) by containment of its question and of every choice."""
 
     def __init__(self, items: Sequence[EvalItem], n: int, threshold: float,
                  max_items_per_ngram: int = 20, template_share: float = 0.05) -> None:
@@ -247,7 +247,12 @@ class EvalIndex:
         self.template_ngrams = int(len(np.unique(hashes_all[~own])))
         had = np.unique(owners_all)
         hashes_all, owners_all = hashes_all[own], owners_all[own]
-        self.templated = int(len(had) - len(np.unique(owners_all)))
+        templated = np.setdiff1d(had, owners_all)
+        self.templated = int(len(templated))
+        # all template text: a copy is caught by containing its question and every choice
+        self.whole: list[tuple[int, list[str]]] = [
+            (i, [unspaced(s) for s in (items[i].question, *items[i].choices) if s])
+            for i in templated.tolist()]
         order = np.argsort(hashes_all, kind="stable")
         self.hashes, self.owners = hashes_all[order], owners_all[order]
         self.sizes = np.bincount(owners_all, minlength=len(items)).astype(np.float64)
@@ -305,5 +310,9 @@ class EvalIndex:
         for index, whole in self.short:
             for t, text in enumerate(flat):
                 if result[t] is None and whole in text:
+                    result[t] = (self.labels[index], 1.0)
+        for index, parts in self.whole:
+            for t, text in enumerate(flat):
+                if result[t] is None and all(part in text for part in parts):
                     result[t] = (self.labels[index], 1.0)
         return result
